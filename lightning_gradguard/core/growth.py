@@ -1,0 +1,61 @@
+r"""Detection of sustained growth: the step-over-step rise that defines an explosion.
+
+A learning rate that is too high from the start gives no isolated spike to clip: the
+gradient norm (and the loss) multiply by a factor :math:`r > 1` every step, and a running
+mean follows them. The detector counts consecutive finite observations with
+
+.. math::  x_t > (1 + \rho)\, x_{t-1}
+
+and fires when the streak reaches ``patience`` (then starts counting again). Under i.i.d.
+noise, ``patience`` strict rises in a row have probability :math:`1/(\text{patience}+1)!`
+per window even for :math:`\rho = 0`; the minimum relative rise :math:`\rho` makes false
+alarms rarer still. Non-finite observations neither extend nor break a streak.
+Tensor state, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core._stateful import Stateful
+from lightning_gradguard.core._validation import check_int, check_number
+
+__all__ = ["GrowthDetector"]
+
+
+class GrowthDetector(Stateful):
+    """Fires after ``patience`` consecutive rises of at least ``min_rise`` (relative).
+
+    Args:
+        patience: Consecutive rises needed (>= 1).
+        min_rise: :math:`\\rho \\geq 0`, the minimum relative rise that counts.
+
+    Example:
+        >>> d = GrowthDetector(patience=3, min_rise=0.1)
+        >>> [bool(d.update(torch.tensor(x))) for x in [1.0, 1.5, 2.3, 3.5, 5.0]]
+        [False, False, False, True, False]
+    """
+
+    prev: Tensor
+    streak: Tensor
+
+    def __init__(self, patience: int = 5, min_rise: float = 0.05) -> None:
+        super().__init__()
+        self.patience = check_int("patience", patience, low=1)
+        self.min_rise = check_number("min_rise", min_rise, low=0.0)
+        self._add_state("prev", torch.tensor(float("nan"), dtype=torch.float32))
+        self._add_state("streak", torch.tensor(0, dtype=torch.long))
+
+    def update(self, x: Tensor) -> Tensor:
+        """Feed one observation; returns a 0-dim bool tensor, ``True`` when growth fired."""
+        self.to(x.device)
+        x = x.detach().to(torch.float32)
+        finite = torch.isfinite(x)
+        rising = finite & (x > (1.0 + self.min_rise) * self.prev)
+        streak = torch.where(rising, self.streak + 1,
+                             torch.where(finite, torch.zeros_like(self.streak), self.streak))
+        fired = streak >= self.patience
+        self.streak = torch.where(fired, torch.zeros_like(streak), streak)
+        self.prev = torch.where(finite, x, self.prev)
+        return fired

@@ -1,0 +1,496 @@
+"""The framework-free guard: call it between ``backward()`` and ``optimizer.step()``.
+
+.. code-block:: python
+
+    guard = GuardCore(model, optimizer)
+    for batch in loader:
+        loss = model(batch).mean()
+        loss.backward()
+        report = guard.step(loss)        # measure, decide, clip / skip, scale the LR
+        optimizer.step()
+        optimizer.zero_grad()
+        if report.halt:
+            break
+
+Per step (one fused read of the gradients, one host synchronisation):
+
+1. measure the total and per-tensor gradient norms (:mod:`~lightning_gradguard.core.norms`);
+2. take the policy's threshold from the history *before* this step, then feed the norm to
+   the statistics (non-finite: ignored; spike: clamped);
+3. read ``[norm, threshold, growth, loss, ...]`` to the host in one transfer and decide:
+
+   ============================  =========================================================
+   situation                     action
+   ============================  =========================================================
+   non-finite gradient or loss   **skip** (gradients cleared: weights and optimizer state
+                                 untouched), LR backoff, rollback after ``rollback_after``
+                                 such steps in a row, halt after ``halt_after``
+   non-finite under a GradScaler  nothing: the scaler skips it itself (``amp_overflow``)
+   norm > threshold (spike)      **clip** to the threshold (one read-write pass)
+   ``spike_patience`` spikes     LR backoff
+   within ``spike_window`` steps
+   sustained growth              LR backoff (:class:`~lightning_gradguard.core.growth.
+                                 GrowthDetector`)
+   clean step                    LR scale recovers toward 1
+   ============================  =========================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gradguard.core._host import to_host
+from lightning_gradguard.core._validation import check_bool, check_int, check_number
+from lightning_gradguard.core.backoff import LRBackoff, LRScaler
+from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
+from lightning_gradguard.core.diagnosis import Diagnosis, diagnose
+from lightning_gradguard.core.growth import GrowthDetector
+from lightning_gradguard.core.norms import NormReducer, grad_norms
+from lightning_gradguard.core.policies import ClipPolicy, ZScoreClip
+from lightning_gradguard.core.snapshot import Snapshot
+
+__all__ = ["Action", "GuardCore", "GuardSettings", "StepReport"]
+
+
+class Action(str, Enum):
+    """What the guard did to the step."""
+
+    NONE = "none"
+    CLIP = "clip"
+    SKIP = "skip"
+    AMP_SKIP = "amp_skip"
+
+
+@dataclass
+class GuardSettings:
+    """Validated settings shared by :class:`GuardCore` and the Lightning callbacks.
+
+    Args:
+        clip: Threshold policy (default :class:`~lightning_gradguard.core.policies.ZScoreClip`).
+        norm_type: Norm used for detection and clipping (2 or ``inf``, or any p > 0).
+        skip_nonfinite: Skip steps with non-finite gradients or loss.
+        lr_backoff: Enable learning-rate backoff.
+        backoff_factor: LR scale multiplier per backoff, in (0, 1).
+        recovery_steps: Clean steps to undo one backoff.
+        min_lr_scale: Floor of the LR scale.
+        spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (0: never).
+        spike_window: Window (in optimizer steps) for ``spike_patience``.
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off).
+        growth_min_rise: Minimum relative rise that counts for ``growth_patience``.
+        rollback: Keep a last-good snapshot and restore it when training cannot recover.
+        snapshot_every: Steps between snapshots (with ``rollback``).
+        rollback_after: Consecutive non-finite steps that trigger a rollback.
+        halt_after: Consecutive non-finite steps that halt training (0: never).
+
+    Raises:
+        TypeError, ValueError: Naming the argument, what is allowed and what was received.
+
+    Example:
+        >>> GuardSettings(halt_after=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: `halt_after` must be an int in [0, inf], got -1
+    """
+
+    clip: ClipPolicy | None = None
+    norm_type: float = 2.0
+    skip_nonfinite: bool = True
+    lr_backoff: bool = True
+    backoff_factor: float = 0.5
+    recovery_steps: int = 200
+    min_lr_scale: float = 1e-3
+    spike_patience: int = 3
+    spike_window: int = 50
+    growth_patience: int = 5
+    growth_min_rise: float = 0.05
+    rollback: bool = False
+    snapshot_every: int = 100
+    rollback_after: int = 3
+    halt_after: int = 25
+
+    def __post_init__(self) -> None:
+        if self.clip is None:
+            self.clip = ZScoreClip()
+        elif not isinstance(self.clip, ClipPolicy):
+            raise TypeError(
+                "`clip` must be a ClipPolicy (NoClip, FixedNormClip, ZScoreClip, "
+                f"PercentileClip, AdaptiveGradClip) or None, got {self.clip!r}"
+            )
+        check_number("norm_type", self.norm_type, low=0.0, low_inclusive=False, allow_inf=True)
+        check_bool("skip_nonfinite", self.skip_nonfinite)
+        check_bool("lr_backoff", self.lr_backoff)
+        check_number("backoff_factor", self.backoff_factor, low=0.0, high=1.0,
+                     low_inclusive=False, high_inclusive=False)
+        check_int("recovery_steps", self.recovery_steps, low=1)
+        check_number("min_lr_scale", self.min_lr_scale, low=0.0, high=1.0, low_inclusive=False)
+        check_int("spike_patience", self.spike_patience, low=0)
+        check_int("spike_window", self.spike_window, low=1)
+        check_int("growth_patience", self.growth_patience, low=0)
+        check_number("growth_min_rise", self.growth_min_rise, low=0.0)
+        check_bool("rollback", self.rollback)
+        check_int("snapshot_every", self.snapshot_every, low=1)
+        check_int("rollback_after", self.rollback_after, low=1)
+        check_int("halt_after", self.halt_after, low=0)
+
+    @property
+    def policy(self) -> ClipPolicy:
+        """The clip policy (never ``None`` after construction)."""
+        assert self.clip is not None  # set in __post_init__
+        return self.clip
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the guard saw and did at one optimizer step.
+
+    Attributes:
+        step: 1-based count of guarded optimizer steps.
+        grad_norm: Total norm before any clipping (NaN/Inf when non-finite).
+        grad_norm_clipped: Total norm after clipping (equal to ``grad_norm`` if untouched).
+        threshold: The threshold this step was judged by (``inf``: none yet).
+        finite: Whether gradients (and loss, if given) were finite.
+        action: :class:`Action` taken.
+        spike: ``grad_norm > threshold``.
+        growth: Sustained growth detected at this step.
+        backoff: An LR backoff happened at this step.
+        lr_scale: LR scale applied to this step's update.
+        rollback: The last-good snapshot was restored at this step.
+        halt: Training cannot recover: stop (see :attr:`GuardCore.halt_message`).
+        loss: The loss passed to :meth:`GuardCore.step` (``None`` if not given).
+        diagnosis: On the first non-finite step (and on halt), where it came from.
+    """
+
+    step: int
+    grad_norm: float
+    grad_norm_clipped: float
+    threshold: float
+    finite: bool
+    action: Action
+    spike: bool = False
+    growth: bool = False
+    backoff: bool = False
+    lr_scale: float = 1.0
+    rollback: bool = False
+    halt: bool = False
+    loss: float | None = None
+    diagnosis: Diagnosis | None = None
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    nonfinite_steps: int = 0
+    skipped_steps: int = 0
+    spikes: int = 0
+    clipped_steps: int = 0
+    lr_backoffs: int = 0
+    growth_events: int = 0
+    rollbacks: int = 0
+    amp_overflow_steps: int = 0
+    nonfinite_streak: int = 0
+    halted: bool = False
+    first_nonfinite_step: int | None = None
+    spike_steps: list[int] = field(default_factory=list)
+
+
+def _named_params(
+    model: torch.nn.Module | Iterable[Any], optimizer: Optimizer | None
+) -> tuple[list[str], list[torch.nn.Parameter]]:
+    if isinstance(model, torch.nn.Module):
+        named = list(model.named_parameters())
+    else:
+        items = list(model)
+        if items and isinstance(items[0], tuple):
+            named = [(str(n), p) for n, p in items]
+        else:
+            named = [(f"param_{i}", p) for i, p in enumerate(items)]
+    if optimizer is not None:
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        names_by_id = {id(p): n for n, p in named}
+        ordered = [p for g in optimizer.param_groups for p in g["params"]]
+        # keep model order (output layer last) for the parameters the optimizer updates
+        named = [(n, p) for n, p in named if id(p) in in_opt]
+        known = {id(p) for _, p in named}
+        named += [(names_by_id.get(id(p), f"param_{i}"), p)
+                  for i, p in enumerate(ordered) if id(p) not in known]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+class GuardCore:
+    """Gradient guard for one optimizer, usable in any training loop.
+
+    Args:
+        model: The module (enables names in diagnoses and rollback) or an iterable of
+            parameters / ``(name, parameter)`` pairs.
+        optimizer: The optimizer whose step is guarded (needed for LR backoff and rollback;
+            its parameters are the ones watched).
+        settings: A :class:`GuardSettings`; keyword arguments build one when omitted.
+        reducer: All-reduce hook for sharded gradients (see
+            :class:`~lightning_gradguard.core.norms.NormReducer`).
+        **kwargs: Fields of :class:`GuardSettings`.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = GuardCore(model, opt)
+        >>> model(torch.ones(2, 4)).sum().backward()
+        >>> report = guard.step()
+        >>> report.action, report.finite
+        (<Action.NONE: 'none'>, True)
+        >>> _ = model.weight.grad.fill_(float("nan"))
+        >>> guard.step().action                      # a true skip: grads cleared
+        <Action.SKIP: 'skip'>
+        >>> model.weight.grad is None
+        True
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[Any],
+        optimizer: Optimizer | None = None,
+        settings: GuardSettings | None = None,
+        *,
+        reducer: NormReducer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if settings is not None and kwargs:
+            raise TypeError("pass either `settings` or keyword settings, not both")
+        self.settings = settings if settings is not None else GuardSettings(**kwargs)
+        self.module = model if isinstance(model, torch.nn.Module) else None
+        self.optimizer = optimizer
+        self.names, self.params = _named_params(model, optimizer)
+        self.reducer = reducer
+        self.policy: ClipPolicy = copy.deepcopy(self.settings.policy)
+        s = self.settings
+        self.backoff = LRBackoff(s.backoff_factor, s.recovery_steps, s.min_lr_scale)
+        self.growth = GrowthDetector(max(1, s.growth_patience), s.growth_min_rise)
+        self.counters = _Counters()
+        self.snapshot = Snapshot() if s.rollback else None
+        self.first_diagnosis: Diagnosis | None = None
+        self.last_report: StepReport | None = None
+        self._lr = LRScaler(optimizer) if optimizer is not None else None
+
+    # ------------------------------------------------------------------ decisions
+    def step(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
+             snapshot_extra: Sequence[Optimizer] = ()) -> StepReport:
+        """Guard one optimizer step; call after ``backward()``, before ``optimizer.step()``.
+
+        Args:
+            loss: The step's loss (optional): a non-finite loss is treated as a non-finite
+                step, and its value is reported.
+            amp_overflow: The caller knows a GradScaler will skip this step if its
+                gradients are non-finite: then they count as ``amp_overflow_steps`` and the
+                gradients are left for the scaler.
+            snapshot_extra: Further optimizers to include in rollback snapshots.
+
+        Returns:
+            A :class:`StepReport`.
+        """
+        s = self.settings
+        c = self.counters
+        c.steps += 1
+        step = c.steps
+        grads = [p.grad for p in self.params if p.grad is not None]
+        device = grads[0].device if grads else None
+        norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device)
+        total = norms.total
+        thr = self.policy.threshold(total.device)
+        packed = [total.float(), thr.float()]
+        if self.policy.unitwise and grads:
+            self.policy.clip_unitwise_(self.params, self.names)
+            packed.append(grad_norms(grads, s.norm_type, reducer=self.reducer).total.float())
+        self.policy.observe(total, thr)
+        grew_t = self.growth.update(total) if s.growth_patience > 0 else None
+        if grew_t is not None:
+            packed.append(grew_t.float())
+        loss_t: Tensor | None = None
+        if isinstance(loss, Tensor):
+            loss_t = loss.detach().reshape(()).to(device=total.device, dtype=torch.float32)
+            packed.append(loss_t)
+        take_snapshot = (self.snapshot is not None and self.module is not None
+                         and step % s.snapshot_every == 1 % s.snapshot_every)
+        if take_snapshot:
+            assert self.module is not None
+            pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
+                            device=total.device).total
+            packed.append(pn.float())
+        host = to_host(torch.stack(packed))
+
+        it = iter(host)
+        norm = next(it)
+        threshold = next(it)
+        clipped_norm = next(it) if (self.policy.unitwise and grads) else norm
+        grew = bool(next(it)) if grew_t is not None else False
+        loss_v: float | None = (
+            next(it) if loss_t is not None else (None if loss is None else float(loss))
+        )
+        params_finite = math.isfinite(next(it)) if take_snapshot else True
+        finite = math.isfinite(norm) and (loss_v is None or math.isfinite(loss_v))
+
+        if not finite:
+            return self._nonfinite(step, norm, threshold, loss_v, norms.per_tensor, amp_overflow,
+                                   snapshot_extra)
+        c.nonfinite_streak = 0
+        action = Action.NONE
+        spike = norm > threshold
+        backoff = False
+        if spike:
+            c.spikes += 1
+            c.spike_steps.append(step)
+            coef = clip_coef(norm, threshold)
+            if coef < 1.0:
+                scale_grads_(grads, coef)
+                clipped_norm = norm * coef
+                action = Action.CLIP
+        elif self.policy.unitwise and clipped_norm < norm * (1 - 1e-6):
+            action = Action.CLIP
+        if action is Action.CLIP:
+            c.clipped_steps += 1
+        c.spike_steps = [t for t in c.spike_steps if t > step - s.spike_window]
+        if grew:
+            c.growth_events += 1
+        if s.lr_backoff and (grew or (s.spike_patience > 0
+                                      and len(c.spike_steps) >= s.spike_patience)):
+            self._backoff()
+            c.spike_steps.clear()
+            backoff = True
+        elif not spike:
+            self.backoff.recover()
+        if take_snapshot and params_finite and self.snapshot is not None:
+            assert self.module is not None
+            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
+            self.snapshot.capture(self.module, opts, step)
+        self._apply_lr()
+        report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=clipped_norm,
+                            threshold=threshold, finite=True, action=action, spike=spike,
+                            growth=grew, backoff=backoff, lr_scale=self.backoff.scale,
+                            loss=loss_v)
+        self.last_report = report
+        return report
+
+    def _backoff(self) -> None:
+        self.backoff.backoff()
+        self.counters.lr_backoffs += 1
+
+    def _apply_lr(self) -> None:
+        if self._lr is not None:
+            self._lr.apply(self.backoff.scale if self.settings.lr_backoff else 1.0)
+
+    def _nonfinite(self, step: int, norm: float, threshold: float, loss: float | None,
+                   per_tensor: Tensor | None, amp_overflow: bool,
+                   snapshot_extra: Sequence[Optimizer]) -> StepReport:
+        s = self.settings
+        c = self.counters
+        if self._lr is not None:
+            self._lr.restore()
+        if amp_overflow:
+            c.amp_overflow_steps += 1
+            report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
+                                threshold=threshold, finite=False, action=Action.AMP_SKIP,
+                                lr_scale=self.backoff.scale, loss=loss)
+            self.last_report = report
+            return report
+        c.nonfinite_steps += 1
+        c.nonfinite_streak += 1
+        diagnosis = None
+        if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
+            norms = to_host(per_tensor) if per_tensor is not None else []
+            diagnosis = diagnose(step, self.names, norms, loss=loss,
+                                 growth_before=self.growth.streak.item() > 0
+                                 or c.growth_events > 0,
+                                 lr_scale=self.backoff.scale)
+            if c.first_nonfinite_step is None:
+                c.first_nonfinite_step = step
+                self.first_diagnosis = diagnosis
+        action = Action.NONE
+        if s.skip_nonfinite:
+            skip_step_(self.params)
+            c.skipped_steps += 1
+            action = Action.SKIP
+        backoff = False
+        if s.lr_backoff:
+            self._backoff()
+            backoff = True
+        rollback = False
+        if (self.snapshot is not None and self.snapshot.available and self.module is not None
+                and c.nonfinite_streak % s.rollback_after == 0):
+            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
+            self.snapshot.restore(self.module, opts)
+            c.rollbacks += 1
+            rollback = True
+        halt = s.halt_after > 0 and c.nonfinite_streak >= s.halt_after
+        if halt:
+            c.halted = True
+        report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
+                            threshold=threshold, finite=False, action=action,
+                            backoff=backoff, lr_scale=self.backoff.scale, rollback=rollback,
+                            halt=halt, loss=loss, diagnosis=diagnosis)
+        self.last_report = report
+        return report
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def halt_message(self) -> str:
+        """Why training should stop (empty unless halted)."""
+        c = self.counters
+        if not c.halted:
+            return ""
+        d = self.last_report.diagnosis if self.last_report else None
+        first = self.first_diagnosis
+        parts = [f"{c.nonfinite_streak} consecutive non-finite steps up to step {c.steps}"]
+        if first is not None:
+            parts.append(f"first non-finite step: {first.message()}")
+        if d is not None and d is not first:
+            parts.append(f"now: {d.message()}")
+        return "; ".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        """Counters and current state as a plain dict.
+
+        Example:
+            >>> sorted(GuardCore([torch.nn.Parameter(torch.ones(1))]).summary())[:4]
+            ['amp_overflow_steps', 'clipped_steps', 'growth_events', 'halted']
+        """
+        out = asdict(self.counters)
+        out.pop("spike_steps")
+        out.pop("nonfinite_streak")
+        out.pop("first_nonfinite_step")
+        out["lr_scale"] = self.backoff.scale
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (statistics, counters, backoff, snapshot)."""
+        out: dict[str, Any] = {
+            "policy": self.policy.state_dict(),
+            "backoff": self.backoff.state_dict(),
+            "growth": self.growth.state_dict(),
+            "counters": asdict(self.counters),
+        }
+        if self.snapshot is not None:
+            out["snapshot"] = self.snapshot.state_dict()
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.policy.load_state_dict(state_dict["policy"])
+        self.backoff.load_state_dict(state_dict["backoff"])
+        self.growth.load_state_dict(state_dict["growth"])
+        self.counters = _Counters(**state_dict["counters"])
+        if self.snapshot is not None and "snapshot" in state_dict:
+            self.snapshot.load_state_dict(state_dict["snapshot"])
+
+    def close(self) -> None:
+        """Restore learning rates and remove optimizer hooks."""
+        if self._lr is not None:
+            self._lr.remove()
+            self._lr = None

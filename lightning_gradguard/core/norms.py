@@ -1,0 +1,197 @@
+r"""Gradient norms in one fused pass.
+
+For gradients :math:`g_1, \dots, g_n` and norm type :math:`p` the total norm is
+
+.. math::
+
+    \|g\|_p = \Big(\sum_i \|g_i\|_p^p\Big)^{1/p}, \qquad
+    \|g\|_\infty = \max_i \|g_i\|_\infty .
+
+The per-tensor norms :math:`\|g_i\|_p` come from ``torch._foreach_norm`` over the gradients
+grouped by device and dtype (one kernel launch per group, low-precision gradients accumulated
+in float32); the total is computed from them, so one read of every gradient gives both. A
+gradient containing NaN/Inf makes the total non-finite, which is how non-finite gradients are
+detected without a second pass. (A finite gradient whose norm overflows the accumulation dtype
+also gives ``inf``: such a step cannot be clipped meaningfully either and is reported as
+non-finite.)
+
+Sharded gradients (FSDP, tensor parallel) pass a ``reducer`` that all-reduces the partial
+statistic: the local sum of :math:`\|g_i\|_p^p` with ``op="sum"``, or the local maximum with
+``op="max"`` for :math:`p=\infty`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core._validation import check_number
+
+__all__ = [
+    "GradNorms",
+    "NormReducer",
+    "collect_grads",
+    "grad_norms",
+    "group_by_device_and_dtype",
+]
+
+
+class NormReducer(Protocol):
+    """Reduces a partial norm statistic across processes that hold gradient shards.
+
+    Called with a 0-dim tensor and ``"sum"`` (sum of :math:`\\|g_i\\|_p^p`) or ``"max"``
+    (for :math:`p=\\infty`); returns the reduced tensor (same shape, same device).
+    """
+
+    def __call__(self, partial: Tensor, op: Literal["sum", "max"]) -> Tensor:
+        """Return ``partial`` reduced over all shards with ``op``."""
+        ...
+
+
+@dataclass(frozen=True)
+class GradNorms:
+    """Result of :func:`grad_norms`.
+
+    Attributes:
+        total: 0-dim tensor, the total norm (non-finite if any gradient is non-finite).
+        per_tensor: 1-D tensor of per-gradient norms in input order (``None`` when not asked
+            for). Under a ``reducer`` these are norms of the local shards.
+        norm_type: The :math:`p` of the norm.
+    """
+
+    total: Tensor
+    per_tensor: Tensor | None
+    norm_type: float
+
+    @property
+    def finite(self) -> Tensor:
+        """0-dim bool tensor: whether the total norm is finite."""
+        return torch.isfinite(self.total)
+
+
+def collect_grads(params: Iterable[Tensor]) -> list[Tensor]:
+    """Return the ``.grad`` of every parameter that has one (frozen/unused ones are skipped).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.ones(2)
+        >>> frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        >>> len(collect_grads([w, frozen]))
+        1
+    """
+    return [p.grad for p in params if p.grad is not None]
+
+
+def group_by_device_and_dtype(
+    tensors: Sequence[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by ``(device, dtype)``, in first-seen order.
+
+    Example:
+        >>> group_by_device_and_dtype([torch.ones(1), torch.ones(1).half(), torch.ones(2)])
+        {(device(type='cpu'), torch.float32): [0, 2], (device(type='cpu'), torch.float16): [1]}
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dense(t: Tensor) -> Tensor:
+    if t.is_sparse:
+        return t.coalesce().values()
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"gradients with layout {t.layout} are not supported; "
+            "supported: dense (torch.strided) and sparse COO gradients"
+        )
+    return t
+
+
+def grad_norms(
+    grads: Sequence[Tensor],
+    norm_type: float = 2.0,
+    *,
+    per_tensor: bool = True,
+    reducer: NormReducer | None = None,
+    device: torch.device | None = None,
+) -> GradNorms:
+    """Total and per-tensor gradient norms in one fused pass, non-finite aware.
+
+    Args:
+        grads: The gradient tensors (e.g. from :func:`collect_grads`). May be empty, mix
+            devices and dtypes (fp32/bf16/fp16/fp64), and contain sparse COO tensors.
+        norm_type: :math:`p > 0`, or ``float("inf")``.
+        per_tensor: Also return the per-tensor norms (free: they are computed anyway).
+        reducer: Optional all-reduce of the partial statistic for sharded gradients.
+        device: Where the result lives when ``grads`` is empty (default: CPU); otherwise the
+            device of the first gradient.
+
+    Returns:
+        A :class:`GradNorms` whose tensors are float32 (float64 if any gradient is float64).
+        No host synchronisation happens here.
+
+    Raises:
+        ValueError: If ``norm_type`` is not positive.
+        TypeError: For gradient layouts other than strided and sparse COO.
+
+    Example:
+        >>> g = [torch.tensor([3.0, 4.0]), torch.tensor([0.0]).half()]
+        >>> n = grad_norms(g)
+        >>> n.total, n.per_tensor
+        (tensor(5.), tensor([5., 0.]))
+        >>> grad_norms([torch.tensor([float("nan")])]).finite
+        tensor(False)
+    """
+    p = check_number("norm_type", norm_type, low=0, low_inclusive=False, allow_inf=True)
+    if not grads:
+        dev = device if device is not None else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        if reducer is not None:
+            zero = reducer(zero, "max" if math.isinf(p) else "sum")
+        empty = torch.zeros(0, dtype=torch.float32, device=dev) if per_tensor else None
+        return GradNorms(total=zero, per_tensor=empty, norm_type=p)
+
+    dense = [_dense(g) for g in grads]
+    out_device = dense[0].device
+    groups = group_by_device_and_dtype(dense)
+    out_dtype = torch.float32
+    for _, dtype in groups:
+        out_dtype = torch.promote_types(out_dtype, _acc_dtype(dtype))
+
+    chunks: list[Tensor] = []
+    order: list[int] = []
+    for (_, dtype), idx in groups.items():
+        tensors = [dense[i] for i in idx]
+        norms = torch._foreach_norm(tensors, p, dtype=_acc_dtype(dtype))
+        chunk = torch.stack(norms)
+        if chunk.device != out_device or chunk.dtype != out_dtype:
+            chunk = chunk.to(device=out_device, dtype=out_dtype, non_blocking=True)
+        chunks.append(chunk)
+        order.extend(idx)
+
+    if len(chunks) == 1:
+        per = chunks[0]
+    else:
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        per = torch.cat(chunks).index_select(0, inverse.to(out_device))
+
+    if math.isinf(p):
+        total = per.max()
+        if reducer is not None:
+            total = reducer(total, "max")
+    elif reducer is None:
+        total = torch.linalg.vector_norm(per, p)
+    else:
+        partial = torch.linalg.vector_norm(per, p).pow(p)
+        total = reducer(partial, "sum").pow(1.0 / p)
+    return GradNorms(total=total, per_tensor=per if per_tensor else None, norm_type=p)
