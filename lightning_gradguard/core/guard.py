@@ -392,7 +392,7 @@ class GuardCore:
         c = self.counters
         if self._lr is not None:
             self._lr.restore()
-        if amp_overflow:
+        if amp_overflow and (loss is None or math.isfinite(loss)):
             c.amp_overflow_steps += 1
             report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
                                 threshold=threshold, finite=False, action=Action.AMP_SKIP,
@@ -405,8 +405,7 @@ class GuardCore:
         if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
             norms = to_host(per_tensor) if per_tensor is not None else []
             diagnosis = diagnose(step, self.names, norms, loss=loss,
-                                 growth_before=self.growth.streak.item() > 0
-                                 or c.growth_events > 0,
+                                 growth_before=c.growth_events > 0,
                                  lr_scale=self.backoff.scale)
             if c.first_nonfinite_step is None:
                 c.first_nonfinite_step = step
@@ -440,17 +439,21 @@ class GuardCore:
     # ------------------------------------------------------------------ reporting
     @property
     def halt_message(self) -> str:
-        """Why training should stop (empty unless halted)."""
+        """Why training should stop (empty unless halted): step, parameters, likely cause."""
         c = self.counters
         if not c.halted:
             return ""
-        d = self.last_report.diagnosis if self.last_report else None
         first = self.first_diagnosis
-        parts = [f"{c.nonfinite_streak} consecutive non-finite steps up to step {c.steps}"]
+        start = c.steps - c.nonfinite_streak + 1
+        parts = [f"{c.nonfinite_streak} consecutive non-finite steps (guarded steps "
+                 f"{start}..{c.steps}); LR scale already reduced to {self.backoff.scale:.3g}"]
+        if c.nonfinite_streak == c.nonfinite_steps or c.first_nonfinite_step == start:
+            parts.append("non-finite at every step since the first one while the skipped "
+                         "steps left the weights untouched: the data or the loss function "
+                         "(log(0), division by zero, corrupt batches) is the likely cause, "
+                         "unless the weights had already diverged")
         if first is not None:
             parts.append(f"first non-finite step: {first.message()}")
-        if d is not None and d is not first:
-            parts.append(f"now: {d.message()}")
         return "; ".join(parts)
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,330 @@
+"""``GradGuard``: the Lightning adapter over :class:`~lightning_gradguard.core.GuardCore`.
+
+Hook -> gather grads -> core -> act -> log. All decisions live in the core; this module
+only knows Lightning: where the gradients are ready (``on_before_optimizer_step``: after
+accumulation and GradScaler unscaling, before Lightning's own clipping and the update), how
+to stop a run, where to write a checkpoint, and how to log.
+
+Logged scalars (every logger of the Trainer, rank 0, at ``log_every_n_steps`` and at every
+step where an event happens):
+
+==================================  ============================================================
+tag                                 value
+==================================  ============================================================
+``gradguard/grad_norm``             total gradient norm before any clipping
+``gradguard/grad_norm_clipped``     total norm after GradGuard's clipping
+``gradguard/clip_threshold``        threshold the step was judged by (absent while unknown)
+``gradguard/lr_scale``              LR scale applied to the update (1 = scheduled LR)
+``gradguard/skipped_steps``         cumulative skipped (non-finite) steps
+``gradguard/spikes``                cumulative spikes (norm above threshold)
+``gradguard/clipped_steps``         cumulative clipped steps
+``gradguard/nonfinite_steps``       cumulative steps with NaN/Inf gradients or loss
+``gradguard/lr_backoffs``           cumulative LR backoffs
+``gradguard/rollbacks``             cumulative rollbacks to the last good snapshot
+``gradguard/amp_overflow_steps``    cumulative GradScaler overflow steps (not explosions)
+==================================  ============================================================
+
+With several optimizers, tags of optimizer ``i > 0`` end in ``/optimizer{i}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.optim import Optimizer
+
+from lightning_gradguard.callbacks._logging import log_scalars, should_log
+from lightning_gradguard.core._validation import check_choice
+from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
+from lightning_gradguard.core.norms import grad_norms
+from lightning_gradguard.core.policies import ClipPolicy
+
+__all__ = ["GradGuard", "GradGuardHalt"]
+
+log = logging.getLogger("lightning_gradguard")
+
+_COUNTER_TAGS = (
+    "skipped_steps",
+    "spikes",
+    "clipped_steps",
+    "nonfinite_steps",
+    "lr_backoffs",
+    "rollbacks",
+    "amp_overflow_steps",
+)
+
+
+class GradGuardHalt(RuntimeError):
+    """Raised by ``GradGuard(on_halt="raise")`` when training cannot recover."""
+
+
+def _raw(optimizer: Any) -> Optimizer:
+    return getattr(optimizer, "_optimizer", optimizer)  # type: ignore[no-any-return]
+
+
+class GradGuard(Callback):
+    """Detects NaN/Inf and gradient-norm spikes every optimizer step, and answers them.
+
+    ``GradGuard()`` with no arguments is the recommended setting: z-score adaptive clipping
+    (protective from the second step), a true skip of non-finite steps, LR backoff on
+    repeated spikes or sustained growth with recovery over clean steps, and a clean halt
+    after 25 consecutive non-finite steps with the last good weights saved.
+
+    Args:
+        clip: Threshold policy (default ``ZScoreClip()``); see :mod:`lightning_gradguard.core`.
+        norm_type: Norm for detection and clipping.
+        skip_nonfinite: Skip steps with non-finite gradients or loss.
+        lr_backoff: Enable LR backoff.
+        backoff_factor: LR scale multiplier per backoff.
+        recovery_steps: Clean steps to undo one backoff.
+        min_lr_scale: Floor of the LR scale.
+        spike_patience: Spikes within ``spike_window`` steps that trigger a backoff.
+        spike_window: Window for ``spike_patience``.
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off).
+        growth_min_rise: Minimum relative rise counted by ``growth_patience``.
+        rollback: Keep a last-good snapshot (on CPU) and restore it when steps keep failing.
+        snapshot_every: Steps between snapshots.
+        rollback_after: Consecutive non-finite steps that trigger a rollback.
+        halt_after: Consecutive non-finite steps that halt training (0: never).
+        on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
+            (:class:`GradGuardHalt`).
+        checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's
+            ``log_dir``, else ``default_root_dir``).
+        name: Distinguishes several guards in one Trainer (part of ``state_key``).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> guard = GradGuard()
+        >>> trainer = pl.Trainer(callbacks=[guard], max_steps=1, logger=False)  # doctest: +SKIP
+        >>> GradGuard(on_halt="explode")
+        Traceback (most recent call last):
+        ...
+        ValueError: `on_halt` must be one of ('stop', 'raise'), got 'explode'
+    """
+
+    def __init__(
+        self,
+        clip: ClipPolicy | None = None,
+        norm_type: float = 2.0,
+        skip_nonfinite: bool = True,
+        lr_backoff: bool = True,
+        backoff_factor: float = 0.5,
+        recovery_steps: int = 200,
+        min_lr_scale: float = 1e-3,
+        spike_patience: int = 3,
+        spike_window: int = 50,
+        growth_patience: int = 5,
+        growth_min_rise: float = 0.05,
+        rollback: bool = False,
+        snapshot_every: int = 100,
+        rollback_after: int = 3,
+        halt_after: int = 25,
+        on_halt: Literal["stop", "raise"] = "stop",
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.settings = GuardSettings(
+            clip=clip, norm_type=norm_type, skip_nonfinite=skip_nonfinite,
+            lr_backoff=lr_backoff, backoff_factor=backoff_factor,
+            recovery_steps=recovery_steps, min_lr_scale=min_lr_scale,
+            spike_patience=spike_patience, spike_window=spike_window,
+            growth_patience=growth_patience, growth_min_rise=growth_min_rise,
+            rollback=rollback, snapshot_every=snapshot_every, rollback_after=rollback_after,
+            halt_after=halt_after,
+        )
+        self.on_halt = check_choice("on_halt", on_halt, ("stop", "raise"))
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"`checkpoint_dir` must be a path or None, got {checkpoint_dir!r}")
+        self.checkpoint_dir = checkpoint_dir
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a str or None, got {name!r}")
+        self.name = name
+        self._cores: dict[int, GuardCore] = {}
+        self._pending_state: dict[int, Any] = {}
+        self._loss: torch.Tensor | None = None
+        self.halt_checkpoint: Path | None = None
+        self.last_reports: dict[int, StepReport] = {}
+
+    # ----------------------------------------------------------------- identity & state
+    @property
+    def state_key(self) -> str:
+        """Stable across hyperparameter changes; ``name`` tells two guards apart."""
+        return "GradGuard" if self.name is None else f"GradGuard[{self.name}]"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics, counters, backoff and warmup progress of every optimizer's guard."""
+        cores = {i: c.state_dict() for i, c in self._cores.items()}
+        cores.update({i: s for i, s in self._pending_state.items() if i not in cores})
+        return {"version": 1, "cores": cores} if cores else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore state; applied as soon as each optimizer's guard exists."""
+        for i, s in state_dict.get("cores", {}).items():
+            if int(i) in self._cores:
+                self._cores[int(i)].load_state_dict(s)
+            else:
+                self._pending_state[int(i)] = s
+
+    # ----------------------------------------------------------------- setup checks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check for conflicts with the Trainer's own settings."""
+        same = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard) and cb is not self
+                and cb.state_key == self.state_key]
+        if same:
+            raise ValueError(
+                f"Two GradGuard callbacks share state_key {self.state_key!r}; "
+                "give each a distinct `name=` (e.g. GradGuard(name='a'), GradGuard(name='b'))"
+            )
+        strategy = type(trainer.strategy).__name__
+        if "DeepSpeed" in strategy:
+            raise ValueError(
+                "GradGuard does not support DeepSpeed: its engine steps the optimizer itself, "
+                "so a step cannot be skipped by clearing gradients. Use DeepSpeed's own "
+                "`gradient_clipping` config, or a DDP/FSDP strategy with GradGuard."
+            )
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"GradGuard and Trainer(gradient_clip_val={trainer.gradient_clip_val}) are both "
+                "active. GradGuard runs first (it skips non-finite steps and clips spikes to "
+                "its adaptive threshold); Lightning then clips the result again to "
+                "gradient_clip_val, so the effective threshold is the smaller of the two. "
+                "Remove `gradient_clip_val` to let GradGuard adapt, or use "
+                "GradGuard(clip=FixedNormClip(...)) for a fixed threshold with GradGuard's "
+                "skipping and backoff."
+            )
+
+    # ----------------------------------------------------------------- the step
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        """Remember the loss of the step (its finiteness is part of the decision)."""
+        self._loss = loss.detach()
+
+    def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  optimizer: Optimizer) -> tuple[int, GuardCore]:
+        optimizers = [_raw(o) for o in trainer.optimizers]
+        idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        core = self._cores.get(idx)
+        if core is None or core.optimizer is not optimizer:
+            core = GuardCore(pl_module, optimizer, self.settings)
+            if idx in self._pending_state:
+                core.load_state_dict(self._pending_state.pop(idx))
+            self._cores[idx] = core
+        return idx, core
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
+        """Measure, decide and act on this optimizer step."""
+        optimizer = _raw(optimizer)
+        idx, core = self._core_for(trainer, pl_module, optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # fused optimizers unscale inside step(): unscale now so the guard sees true grads
+            state = scaler._per_optimizer_states[id(optimizer)]
+            if state["stage"].name == "READY":
+                scaler.unscale_(optimizer)
+        others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
+        report = core.step(self._loss, amp_overflow=scaler is not None, snapshot_extra=others)
+        self._loss = None
+        self.last_reports[idx] = report
+        self._log(trainer, idx, core, report)
+        if report.diagnosis is not None and report.step == core.counters.first_nonfinite_step:
+            rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
+        if report.rollback:
+            rank_zero_warn(
+                f"GradGuard: restored the last good snapshot (step "
+                f"{core.snapshot.step if core.snapshot else '?'}) after "
+                f"{core.counters.nonfinite_streak} consecutive non-finite steps"
+            )
+        if report.halt:
+            self._halt(trainer, pl_module, core)
+
+    # ----------------------------------------------------------------- halt
+    def _checkpoint_path(self, trainer: pl.Trainer) -> Path:
+        base = self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir
+        return Path(base) / "gradguard_last_good.ckpt"
+
+    def _halt(self, trainer: pl.Trainer, pl_module: pl.LightningModule, core: GuardCore) -> None:
+        params_ok = bool(torch.isfinite(grad_norms(
+            [p.detach() for p in pl_module.parameters()], per_tensor=False).total))
+        if not params_ok and core.snapshot is not None and core.snapshot.available:
+            others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
+            opts = ([core.optimizer] if core.optimizer else []) + others
+            core.snapshot.restore(pl_module, opts)
+            params_ok = True
+        path = self._checkpoint_path(trainer)
+        where: str
+        if params_ok:
+            tmp = path.with_name(path.name + ".tmp")
+            if trainer.is_global_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.replace(tmp, path)
+            trainer.strategy.barrier("gradguard_halt_checkpoint")
+            self.halt_checkpoint = path
+            where = f"The last good weights were saved to {path}"
+        else:
+            where = ("The weights themselves are non-finite and no snapshot exists: nothing "
+                     "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
+        msg = f"GradGuard halted training: {core.halt_message}. {where}."
+        log.error(msg)
+        if self.on_halt == "raise":
+            raise GradGuardHalt(msg)
+        trainer.should_stop = True
+
+    # ----------------------------------------------------------------- reporting
+    def _log(self, trainer: pl.Trainer, idx: int, core: GuardCore, report: StepReport) -> None:
+        step = trainer.global_step
+        event = (report.action in (Action.SKIP, Action.AMP_SKIP) or report.spike
+                 or report.backoff or report.rollback or report.halt)
+        if not (event or should_log(trainer, step)):
+            return
+        suffix = "" if idx == 0 else f"/optimizer{idx}"
+        c = core.counters
+        metrics = {
+            "gradguard/grad_norm": report.grad_norm,
+            "gradguard/grad_norm_clipped": report.grad_norm_clipped,
+            "gradguard/clip_threshold": report.threshold,
+            "gradguard/lr_scale": report.lr_scale,
+        }
+        metrics.update({f"gradguard/{k}": float(getattr(c, k)) for k in _COUNTER_TAGS})
+        log_scalars(trainer, {k + suffix: v for k, v in metrics.items()}, step)
+
+    def summary(self) -> dict[str, Any]:
+        """Counters over all optimizers as a plain ``dict``.
+
+        Keys: ``steps``, ``nonfinite_steps``, ``skipped_steps``, ``spikes``,
+        ``clipped_steps``, ``lr_backoffs``, ``lr_scale`` (the smallest over optimizers),
+        ``rollbacks``, ``growth_events``, ``amp_overflow_steps``, ``halted``, and
+        ``halt_checkpoint`` (path or ``None``).
+
+        Example:
+            >>> GradGuard().summary()["steps"]
+            0
+        """
+        keys = ("steps", "nonfinite_steps", "skipped_steps", "spikes", "clipped_steps",
+                "lr_backoffs", "rollbacks", "growth_events", "amp_overflow_steps")
+        out: dict[str, Any] = dict.fromkeys(keys, 0)
+        out["lr_scale"] = 1.0
+        out["halted"] = False
+        for core in self._cores.values():
+            s = core.summary()
+            for k in keys:
+                out[k] += s[k]
+            out["lr_scale"] = min(out["lr_scale"], s["lr_scale"])
+            out["halted"] = out["halted"] or s["halted"]
+        out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
+        return out
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put scheduled learning rates back (nothing stays scaled after fit)."""
+        for core in self._cores.values():
+            if core._lr is not None:
+                core._lr.restore()

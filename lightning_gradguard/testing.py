@@ -1,0 +1,167 @@
+"""Deterministic fault injection for your own tests: NaN / Inf / ×factor at given steps.
+
+Put :class:`FaultInjector` in the Trainer's callbacks *before* the guard::
+
+    faults = [Fault(step=10, kind="nan", target="grad"), Fault(step=20, kind="scale",
+              factor=1e6, target="grad")]
+    trainer = pl.Trainer(callbacks=[FaultInjector(faults), GradGuard()])
+
+Targets:
+
+* ``"grad"`` — the gradients right after backward (``on_after_backward``), i.e. what the
+  optimizer would use. With accumulation, the fault is injected once, on the first
+  micro-batch of the optimizer step.
+* ``"loss"`` — the loss returned by ``training_step`` (automatic optimization): backward then
+  produces the non-finite (or scaled) gradients naturally, as a real bad batch would.
+* ``"param"`` — the parameters right after the optimizer step (``on_train_batch_end``).
+
+``step`` is the Trainer's ``global_step`` when the fault is injected (0-based: step 0 is
+the first optimizer step).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_gradguard.core._validation import check_choice, check_int, check_number
+
+__all__ = ["Fault", "FaultInjector"]
+
+_KINDS = ("nan", "inf", "scale")
+_TARGETS = ("grad", "loss", "param")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault.
+
+    Args:
+        step: ``global_step`` at which to inject (>= 0).
+        kind: ``"nan"``, ``"inf"`` or ``"scale"`` (multiply by ``factor``).
+        target: ``"grad"``, ``"loss"`` or ``"param"``.
+        factor: Multiplier for ``kind="scale"``.
+        params: Glob pattern of parameter names to touch (``"*"``: all; for grads and
+            params, NaN/Inf go into the first element of each matching tensor).
+        ranks: Global ranks to inject on (``None``: all).
+
+    Example:
+        >>> Fault(step=3, kind="nan")
+        Fault(step=3, kind='nan', target='grad', factor=1000000.0, params='*', ranks=None)
+    """
+
+    step: int
+    kind: Literal["nan", "inf", "scale"] = "nan"
+    target: Literal["grad", "loss", "param"] = "grad"
+    factor: float = 1e6
+    params: str = "*"
+    ranks: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("step", self.step, low=0)
+        check_choice("kind", self.kind, _KINDS)
+        check_choice("target", self.target, _TARGETS)
+        check_number("factor", self.factor)
+
+    def applies(self, trainer: pl.Trainer, target: str) -> bool:
+        """Whether this fault fires now for ``target``."""
+        return (self.target == target and trainer.global_step == self.step
+                and (self.ranks is None or trainer.global_rank in self.ranks))
+
+    def corrupt_(self, t: torch.Tensor) -> None:
+        """Corrupt ``t`` in place."""
+        with torch.no_grad():
+            if self.kind == "scale":
+                t.mul_(self.factor)
+            else:
+                t.view(-1)[0] = float("nan") if self.kind == "nan" else float("inf")
+
+
+class FaultInjector(Callback):
+    """Injects :class:`Fault` s deterministically (list it before the guard in callbacks).
+
+    Args:
+        faults: The faults to inject.
+
+    Attributes:
+        injected: ``(global_step, target, kind)`` of every fault injected so far.
+    """
+
+    def __init__(self, faults: Sequence[Fault]) -> None:
+        if not all(isinstance(f, Fault) for f in faults):
+            raise TypeError(f"`faults` must be a sequence of Fault, got {faults!r}")
+        self.faults = list(faults)
+        self.injected: list[tuple[int, str, str]] = []
+        self._done: set[tuple[int, int]] = set()
+
+    def _matching(self, pl_module: pl.LightningModule, fault: Fault) -> list[torch.nn.Parameter]:
+        return [p for n, p in pl_module.named_parameters()
+                if fnmatch.fnmatchcase(n, fault.params)]
+
+    def _fire(self, trainer: pl.Trainer, target: str) -> list[Fault]:
+        out = []
+        for i, f in enumerate(self.faults):
+            key = (i, trainer.global_step)
+            if f.applies(trainer, target) and key not in self._done:
+                self._done.add(key)
+                self.injected.append((trainer.global_step, target, f.kind))
+                out.append(f)
+        return out
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap ``training_step`` for loss faults."""
+        if not any(f.target == "loss" for f in self.faults):
+            return
+        original = pl_module.training_step
+        if getattr(original, "_gradguard_wrapped", False):
+            return
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            for f in self._fire(trainer, "loss"):
+                out = _corrupt_loss(out, f)
+            return out
+
+        training_step._gradguard_wrapped = True  # type: ignore[attr-defined]
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Inject gradient faults."""
+        for f in self._fire(trainer, "grad"):
+            for p in self._matching(pl_module, f):
+                if p.grad is not None:
+                    f.corrupt_(p.grad)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Inject parameter faults (after the optimizer step)."""
+        # global_step has already advanced past the step that just happened
+        step = trainer.global_step - 1
+        for i, f in enumerate(self.faults):
+            key = (i, -1 - step)
+            if (f.target == "param" and f.step == step and key not in self._done
+                    and (f.ranks is None or trainer.global_rank in f.ranks)):
+                self._done.add(key)
+                self.injected.append((step, "param", f.kind))
+                for p in self._matching(pl_module, f):
+                    f.corrupt_(p.data)
+
+
+def _corrupt_loss(out: Any, fault: Fault) -> Any:
+    if fault.kind == "scale":
+        factor = fault.factor
+    else:
+        factor = float("nan") if fault.kind == "nan" else float("inf")
+    if isinstance(out, torch.Tensor):
+        return out * factor
+    if isinstance(out, dict) and "loss" in out:
+        return {**out, "loss": out["loss"] * factor}
+    return out
