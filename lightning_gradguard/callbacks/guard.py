@@ -175,7 +175,8 @@ class GradGuard(Callback):
     # ----------------------------------------------------------------- setup checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check for conflicts with the Trainer's own settings."""
-        same = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard) and cb is not self
+        callbacks = getattr(trainer, "callbacks", [])
+        same = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb is not self
                 and cb.state_key == self.state_key]
         if same:
             raise ValueError(
