@@ -25,6 +25,11 @@ tag                                 value
 ==================================  ============================================================
 
 With several optimizers, tags of optimizer ``i > 0`` end in ``/optimizer{i}``.
+
+With a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, GradGuard also writes a
+custom-scalars layout (tab "CUSTOM SCALARS": one chart with grad norm, threshold and clipped
+norm, one with the counters, one with the LR scale) and a text entry ``gradguard/events``
+with the diagnosis of the first non-finite step, every rollback and the halt message.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
@@ -201,6 +207,31 @@ class GradGuard(Callback):
                 "skipping and backoff."
             )
 
+    # ----------------------------------------------------------------- TensorBoard
+    @staticmethod
+    def _tensorboards(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+        if not trainer.is_global_zero:
+            return []
+        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the TensorBoard custom-scalars layout (rank 0, TensorBoard only)."""
+        layout = {
+            "gradguard": {
+                "gradient norm": ["Multiline", ["gradguard/grad_norm",
+                                                "gradguard/clip_threshold",
+                                                "gradguard/grad_norm_clipped"]],
+                "interventions": ["Multiline", [f"gradguard/{k}" for k in _COUNTER_TAGS]],
+                "LR scale": ["Multiline", ["gradguard/lr_scale"]],
+            }
+        }
+        for tb in self._tensorboards(trainer):
+            tb.experiment.add_custom_scalars(layout)
+
+    def _text(self, trainer: pl.Trainer, message: str) -> None:
+        for tb in self._tensorboards(trainer):
+            tb.experiment.add_text("gradguard/events", message, trainer.global_step)
+
     # ----------------------------------------------------------------- the step
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
@@ -237,12 +268,13 @@ class GradGuard(Callback):
         self._log(trainer, idx, core, report)
         if report.diagnosis is not None and report.step == core.counters.first_nonfinite_step:
             rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
+            self._text(trainer, f"**first non-finite step** — {report.diagnosis.message()}")
         if report.rollback:
-            rank_zero_warn(
-                f"GradGuard: restored the last good snapshot (step "
-                f"{core.snapshot.step if core.snapshot else '?'}) after "
-                f"{core.counters.nonfinite_streak} consecutive non-finite steps"
-            )
+            msg = (f"GradGuard: restored the last good snapshot (step "
+                   f"{core.snapshot.step if core.snapshot else '?'}) after "
+                   f"{core.counters.nonfinite_streak} consecutive non-finite steps")
+            rank_zero_warn(msg)
+            self._text(trainer, msg)
         if report.halt:
             self._halt(trainer, pl_module, core)
 
@@ -276,6 +308,7 @@ class GradGuard(Callback):
                      "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
         msg = f"GradGuard halted training: {core.halt_message}. {where}."
         log.error(msg)
+        self._text(trainer, f"**halt** — {msg}")
         if self.on_halt == "raise":
             raise GradGuardHalt(msg)
         trainer.should_stop = True
