@@ -156,6 +156,7 @@ class GradGuard(Callback):
         self._pending_state: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
         self.halt_checkpoint: Path | None = None
+        self._halt_pending: GuardCore | None = None
         self.last_reports: dict[int, StepReport] = {}
 
     # ----------------------------------------------------------------- identity & state
@@ -262,7 +263,8 @@ class GradGuard(Callback):
             if state["stage"].name == "READY":
                 scaler.unscale_(optimizer)
         others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
-        report = core.step(self._loss, amp_overflow=scaler is not None, snapshot_extra=others)
+        report = core.step(self._loss, amp_overflow=scaler is not None, snapshot_extra=others,
+                           step=trainer.global_step)
         self._loss = None
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
@@ -276,6 +278,15 @@ class GradGuard(Callback):
             rank_zero_warn(msg)
             self._text(trainer, msg)
         if report.halt:
+            # act after the (skipped) step completes, so the checkpoint's loop state and the
+            # guard's counters agree on where training is
+            self._halt_pending = core
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Halt (checkpoint, message, stop or raise) after a step that decided so."""
+        core, self._halt_pending = self._halt_pending, None
+        if core is not None:
             self._halt(trainer, pl_module, core)
 
     # ----------------------------------------------------------------- halt

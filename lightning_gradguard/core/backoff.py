@@ -15,6 +15,7 @@ LR is exactly what the scheduler gives without the guard.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -71,8 +72,53 @@ class LRBackoff(Stateful):
             self.scale = 1.0 if nxt >= 1.0 - 1e-12 else nxt
 
 
+class _SharedLR:
+    """The scheduled LRs of one optimizer and the scales every guard of it asked for."""
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.optimizer = optimizer
+        self.scales: dict[int, float] = {}
+        self.saved: list[tuple[dict[str, Any], Any]] = []
+        self.handle = optimizer.register_step_post_hook(self._on_step_post)
+
+    def set(self, owner: int, scale: float) -> None:
+        if not self.saved:
+            for group in self.optimizer.param_groups:
+                lr = group["lr"]
+                self.saved.append((group, lr.detach().clone() if isinstance(lr, torch.Tensor)
+                                   else lr))
+        self.scales[owner] = scale
+        total = 1.0
+        for v in self.scales.values():
+            total *= v
+        for group, lr in self.saved:
+            if isinstance(lr, torch.Tensor):
+                group["lr"].copy_(lr * total)
+            else:
+                group["lr"] = lr if total == 1.0 else lr * total
+
+    def restore(self) -> None:
+        for group, lr in self.saved:
+            if isinstance(lr, torch.Tensor):
+                group["lr"].copy_(lr)
+            else:
+                group["lr"] = lr
+        self.saved.clear()
+        self.scales.clear()
+
+    def _on_step_post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self.restore()
+
+
+_SHARED: weakref.WeakKeyDictionary[Optimizer, _SharedLR] = weakref.WeakKeyDictionary()
+
+
 class LRScaler:
     """Applies a scale to an optimizer's learning rates for exactly one update.
+
+    Several scalers of one optimizer (e.g. two guards) cooperate: the scheduled LRs are saved
+    once, before any scale is applied, the update uses the product of the scales, and the
+    scheduled values are put back right after it.
 
     Example:
         >>> p = torch.nn.Parameter(torch.ones(1))
@@ -87,36 +133,21 @@ class LRScaler:
 
     def __init__(self, optimizer: Optimizer) -> None:
         self.optimizer = optimizer
-        self._saved: list[tuple[dict[str, Any], Any]] = []
-        self._handle = optimizer.register_step_post_hook(self._on_step_post)
+        shared = _SHARED.get(optimizer)
+        if shared is None:
+            shared = _SHARED[optimizer] = _SharedLR(optimizer)
+        self._shared = shared
 
     def apply(self, scale: float) -> None:
         """Scale every group's ``lr`` until the next ``optimizer.step()`` finishes."""
-        self.restore()
-        if scale == 1.0:
+        if scale == 1.0 and not self._shared.saved:
             return
-        for group in self.optimizer.param_groups:
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                self._saved.append((group, lr.detach().clone()))
-                lr.mul_(scale)
-            else:
-                self._saved.append((group, lr))
-                group["lr"] = lr * scale
+        self._shared.set(id(self), scale)
 
     def restore(self) -> None:
         """Put the scheduled learning rates back (idempotent)."""
-        for group, lr in self._saved:
-            if isinstance(lr, torch.Tensor):
-                group["lr"].copy_(lr)
-            else:
-                group["lr"] = lr
-        self._saved.clear()
-
-    def _on_step_post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self.restore()
+        self._shared.restore()
 
     def remove(self) -> None:
-        """Restore the learning rates and remove the optimizer hook."""
+        """Restore the learning rates (the shared hook stays for other scalers)."""
         self.restore()
-        self._handle.remove()

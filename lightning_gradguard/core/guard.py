@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -199,6 +200,7 @@ class _Counters:
     nonfinite_streak: int = 0
     halted: bool = False
     first_nonfinite_step: int | None = None
+    streak_start: int | None = None
     spike_steps: list[int] = field(default_factory=list)
 
 
@@ -281,7 +283,7 @@ class GuardCore:
 
     # ------------------------------------------------------------------ decisions
     def step(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
-             snapshot_extra: Sequence[Optimizer] = ()) -> StepReport:
+             snapshot_extra: Sequence[Optimizer] = (), step: int | None = None) -> StepReport:
         """Guard one optimizer step; call after ``backward()``, before ``optimizer.step()``.
 
         Args:
@@ -291,15 +293,25 @@ class GuardCore:
                 gradients are non-finite: then they count as ``amp_overflow_steps`` and the
                 gradients are left for the scaler.
             snapshot_extra: Further optimizers to include in rollback snapshots.
+            step: The caller's step number for reports and messages (e.g. Lightning's
+                ``global_step``); default: the guard's own 1-based count.
 
         Returns:
             A :class:`StepReport`.
         """
         s = self.settings
         c = self.counters
-        c.steps += 1
-        step = c.steps
         grads = [p.grad for p in self.params if p.grad is not None]
+        c.steps += 1
+        count = c.steps
+        step = count if step is None else step
+        if not grads:
+            # nothing to measure (e.g. every grad cleared by another guard): keep statistics
+            report = StepReport(step=step, grad_norm=0.0, grad_norm_clipped=0.0,
+                                threshold=float("inf"), finite=True, action=Action.NONE,
+                                lr_scale=self.backoff.scale)
+            self.last_report = report
+            return report
         device = grads[0].device if grads else None
         norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device)
         total = norms.total
@@ -317,7 +329,7 @@ class GuardCore:
             loss_t = loss.detach().reshape(()).to(device=total.device, dtype=torch.float32)
             packed.append(loss_t)
         take_snapshot = (self.snapshot is not None and self.module is not None
-                         and step % s.snapshot_every == 1 % s.snapshot_every)
+                         and count % s.snapshot_every == 1 % s.snapshot_every)
         if take_snapshot:
             assert self.module is not None
             pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
@@ -363,17 +375,16 @@ class GuardCore:
             self._backoff()
             c.spike_steps.clear()
             backoff = True
-        elif not spike:
-            self.backoff.recover()
         if take_snapshot and params_finite and self.snapshot is not None:
             assert self.module is not None
             opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
             self.snapshot.capture(self.module, opts, step)
-        self._apply_lr()
+        applied = self._apply_lr()
+        if not (spike or backoff):
+            self.backoff.recover()  # takes effect from the next update on
         report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=clipped_norm,
                             threshold=threshold, finite=True, action=action, spike=spike,
-                            growth=grew, backoff=backoff, lr_scale=self.backoff.scale,
-                            loss=loss_v)
+                            growth=grew, backoff=backoff, lr_scale=applied, loss=loss_v)
         self.last_report = report
         return report
 
@@ -381,9 +392,11 @@ class GuardCore:
         self.backoff.backoff()
         self.counters.lr_backoffs += 1
 
-    def _apply_lr(self) -> None:
+    def _apply_lr(self) -> float:
+        scale = self.backoff.scale if self.settings.lr_backoff else 1.0
         if self._lr is not None:
-            self._lr.apply(self.backoff.scale if self.settings.lr_backoff else 1.0)
+            self._lr.apply(scale)
+        return scale
 
     def _nonfinite(self, step: int, norm: float, threshold: float, loss: float | None,
                    per_tensor: Tensor | None, amp_overflow: bool,
@@ -401,6 +414,8 @@ class GuardCore:
             return report
         c.nonfinite_steps += 1
         c.nonfinite_streak += 1
+        if c.nonfinite_streak == 1:
+            c.streak_start = step
         diagnosis = None
         if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
             norms = to_host(per_tensor) if per_tensor is not None else []
@@ -444,9 +459,10 @@ class GuardCore:
         if not c.halted:
             return ""
         first = self.first_diagnosis
-        start = c.steps - c.nonfinite_streak + 1
-        parts = [f"{c.nonfinite_streak} consecutive non-finite steps (guarded steps "
-                 f"{start}..{c.steps}); LR scale already reduced to {self.backoff.scale:.3g}"]
+        start = c.streak_start
+        end = self.last_report.step if self.last_report else c.steps
+        parts = [f"{c.nonfinite_streak} consecutive non-finite steps (steps {start}..{end}); "
+                 f"LR scale already reduced to {self.backoff.scale:.3g}"]
         if c.nonfinite_streak == c.nonfinite_steps or c.first_nonfinite_step == start:
             parts.append("non-finite at every step since the first one while the skipped "
                          "steps left the weights untouched: the data or the loss function "
@@ -467,6 +483,7 @@ class GuardCore:
         out.pop("spike_steps")
         out.pop("nonfinite_streak")
         out.pop("first_nonfinite_step")
+        out.pop("streak_start")
         out["lr_scale"] = self.backoff.scale
         return out
 
@@ -474,6 +491,7 @@ class GuardCore:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly (statistics, counters, backoff, snapshot)."""
         out: dict[str, Any] = {
+            "policy_type": type(self.policy).__name__,
             "policy": self.policy.state_dict(),
             "backoff": self.backoff.state_dict(),
             "growth": self.growth.state_dict(),
@@ -484,11 +502,28 @@ class GuardCore:
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict`."""
-        self.policy.load_state_dict(state_dict["policy"])
+        """Restore from :meth:`state_dict`.
+
+        A state saved with another clip policy type restores everything but the policy's
+        statistics (with a warning). A state saved at a halt is resumed as a fresh attempt:
+        ``halted`` and the non-finite streak are cleared.
+        """
+        saved_type = state_dict.get("policy_type", type(self.policy).__name__)
+        if saved_type == type(self.policy).__name__:
+            self.policy.load_state_dict(state_dict["policy"])
+        else:
+            warnings.warn(
+                f"GradGuard state was saved with clip policy {saved_type} but this guard uses "
+                f"{type(self.policy).__name__}: its statistics start fresh; counters, LR "
+                "backoff and growth state are restored",
+                stacklevel=2,
+            )
         self.backoff.load_state_dict(state_dict["backoff"])
         self.growth.load_state_dict(state_dict["growth"])
-        self.counters = _Counters(**state_dict["counters"])
+        counters = dict(state_dict["counters"])
+        if counters.get("halted"):
+            counters.update(halted=False, nonfinite_streak=0, streak_start=None)
+        self.counters = _Counters(**counters)
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
 

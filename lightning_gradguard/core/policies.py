@@ -114,8 +114,10 @@ class NoClip(ClipPolicy):
 class ZScoreClip(ClipPolicy):
     r"""Z-score adaptive threshold :math:`\tau = \mu + z\,\sigma` over an EMA of the norm.
 
-    As in ZClip, spikes are judged against the statistics of the steps before them and enter
-    the statistics clamped to :math:`\tau`. Unlike a watch-only warmup, the threshold is
+    As in ZClip, spikes are judged against the statistics of the steps before them. An
+    isolated spike does not enter the statistics at all (so one ×1e6 outlier leaves the
+    threshold exactly where it was); consecutive spikes enter clamped to :math:`\tau`, so a
+    genuine change of scale is followed. Unlike a watch-only warmup, the threshold is
     active from the second step: during the first ``warmup_steps`` observations it is
     :math:`\max(\mu + z\sigma,\ f\,\mu)` with :math:`f` = ``warmup_factor`` (the variance
     estimate is still noisy, so the bound is looser but present).
@@ -136,6 +138,8 @@ class ZScoreClip(ClipPolicy):
         1.424
     """
 
+    prev_spike: Tensor
+
     def __init__(
         self,
         z_threshold: float = 3.0,
@@ -152,6 +156,7 @@ class ZScoreClip(ClipPolicy):
         self.warmup_factor = check_number("warmup_factor", warmup_factor, low=1.0)
         self._stats = RobustNormStats(ema_decay=self.ema_decay)
         self._add_child("stats", self._stats)
+        self._add_state("prev_spike", torch.tensor(False))
 
     @property
     def stats(self) -> RobustNormStats:
@@ -169,8 +174,20 @@ class ZScoreClip(ClipPolicy):
         return torch.where(s.count > 0, thr, torch.full_like(thr, _INF))
 
     def observe(self, norm: Tensor, threshold: Tensor) -> None:
-        """Update the EMA with the norm clamped to ``threshold`` (non-finite: ignored)."""
-        self._stats.update(norm, bound=threshold)
+        """Update the EMA: an isolated spike is left out, a repeated one enters clamped.
+
+        A norm above ``threshold`` right after a normal step is an isolated outlier and does
+        not enter the statistics at all; a second spike in a row (a genuine shift of the
+        scale) enters clamped to ``threshold``, so the statistics can follow a new regime
+        without ever being dragged by the size of a spike. Non-finite norms never enter.
+        """
+        self.to(norm.device)
+        finite = torch.isfinite(norm)
+        spike = finite & torch.isfinite(threshold) & (norm > threshold)
+        enter = ~spike | self.prev_spike
+        self.prev_spike = torch.where(finite, spike, self.prev_spike)
+        x = torch.where(enter, norm.detach().float(), torch.full_like(norm, math.nan).float())
+        self._stats.update(x, bound=threshold)
 
 
 

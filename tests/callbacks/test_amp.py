@@ -1,0 +1,62 @@
+"""Item 5: GradScaler on CPU (fp16), fused optimizers, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.testing import Fault, FaultInjector
+
+from ._helpers import StateAround, TinyModule, all_finite, assert_state_equal, fit
+
+
+def _fp16(init_scale: float = 2.0**16) -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu",
+                                                                        init_scale=init_scale))
+
+
+@pytest.mark.parametrize("opt", ["adam", "adam_fused"])
+def test_scaler_calibration_overflows_are_not_explosions(opt: str) -> None:
+    # a huge initial scale makes the first steps overflow in fp16 (the scaler calibrating)
+    guard = GradGuard(halt_after=3)
+    module = TinyModule(opt=opt, lr=0.01)
+    trainer = fit(module, 30, [guard], plugins=[_fp16(2.0**24)])
+    s = guard.summary()
+    assert s["amp_overflow_steps"] > 3  # more than halt_after, and still no halt
+    assert (s["nonfinite_steps"], s["skipped_steps"], s["lr_backoffs"]) == (0, 0, 0)
+    assert s["halted"] is False
+    assert s["lr_scale"] == 1.0
+    assert trainer.global_step == 30
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**24
+    assert all_finite(module)
+
+
+@pytest.mark.parametrize("opt", ["adam", "adam_fused"])
+def test_real_nan_loss_under_scaler_is_nonfinite(opt: str) -> None:
+    k = 12
+    guard = GradGuard()
+    around = StateAround(k)
+    module = TinyModule(opt=opt, lr=0.01)
+    fit(module, 20, [FaultInjector([Fault(k, target="loss")]), guard, around],
+        plugins=[_fp16()])
+    s = guard.summary()
+    assert (s["nonfinite_steps"], s["skipped_steps"], s["lr_backoffs"]) == (1, 1, 1)
+    assert s["amp_overflow_steps"] == 0
+    assert around.before is not None
+    assert around.after is not None
+    for a, b in zip(around.before[0], around.after[0], strict=True):
+        assert torch.equal(a, b)
+    assert_state_equal(around.before[1]["state"], around.after[1]["state"])
+    assert all_finite(module)
+
+
+def test_bf16_mixed() -> None:
+    guard = GradGuard()
+    module = TinyModule(opt="adam", lr=0.01)
+    trainer = fit(module, 15, [FaultInjector([Fault(5)]), guard], precision="bf16-mixed")
+    s = guard.summary()
+    assert trainer.global_step == s["steps"] == 15
+    assert (s["nonfinite_steps"], s["skipped_steps"], s["amp_overflow_steps"]) == (1, 1, 0)
+    assert all_finite(module)

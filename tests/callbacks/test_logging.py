@@ -1,0 +1,88 @@
+"""Item 8: logged tags, events between logging intervals, TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.testing import Fault, FaultInjector
+
+from ._helpers import TinyModule, TwoNetManual, fit
+
+DESIGN_TAGS = {
+    "gradguard/grad_norm", "gradguard/grad_norm_clipped", "gradguard/clip_threshold",
+    "gradguard/lr_scale", "gradguard/skipped_steps", "gradguard/spikes",
+    "gradguard/clipped_steps", "gradguard/nonfinite_steps",
+}
+
+
+class MemLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "mem"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def at(self, step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for s, m in self.calls:
+            if s == step:
+                out.update(m)
+        return out
+
+
+def test_every_design_tag_logged_and_events_between_intervals() -> None:
+    logger = MemLogger()
+    fit(TinyModule(), 60, [FaultInjector([Fault(7)]), GradGuard()], logger=logger,
+        log_every_n_steps=50)
+    tags = {k for _, m in logger.calls for k in m}
+    assert tags >= DESIGN_TAGS
+    assert all(k.startswith("gradguard/") for k in tags)
+    steps = {s for s, _ in logger.calls}
+    assert {0, 7, 50} <= steps
+    assert len(steps) <= 5  # intervals + events only, not every step
+    event = logger.at(7)
+    assert event["gradguard/nonfinite_steps"] == 1.0
+    assert event["gradguard/skipped_steps"] == 1.0
+    assert event["gradguard/lr_scale"] == 0.5
+    assert "gradguard/grad_norm" not in event  # NaN is dropped, the counters tell
+    assert logger.at(50)["gradguard/grad_norm"] > 0
+
+
+def test_tags_of_second_optimizer_have_suffix() -> None:
+    logger = MemLogger()
+    fit(TwoNetManual(), 6, [GradGuard()], logger=logger, log_every_n_steps=1)
+    tags = {k for _, m in logger.calls for k in m}
+    assert "gradguard/grad_norm" in tags
+    assert "gradguard/grad_norm/optimizer1" in tags
+
+
+def test_tensorboard_logger_events_and_halt_checkpoint_in_log_dir(tmp_path: Path) -> None:
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    guard = GradGuard(halt_after=3)
+    faults = FaultInjector([Fault(s, target="loss") for s in range(4, 20)])
+    trainer = fit(TinyModule(), 20, [faults, guard], logger=tb, root=tmp_path)
+    assert trainer.log_dir is not None
+    log_dir = Path(trainer.log_dir)
+    assert guard.summary()["halt_checkpoint"] == str(log_dir / "gradguard_last_good.ckpt")
+    assert (log_dir / "gradguard_last_good.ckpt").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*"))

@@ -1,0 +1,262 @@
+"""GradientMonitor: what it logs, how often it reads back to the host, and that it never
+changes the training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import Logger
+from tensorboard.backend.event_processing.event_accumulator import (
+    HISTOGRAMS,
+    SCALARS,
+    EventAccumulator,
+)
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard.callbacks import GradientMonitor
+from lightning_gradguard.core._host import host_reads, reset_host_reads
+from lightning_gradguard.testing import Fault, FaultInjector
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*")
+
+STEPS = 12
+EVERY = 5
+LOGGED = (0, 5, 10)
+
+
+# --------------------------------------------------------------------------- tiny models
+class Tiny(pl.LightningModule):
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = [torch.nn.Linear(4, 8)]
+        for _ in range(depth - 2):
+            layers += [torch.nn.Tanh(), torch.nn.Linear(8, 8)]
+        layers += [torch.nn.Tanh(), torch.nn.Linear(8, 1)]
+        self.net = torch.nn.Sequential(*layers)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(128, 4, generator=g)
+        y = torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
+                          generator=torch.Generator().manual_seed(1))
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def gradguard(self) -> dict[int, dict[str, float]]:
+        out: dict[int, dict[str, float]] = {}
+        for s, m in self.calls:
+            gg = {k: v for k, v in m.items() if k.startswith("gradguard/")}
+            if gg:
+                assert s is not None
+                assert s not in out, f"two gradguard calls at step {s}"
+                out[s] = gg
+        return out
+
+
+class Before(Callback):
+    """Listed before the monitor: grads, per-module norms, host-read count."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.modules: dict[int, dict[str, float]] = {}
+        self.grads: dict[int, list[torch.Tensor]] = {}
+        self.reads: dict[int, int] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        self.grads[step] = [g.detach().clone() for _, g in named]
+        self.total[step] = float(torch.nn.utils.get_total_norm([g for _, g in named]))
+        groups: dict[str, list[torch.Tensor]] = {}
+        for n, g in named:
+            groups.setdefault(".".join(n.split(".")[:2]), []).append(g)
+        self.modules[step] = {k: float(torch.nn.utils.get_total_norm(v))
+                              for k, v in groups.items()}
+        self.reads[step] = host_reads()
+
+
+class After(Callback):
+    """Listed after the monitor: grads unchanged? host reads during its hook."""
+
+    def __init__(self, before: Before) -> None:
+        self.before = before
+        self.reads: dict[int, int] = {}
+        self.unchanged: dict[int, bool] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        self.reads[step] = host_reads() - self.before.reads[step]
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        ref = self.before.grads[step]
+        self.unchanged[step] = len(grads) == len(ref) and all(
+            torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(
+                torch.nan_to_num(a), torch.nan_to_num(b)))
+            for a, b in zip(grads, ref, strict=True))
+
+
+class ZeroNonFinite(Callback):
+    """After the monitor: replace NaN/Inf grads so an unguarded run stays finite."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _fit(callbacks: list[Callback], logger: Any = False, depth: int = 2,
+         steps: int = STEPS) -> tuple[pl.Trainer, Tiny]:
+    pl.seed_everything(0, verbose=False)
+    model = Tiny(depth)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, log_every_n_steps=EVERY, logger=logger,
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    reset_host_reads()
+    trainer.fit(model)
+    return trainer, model
+
+
+# --------------------------------------------------------------------------- tests
+def test_tags_values_and_host_reads(tmp_path: Path) -> None:
+    rec = RecordingLogger()
+    before = Before()
+    after = After(before)
+    monitor = GradientMonitor(log_histograms=True)
+    tb = TensorBoardLogger(str(tmp_path))
+    _fit([before, monitor, after], logger=[rec, tb])
+
+    logged = rec.gradguard()
+    assert sorted(logged) == list(LOGGED)
+    layer_tags = {"gradguard/layer_norm/net.0", "gradguard/layer_norm/net.2"}
+    for step, m in logged.items():
+        assert set(m) == {"gradguard/grad_norm", "gradguard/grad_norm_max",
+                          "gradguard/nonfinite_steps", "gradguard/depth_ratio"} | layer_tags
+        assert m["gradguard/grad_norm"] == pytest.approx(before.total[step], rel=1e-5)
+        assert m["gradguard/nonfinite_steps"] == 0.0
+        mods = before.modules[step]
+        assert m["gradguard/layer_norm/net.0"] == pytest.approx(mods["net.0"], rel=1e-5)
+        assert m["gradguard/layer_norm/net.2"] == pytest.approx(mods["net.2"], rel=1e-5)
+        assert m["gradguard/depth_ratio"] == pytest.approx(mods["net.0"] / mods["net.2"],
+                                                           rel=1e-5)
+    # largest norm of the interval (the logging step included)
+    prev = -1
+    for step in LOGGED:
+        window = [before.total[s] for s in range(prev + 1, step + 1)]
+        assert logged[step]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+        prev = step
+
+    # zero host reads between intervals, exactly one at each logging step
+    assert after.reads == {s: int(s % EVERY == 0) for s in range(STEPS)}
+    assert host_reads() == len(LOGGED)
+    # grads are untouched by the monitor's hook
+    assert all(after.unchanged.values())
+    assert sorted(after.unchanged) == list(range(STEPS))
+
+    # the same values reach TensorBoard, plus the histogram of per-layer norms
+    acc = EventAccumulator(tb.log_dir, size_guidance={SCALARS: 0, HISTOGRAMS: 0})
+    acc.Reload()
+    scal = {e.step: e.value for e in acc.Scalars("gradguard/grad_norm")}
+    assert sorted(scal) == list(LOGGED)
+    assert scal[5] == pytest.approx(before.total[5], rel=1e-5)
+    assert "gradguard/layer_norms" in acc.Tags()["histograms"]
+    assert [e.step for e in acc.Histograms("gradguard/layer_norms")] == list(LOGGED)
+
+
+def test_layer_tags_bounded_by_max_layers() -> None:
+    rec = RecordingLogger()
+    before = Before()
+    # 6 Linear modules: net.0, net.2, ..., net.10; max_layers=4 -> groups of 2 -> 3 tags
+    _fit([before, GradientMonitor(max_layers=4)], logger=rec, depth=6, steps=6)
+    logged = rec.gradguard()
+    assert sorted(logged) == [0, 5]
+    for step, m in logged.items():
+        layer = {k.removeprefix("gradguard/layer_norm/"): v for k, v in m.items()
+                 if k.startswith("gradguard/layer_norm/")}
+        assert 1 < len(layer) <= 4
+        assert list(layer) == ["net.0..net.2", "net.4..net.6", "net.8..net.10"]
+        mods = before.modules[step]
+        merged = math.sqrt(mods["net.0"] ** 2 + mods["net.2"] ** 2)
+        assert layer["net.0..net.2"] == pytest.approx(merged, rel=1e-5)
+        last = math.sqrt(mods["net.8"] ** 2 + mods["net.10"] ** 2)
+        assert m["gradguard/depth_ratio"] == pytest.approx(merged / last, rel=1e-5)
+
+
+def test_layer_depth_zero_logs_no_layer_tags() -> None:
+    rec = RecordingLogger()
+    _fit([GradientMonitor(layer_depth=0)], logger=rec, steps=6)
+    for m in rec.gradguard().values():
+        assert set(m) == {"gradguard/grad_norm", "gradguard/grad_norm_max",
+                          "gradguard/nonfinite_steps"}
+
+
+def test_nan_between_intervals_shows_in_next_log() -> None:
+    rec = RecordingLogger()
+    before = Before()
+    after = After(before)
+    _fit([FaultInjector([Fault(step=7, kind="nan")]), before, GradientMonitor(), after,
+          ZeroNonFinite()], logger=rec)
+    logged = rec.gradguard()
+    assert sorted(logged) == list(LOGGED)  # observe-only: no extra log at the NaN step
+    assert logged[0]["gradguard/nonfinite_steps"] == 0.0
+    assert logged[5]["gradguard/nonfinite_steps"] == 0.0
+    assert logged[10]["gradguard/nonfinite_steps"] == 1.0
+    assert math.isnan(before.total[7])
+    # the max of the interval ignores the NaN step
+    window = [before.total[s] for s in (6, 8, 9, 10)]
+    assert logged[10]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+    assert after.reads == {s: int(s % EVERY == 0) for s in range(STEPS)}
+    assert all(after.unchanged.values())
+
+
+def test_training_identical_with_and_without_monitor() -> None:
+    _, plain = _fit([])
+    _, monitored = _fit([GradientMonitor(log_histograms=True)], logger=RecordingLogger())
+    a, b = plain.state_dict(), monitored.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_no_logger_nothing_breaks() -> None:
+    before = Before()
+    after = After(before)
+    trainer, _ = _fit([before, GradientMonitor(log_histograms=True), after], steps=6)
+    assert trainer.global_step == 6
+    assert all(after.unchanged.values())

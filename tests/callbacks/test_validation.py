@@ -1,0 +1,108 @@
+"""Item 9: every GradGuard argument rejects bad values, naming the argument and the value."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightning_gradguard import ZScoreClip
+from lightning_gradguard.callbacks import GradGuard
+
+NAN = float("nan")
+INF = float("inf")
+
+BAD: list[tuple[str, Any, type[Exception]]] = [
+    ("clip", "zscore", TypeError),
+    ("clip", ZScoreClip, TypeError),  # the class, not an instance
+    ("clip", 3.0, TypeError),
+    ("norm_type", 0, ValueError),
+    ("norm_type", -2.0, ValueError),
+    ("norm_type", NAN, ValueError),
+    ("norm_type", "2", TypeError),
+    ("norm_type", True, TypeError),
+    ("skip_nonfinite", 1, TypeError),
+    ("skip_nonfinite", "yes", TypeError),
+    ("lr_backoff", None, TypeError),
+    ("lr_backoff", 0, TypeError),
+    ("backoff_factor", 0.0, ValueError),
+    ("backoff_factor", 1.0, ValueError),
+    ("backoff_factor", 1.5, ValueError),
+    ("backoff_factor", -0.5, ValueError),
+    ("backoff_factor", NAN, ValueError),
+    ("backoff_factor", "0.5", TypeError),
+    ("recovery_steps", 0, ValueError),
+    ("recovery_steps", -3, ValueError),
+    ("recovery_steps", 2.5, TypeError),
+    ("recovery_steps", True, TypeError),
+    ("min_lr_scale", 0.0, ValueError),
+    ("min_lr_scale", 1.5, ValueError),
+    ("min_lr_scale", INF, ValueError),
+    ("min_lr_scale", None, TypeError),
+    ("spike_patience", -1, ValueError),
+    ("spike_patience", 2.0, TypeError),
+    ("spike_window", 0, ValueError),
+    ("spike_window", "50", TypeError),
+    ("growth_patience", -1, ValueError),
+    ("growth_patience", None, TypeError),
+    ("growth_min_rise", -0.1, ValueError),
+    ("growth_min_rise", NAN, ValueError),
+    ("growth_min_rise", INF, ValueError),
+    ("growth_min_rise", "0.05", TypeError),
+    ("rollback", "no", TypeError),
+    ("rollback", 1, TypeError),
+    ("snapshot_every", 0, ValueError),
+    ("snapshot_every", 1.0, TypeError),
+    ("rollback_after", 0, ValueError),
+    ("rollback_after", None, TypeError),
+    ("halt_after", -1, ValueError),
+    ("halt_after", 25.0, TypeError),
+    ("on_halt", "explode", ValueError),
+    ("on_halt", None, ValueError),
+    ("on_halt", "STOP", ValueError),
+    ("checkpoint_dir", 123, TypeError),
+    ("checkpoint_dir", ["a"], TypeError),
+    ("name", 5, TypeError),
+    ("name", b"a", TypeError),
+]
+
+
+def _value_repr(value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return repr(value)
+
+
+@pytest.mark.parametrize(("arg", "value", "exc"), BAD,
+                         ids=[f"{a}={v!r}" for a, v, _ in BAD])
+def test_bad_argument_raises_naming_argument_and_value(arg: str, value: Any,
+                                                       exc: type[Exception]) -> None:
+    with pytest.raises(exc) as info:
+        GradGuard(**{arg: value})
+    msg = str(info.value)
+    assert f"`{arg}`" in msg
+    assert _value_repr(value) in msg
+
+
+def test_every_argument_is_covered() -> None:
+    import inspect
+
+    params = set(inspect.signature(GradGuard.__init__).parameters) - {"self"}
+    assert params == {a for a, _, _ in BAD}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"norm_type": INF, "backoff_factor": 0.1, "recovery_steps": 1, "min_lr_scale": 1.0},
+        {"spike_patience": 0, "growth_patience": 0, "halt_after": 0, "growth_min_rise": 0},
+        {"on_halt": "raise", "checkpoint_dir": Path("x"), "name": "a", "rollback": True},
+        {"checkpoint_dir": "x", "snapshot_every": 1, "rollback_after": 1, "norm_type": 1},
+    ],
+)
+def test_good_arguments_accepted(kwargs: dict[str, Any]) -> None:
+    guard = GradGuard(**kwargs)
+    assert guard.summary()["steps"] == 0
