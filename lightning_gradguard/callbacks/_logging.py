@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 
-__all__ = ["log_scalars", "should_log"]
+__all__ = ["log_scalars", "should_log", "tensorboard_writers"]
 
 
 def should_log(trainer: pl.Trainer, step: int) -> bool:
@@ -34,3 +35,15 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         return
     for logger in trainer.loggers:
         logger.log_metrics(clean, step=step)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """``SummaryWriter`` s of the Trainer's TensorBoard loggers (rank 0 only).
+
+    Works for both ``lightning.pytorch`` and ``pytorch_lightning`` loggers (matched by class
+    name in the MRO, so neither package has to be imported).
+    """
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in trainer.loggers  # type: ignore[attr-defined]
+            if any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)]

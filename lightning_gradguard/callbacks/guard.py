@@ -42,17 +42,16 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_gradguard.callbacks._logging import log_scalars, should_log
+from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.core._validation import check_choice
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
 from lightning_gradguard.core.norms import grad_norms
 from lightning_gradguard.core.policies import ClipPolicy
 
-__all__ = ["GradGuard", "GradGuardHalt"]
+__all__ = ["GradGuard", "GradGuardHalt", "GradGuardLogic"]
 
 log = logging.getLogger("lightning_gradguard")
 
@@ -75,7 +74,7 @@ def _raw(optimizer: Any) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)  # type: ignore[no-any-return]
 
 
-class GradGuard(Callback):
+class GradGuardLogic:
     """Detects NaN/Inf and gradient-norm spikes every optimizer step, and answers them.
 
     ``GradGuard()`` with no arguments is the recommended setting: z-score adaptive clipping
@@ -183,7 +182,7 @@ class GradGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check for conflicts with the Trainer's own settings."""
         callbacks = getattr(trainer, "callbacks", [])
-        same = [cb for cb in callbacks if isinstance(cb, GradGuard) and cb is not self
+        same = [cb for cb in callbacks if isinstance(cb, GradGuardLogic) and cb is not self
                 and cb.state_key == self.state_key]
         if same:
             raise ValueError(
@@ -209,12 +208,6 @@ class GradGuard(Callback):
             )
 
     # ----------------------------------------------------------------- TensorBoard
-    @staticmethod
-    def _tensorboards(trainer: pl.Trainer) -> list[TensorBoardLogger]:
-        if not trainer.is_global_zero:
-            return []
-        return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the TensorBoard custom-scalars layout (rank 0, TensorBoard only)."""
         layout = {
@@ -226,12 +219,12 @@ class GradGuard(Callback):
                 "LR scale": ["Multiline", ["gradguard/lr_scale"]],
             }
         }
-        for tb in self._tensorboards(trainer):
-            tb.experiment.add_custom_scalars(layout)
+        for writer in tensorboard_writers(trainer):
+            writer.add_custom_scalars(layout)
 
     def _text(self, trainer: pl.Trainer, message: str) -> None:
-        for tb in self._tensorboards(trainer):
-            tb.experiment.add_text("gradguard/events", message, trainer.global_step)
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("gradguard/events", message, trainer.global_step)
 
     # ----------------------------------------------------------------- the step
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -373,3 +366,7 @@ class GradGuard(Callback):
         for core in self._cores.values():
             if core._lr is not None:
                 core._lr.restore()
+
+
+class GradGuard(GradGuardLogic, Callback):  # noqa: D101
+    __doc__ = GradGuardLogic.__doc__

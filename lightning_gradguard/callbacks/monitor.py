@@ -31,18 +31,17 @@ from collections import OrderedDict
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim import Optimizer
 
-from lightning_gradguard.callbacks._logging import log_scalars, should_log
+from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._validation import check_bool, check_int, check_number
 from lightning_gradguard.core.norms import grad_norms
 
-__all__ = ["GradientMonitor"]
+__all__ = ["GradientMonitor", "GradientMonitorLogic"]
 
 
-class GradientMonitor(Callback):
+class GradientMonitorLogic:
     """Logs gradient norms, non-finite counts and the depth profile; changes nothing.
 
     Args:
@@ -133,8 +132,11 @@ class GradientMonitor(Callback):
             metrics["gradguard/depth_ratio"] = layer_norms[0] / layer_norms[-1]
         log_scalars(trainer, metrics, step)
         if self.log_histograms and layer_norms:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    values = torch.tensor([v for v in layer_norms if math.isfinite(v)])
-                    if values.numel():
-                        logger.experiment.add_histogram("gradguard/layer_norms", values, step)
+            values = torch.tensor([v for v in layer_norms if math.isfinite(v)])
+            if values.numel():
+                for writer in tensorboard_writers(trainer):
+                    writer.add_histogram("gradguard/layer_norms", values, step)
+
+
+class GradientMonitor(GradientMonitorLogic, Callback):  # noqa: D101
+    __doc__ = GradientMonitorLogic.__doc__
