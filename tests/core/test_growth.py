@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_gradguard.core.growth import GrowthDetector
+
+from ._util import HYP
+
+NAN = float("nan")
+INF = float("inf")
+
+
+def _fires(d: GrowthDetector, xs: list[float]) -> list[int]:
+    out = []
+    for i, x in enumerate(xs):
+        fired = d.update(torch.tensor(x))
+        assert fired.dtype == torch.bool
+        assert fired.shape == ()
+        if bool(fired):
+            out.append(i)
+    return out
+
+
+def test_docstring_sequence() -> None:
+    d = GrowthDetector(patience=3, min_rise=0.1)
+    assert _fires(d, [1.0, 1.5, 2.3, 3.5, 5.0]) == [3]
+
+
+@pytest.mark.parametrize("patience", [1, 3, 5])
+def test_geometric_growth_fires_every_patience_rises(patience: int) -> None:
+    d = GrowthDetector(patience=patience, min_rise=0.05)
+    xs = [1.1**t for t in range(31)]
+    # x_0 has no predecessor; rise k happens at index k; fires at k = patience, 2*patience, ...
+    assert _fires(d, xs) == list(range(patience, 31, patience))
+
+
+def test_rise_below_min_rise_does_not_count() -> None:
+    d = GrowthDetector(patience=2, min_rise=0.1)
+    assert _fires(d, [1.05**t for t in range(20)]) == []
+    d0 = GrowthDetector(patience=2, min_rise=0.0)
+    assert _fires(d0, [1.0] * 10) == []  # equal is not a rise
+    assert _fires(d0, [1.0, 1.0 + 1e-6, 1.0 + 2e-6]) == [2]
+
+
+def test_drop_breaks_streak_and_fire_restarts_count() -> None:
+    d = GrowthDetector(patience=3, min_rise=0.0)
+    assert _fires(d, [1.0, 2.0, 3.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]) == [6, 9]
+
+
+def test_nonfinite_neither_extends_nor_breaks_a_streak() -> None:
+    d = GrowthDetector(patience=4, min_rise=0.05)
+    xs = [1.0, 2.0, NAN, 4.0, INF, -INF, 8.0, NAN, 16.0]
+    assert _fires(d, xs) == [8]
+    assert int(d.streak) == 0
+    # same fire pattern as the finite subsequence
+    clean = GrowthDetector(patience=4, min_rise=0.05)
+    assert _fires(clean, [1.0, 2.0, 4.0, 8.0, 16.0]) == [4]
+    # a non-finite value does not break: streak preserved across it
+    d2 = GrowthDetector(patience=5)
+    _fires(d2, [1.0, 2.0, 4.0])
+    assert int(d2.streak) == 2
+    _fires(d2, [NAN, INF])
+    assert int(d2.streak) == 2
+    assert float(d2.prev) == 4.0  # compared with the last finite value
+    _fires(d2, [3.0])
+    assert int(d2.streak) == 0
+
+
+def test_iid_stable_noise_rarely_fires() -> None:
+    """1000 lognormal(0, 0.1) samples.
+
+    Theory: a fire needs 5 rises in a row; for i.i.d. continuous data with min_rise=0 the
+    probability per window is exactly 1/6! = 1/720, so the expected number of fires is at most
+    995/720 ~ 1.4 (distribution-free). With min_rise=0.05 (log-rise > 0.0488 against a
+    log-difference sd of 0.141) a Monte-Carlo estimate is ~8e-6 per window, i.e. ~0.008
+    expected fires in 1000 samples.
+    """
+    g = torch.Generator().manual_seed(0)
+    xs = torch.exp(0.1 * torch.randn(1000, generator=g, dtype=torch.float64)).tolist()
+    assert len(_fires(GrowthDetector(patience=5, min_rise=0.05), xs)) <= 1
+    # rho = 0: bounded by the distribution-free expectation (1.4) with a wide margin
+    assert len(_fires(GrowthDetector(patience=5, min_rise=0.0), xs)) <= 6
+    for seed in range(1, 5):
+        g = torch.Generator().manual_seed(seed)
+        ys = torch.exp(0.1 * torch.randn(1000, generator=g, dtype=torch.float64)).tolist()
+        assert len(_fires(GrowthDetector(patience=5, min_rise=0.05), ys)) <= 1
+
+
+def test_geometric_growth_with_noise_fires() -> None:
+    g = torch.Generator().manual_seed(1)
+    noise = torch.exp(0.02 * torch.randn(60, generator=g, dtype=torch.float64))
+    xs = [(1.3**t) * float(n) for t, n in enumerate(noise)]
+    assert len(_fires(GrowthDetector(patience=5, min_rise=0.05), xs)) >= 10
+
+
+def test_huge_values_do_not_raise() -> None:
+    d = GrowthDetector(patience=2, min_rise=0.05)
+    # (1 + rho) * 3.3e38 overflows to inf: a further rise cannot be seen, nothing raises
+    assert _fires(d, [1e38, 3.3e38, 3.4e38]) == []
+    assert math.isfinite(float(d.prev))
+
+
+@HYP
+@given(xs=st.lists(st.one_of(
+    st.sampled_from([NAN, INF, -INF, 0.0, 1e-45, 1e-40, 1e38, 3.4e38]),
+    st.floats(min_value=0.0, max_value=1e30, allow_nan=False)), max_size=60),
+    patience=st.integers(1, 6))
+def test_property_never_raises_and_state_valid(xs: list[float], patience: int) -> None:
+    d = GrowthDetector(patience=patience, min_rise=0.05)
+    _fires(d, xs)
+    assert 0 <= int(d.streak) < patience
+    finite = [x for x in xs if math.isfinite(x)]
+    if finite:
+        assert float(d.prev) == float(torch.tensor(finite[-1], dtype=torch.float32))
+    else:
+        assert math.isnan(float(d.prev))  # "nothing seen yet" sentinel
+
+
+@pytest.mark.parametrize("through_disk", [False, True])
+def test_state_dict_round_trip(through_disk: bool) -> None:
+    xs = [1.0, 1.2, 1.5, NAN, 2.0]
+    ys = [2.5, 3.2, 4.0, 1.0, 1.3, 1.7, 2.2, 2.9, 3.8]
+    a = GrowthDetector(patience=4)
+    _fires(a, xs)
+    sd = a.state_dict()
+    if through_disk:
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        buf.seek(0)
+        sd = torch.load(buf, weights_only=True)
+    b = GrowthDetector(patience=4)
+    b.load_state_dict(sd)
+    assert _fires(a, ys) == _fires(b, ys)
+    assert torch.equal(a.streak, b.streak)
+    assert torch.equal(a.prev, b.prev)
+
+
+def test_reset() -> None:
+    d = GrowthDetector(patience=3)
+    _fires(d, [1.0, 2.0, 4.0])
+    assert int(d.streak) == 2
+    d.reset()
+    assert int(d.streak) == 0
+    assert math.isnan(float(d.prev))
+    assert _fires(d, [8.0, 16.0, 32.0, 64.0]) == [3]

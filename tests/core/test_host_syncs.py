@@ -1,0 +1,246 @@
+"""Host synchronisations per optimizer step: exactly one per clean guarded step.
+
+Counted two ways:
+
+* the core's own counter, :func:`lightning_gradguard.core._host.host_reads` (every
+  tensor -> Python conversion of the core is meant to go through ``to_host``);
+* every tensor -> Python conversion made through the ``torch.Tensor`` API during the step
+  (``item``, ``tolist``, ``bool(t)``, ``float(t)``, ``int(t)``, ``numpy()``, formatting...),
+  counted by temporarily wrapping those methods. This catches conversions that bypass
+  ``to_host``: each one is a hidden device -> host synchronisation on an accelerator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_gradguard.core import (
+    AdaptiveGradClip,
+    ClipPolicy,
+    FixedNormClip,
+    GuardCore,
+    NoClip,
+    PercentileClip,
+    ZScoreClip,
+)
+from lightning_gradguard.core._host import host_reads, reset_host_reads
+from lightning_gradguard.core.guard import Action
+
+from ._util import batches, loss_fn, tiny_model
+
+#: Tensor -> Python conversions (each one synchronises with the device).
+CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
+               "__complex__", "numpy", "__array__", "__format__")
+
+
+@contextlib.contextmanager
+def count_conversions() -> Iterator[dict[str, int]]:
+    """Count calls of the ``torch.Tensor`` conversion methods inside the block."""
+    counts = dict.fromkeys(CONVERSIONS, 0)
+    saved = {name: torch.Tensor.__dict__.get(name) for name in CONVERSIONS}
+
+    def wrap(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    for name in CONVERSIONS:
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield counts
+    finally:
+        for name, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, orig)
+
+
+def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,
+                  **kwargs: Any) -> tuple[Any, int, dict[str, int]]:
+    """Run ``guard.step`` and return (report, host reads, non-zero conversion counts)."""
+    reset_host_reads()
+    with count_conversions() as conv:
+        report = guard.step(loss, **kwargs)
+    return report, host_reads(), {k: v for k, v in conv.items() if v}
+
+
+def test_conversion_counter_sees_every_kind() -> None:
+    t = torch.tensor(1.5)
+    with count_conversions() as conv:
+        bool(t)
+        float(t)
+        int(t)
+        t.item()
+        t.reshape(1).tolist()
+        f"{t:.1f}"  # formatting a 0-dim tensor reads it
+        if torch.tensor(True):
+            pass
+    assert conv["__bool__"] == 2
+    assert conv["__float__"] == 1
+    assert conv["__int__"] == 1
+    assert conv["item"] >= 1
+    assert conv["tolist"] == 1
+    assert conv["__format__"] == 1
+    # restored afterwards
+    assert "wrapper" not in repr(torch.Tensor.item)
+
+
+def _policies() -> list[Callable[[], ClipPolicy]]:
+    return [ZScoreClip, lambda: ZScoreClip(warmup_steps=0), lambda: FixedNormClip(100.0),
+            NoClip, lambda: PercentileClip(min_history=2, history_size=8),
+            lambda: AdaptiveGradClip(clipping=10.0)]
+
+
+@pytest.mark.parametrize("make_policy", _policies(),
+                         ids=["zscore", "zscore-nowarmup", "fixed", "noclip", "percentile",
+                              "agc"])
+@pytest.mark.parametrize("with_loss", [False, True], ids=["no-loss", "loss"])
+@pytest.mark.parametrize("growth_patience", [5, 0], ids=["growth", "no-growth"])
+def test_clean_step_reads_host_exactly_once(
+    make_policy: Callable[[], ClipPolicy], with_loss: bool, growth_patience: int
+) -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt, clip=make_policy(), growth_patience=growth_patience)
+    for t, batch in enumerate(batches(12)):
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        report, reads, conv = measured_step(guard, loss.detach() if with_loss else None)
+        assert report.finite
+        assert reads == 1, f"step {t}: {reads} host reads"
+        assert conv == {"tolist": 1}, f"step {t}: conversions {conv}"
+        opt.step()
+
+
+def test_clipping_step_reads_host_exactly_once() -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt, clip=FixedNormClip(1e-4))  # every step clips
+    for t, batch in enumerate(batches(6)):
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        report, reads, conv = measured_step(guard, loss.detach())
+        assert report.action is Action.CLIP
+        assert reads == 1, f"step {t}: {reads} host reads"
+        assert conv == {"tolist": 1}, f"step {t}: conversions {conv}"
+        opt.step()
+
+
+def test_spike_with_lr_backoff_reads_host_exactly_once() -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt, clip=ZScoreClip(warmup_steps=2), spike_patience=1)
+    data = batches(12)
+    for t, batch in enumerate(data):
+        opt.zero_grad()
+        loss = loss_fn(model, batch) * (1e4 if t in (8, 10) else 1.0)
+        loss.backward()
+        report, reads, conv = measured_step(guard, loss.detach())
+        if t in (8, 10):
+            assert report.spike
+            assert report.backoff
+        assert reads == 1, f"step {t}: {reads} host reads"
+        assert conv == {"tolist": 1}, f"step {t}: conversions {conv}"
+        opt.step()
+
+
+def test_snapshot_step_reads_host_exactly_once() -> None:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = GuardCore(model, opt, rollback=True, snapshot_every=2)
+    for t, batch in enumerate(batches(5)):
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        _, reads, conv = measured_step(guard, loss.detach())
+        assert reads == 1, f"step {t}: {reads} host reads"
+        assert conv == {"tolist": 1}, f"step {t}: conversions {conv}"
+        opt.step()
+    assert guard.snapshot is not None
+    assert guard.snapshot.available
+
+
+def test_nonfinite_steps_convert_only_through_to_host() -> None:
+    """Non-finite steps are the rare path (a diagnosis may read per-tensor norms once more),
+    but every conversion still goes through ``to_host``."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt, halt_after=3)
+    for t, batch in enumerate(batches(6)):
+        opt.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        nan = t >= 2
+        if nan:
+            with torch.no_grad():
+                weight = model[0].weight
+                assert isinstance(weight, torch.Tensor)
+                assert weight.grad is not None
+                weight.grad[0, 0] = float("nan")
+        report, reads, conv = measured_step(guard, loss.detach())
+        assert report.finite is not nan
+        assert 1 <= reads <= 2, f"step {t}: {reads} host reads"
+        assert conv == {"tolist": reads}, f"step {t}: conversions {conv}"
+        if nan and report.diagnosis is None:
+            assert reads == 1
+        opt.step()
+
+
+def test_gradguard_in_trainer_fit_reads_host_once_per_optimizer_step(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_gradguard import GradGuard
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = tiny_model()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    data = batches(8)
+    ds = TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
+    guard = GradGuard()
+    per_step: list[tuple[int, dict[str, int]]] = []
+    hook = guard.on_before_optimizer_step
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        reset_host_reads()
+        with count_conversions() as conv:
+            hook(*args, **kwargs)
+        per_step.append((host_reads(), {k: v for k, v in conv.items() if v}))
+
+    guard.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    max_steps = 8
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, log_every_n_steps=2,
+        logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.callbacks.append(guard)
+    trainer.fit(Tiny(), DataLoader(ds, batch_size=16))
+    assert trainer.global_step == max_steps
+    assert guard.summary()["steps"] == max_steps
+    assert len(per_step) == max_steps
+    for t, (reads, conv) in enumerate(per_step):
+        assert reads == 1, f"optimizer step {t}: {reads} host reads"
+        assert conv == {"tolist": 1}, f"optimizer step {t}: conversions {conv}"

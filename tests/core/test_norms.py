@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils import get_total_norm
+
+from lightning_gradguard.core.norms import (
+    GradNorms,
+    collect_grads,
+    grad_norms,
+    group_by_device_and_dtype,
+)
+
+from ._util import total_norm_ref
+
+INF = float("inf")
+NAN = float("nan")
+
+# relative tolerance of a norm of values stored in `dtype` (accumulated in fp32/fp64)
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def _grads(dtypes: list[torch.dtype], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (7,), (2, 3, 4), (1,), (11, 2), (4, 4)]
+    return [
+        torch.randn(shapes[i % len(shapes)], generator=g, dtype=torch.float64).mul(3).to(dt)
+        for i, dt in enumerate(dtypes)
+    ]
+
+
+@pytest.mark.parametrize("p", [2.0, INF, 1.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_matches_get_total_norm_single_dtype(p: float, dtype: torch.dtype) -> None:
+    grads = _grads([dtype] * 5)
+    out = grad_norms(grads, p)
+    ref = get_total_norm(grads, p)
+    ref64 = total_norm_ref(grads, p)
+    assert out.norm_type == p
+    assert out.total.shape == ()
+    assert out.total.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert math.isclose(float(out.total), ref64, rel_tol=RTOL[dtype])
+    # torch's own function accumulates low precision in its own dtype: loose tolerance there
+    tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    assert math.isclose(float(out.total), float(ref), rel_tol=tol)
+    assert bool(out.finite)
+
+
+@pytest.mark.parametrize("p", [2.0, INF, 1.0])
+def test_per_tensor_in_input_order_with_interleaved_dtypes(p: float) -> None:
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.bfloat16,
+              torch.float16]
+    grads = _grads(dtypes, seed=3)
+    out = grad_norms(grads, p)
+    assert out.per_tensor is not None
+    assert out.per_tensor.shape == (len(grads),)
+    assert out.per_tensor.dtype == torch.float32
+    for i, g in enumerate(grads):
+        ref = float(torch.linalg.vector_norm(g.double(), p))
+        assert math.isclose(float(out.per_tensor[i]), ref, rel_tol=1e-5), i
+    assert math.isclose(float(out.total), total_norm_ref(grads, p), rel_tol=1e-5)
+    # the total is consistent with the per-tensor norms
+    assert math.isclose(float(out.total), float(torch.linalg.vector_norm(out.per_tensor, p)),
+                        rel_tol=1e-6)
+
+
+def test_mixed_with_fp64_promotes_result_to_fp64() -> None:
+    grads = _grads([torch.float16, torch.float64, torch.float32, torch.bfloat16], seed=5)
+    out = grad_norms(grads)
+    assert out.total.dtype == torch.float64
+    assert out.per_tensor is not None
+    assert out.per_tensor.dtype == torch.float64
+    assert math.isclose(float(out.total), total_norm_ref(grads, 2.0), rel_tol=1e-6)
+    assert math.isclose(float(out.per_tensor[1]),
+                        float(torch.linalg.vector_norm(grads[1])), rel_tol=1e-12)
+
+
+def test_low_precision_accumulated_in_fp32_does_not_overflow() -> None:
+    g = torch.full((1000,), 60000.0, dtype=torch.float16)  # fp16 norm would overflow (6.5e4 max)
+    assert not torch.isfinite(torch.linalg.vector_norm(g))
+    out = grad_norms([g])
+    assert bool(out.finite)
+    assert math.isclose(float(out.total), 60000.0 * math.sqrt(1000), rel_tol=1e-6)
+
+
+def test_collect_grads_skips_none_and_frozen() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2),
+                                torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    y = model[1](model[0](torch.ones(2, 3)))  # model[2] unused -> no grads
+    y.sum().backward()
+    grads = collect_grads(model.parameters())
+    assert len(grads) == 3  # 0.bias, 1.weight, 1.bias
+    assert all(g is not None for g in grads)
+    assert grads[0] is model[0].bias.grad
+    out = grad_norms(grads)
+    assert math.isclose(float(out.total), float(get_total_norm(grads)), rel_tol=1e-6)
+
+
+def test_no_params_and_empty() -> None:
+    assert collect_grads([]) == []
+    out = grad_norms([])
+    assert float(out.total) == 0.0
+    assert out.total.device == torch.device("cpu")
+    assert out.per_tensor is not None
+    assert out.per_tensor.shape == (0,)
+    assert bool(out.finite)
+    assert grad_norms([], per_tensor=False).per_tensor is None
+    assert grad_norms([], INF).norm_type == INF
+    assert grad_norms([], device=torch.device("cpu")).total.device.type == "cpu"
+
+
+def test_per_tensor_false() -> None:
+    out = grad_norms([torch.ones(4)], per_tensor=False)
+    assert out.per_tensor is None
+    assert float(out.total) == 2.0
+
+
+def test_empty_tensor_grad() -> None:
+    out = grad_norms([torch.zeros(0), torch.tensor([3.0, 4.0])])
+    assert float(out.total) == 5.0
+    assert out.per_tensor is not None
+    assert out.per_tensor.tolist() == [0.0, 5.0]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("p", [2.0, INF, 1.0])
+def test_sparse_coo_uses_coalesced_values(p: float) -> None:
+    # duplicate index 1: coalescing sums 3 + 4 = 7
+    idx = torch.tensor([[0, 1, 1, 4]])
+    vals = torch.tensor([1.0, 3.0, 4.0, -2.0])
+    sp = torch.sparse_coo_tensor(idx, vals, (6,))
+    assert not sp.is_coalesced()
+    dense = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    out = grad_norms([dense, sp], p)
+    expected_sparse = float(torch.linalg.vector_norm(sp.to_dense(), p))
+    assert expected_sparse == float(torch.linalg.vector_norm(torch.tensor([1.0, 7.0, -2.0]), p))
+    assert out.per_tensor is not None
+    assert math.isclose(float(out.per_tensor[1]), expected_sparse, rel_tol=1e-6)
+    ref = total_norm_ref([dense, sp.to_dense()], p)
+    assert math.isclose(float(out.total), ref, rel_tol=1e-6)
+    assert not sp.is_coalesced()  # input untouched
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+def test_unsupported_layout_raises() -> None:
+    csr = torch.eye(3).to_sparse_csr()
+    with pytest.raises(TypeError, match="layout"):
+        grad_norms([csr])
+
+
+@pytest.mark.parametrize("p", [2.0, INF, 1.0])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_detected(p: float, bad: float, dtype: torch.dtype) -> None:
+    grads = [torch.ones(3, dtype=dtype), torch.ones(4, dtype=dtype), torch.ones(2)]
+    grads[1][2] = bad
+    out = grad_norms(grads, p)
+    assert not bool(out.finite)
+    assert out.finite.dtype == torch.bool
+    assert out.finite.shape == ()
+    assert out.per_tensor is not None
+    fin = torch.isfinite(out.per_tensor).tolist()
+    assert fin == [True, False, True]
+    if math.isnan(bad):
+        assert math.isnan(float(out.per_tensor[1]))
+
+
+@pytest.mark.parametrize("p", [2.0, INF, 1.0])
+def test_subnormal_and_zero_grads_are_finite(p: float) -> None:
+    grads = [torch.full((2,), 1e-40), torch.zeros(3)]  # subnormal and zeros
+    out = grad_norms(grads, p)
+    assert bool(out.finite)
+    # same as torch (for p=2 the squares of subnormals underflow to 0 in torch too)
+    assert float(out.total) == float(get_total_norm(grads, p))
+    if p != 2.0:
+        assert float(out.total) > 0.0
+
+
+class _Reducer:
+    def __init__(self, fn):  # type: ignore[no-untyped-def]
+        self.fn = fn
+        self.calls: list[tuple[float, str, torch.Size]] = []
+
+    def __call__(self, partial: torch.Tensor, op: str) -> torch.Tensor:
+        self.calls.append((float(partial), op, partial.shape))
+        return self.fn(partial, op)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+def test_reducer_sum_doubling(p: float) -> None:
+    grads = _grads([torch.float32, torch.bfloat16, torch.float32], seed=7)
+    local = float(grad_norms(grads, p).total)
+    red = _Reducer(lambda t, op: t * 2)
+    out = grad_norms(grads, p, reducer=red)
+    assert len(red.calls) == 1
+    partial, op, shape = red.calls[0]
+    assert op == "sum"
+    assert shape == ()
+    assert math.isclose(partial, local**p, rel_tol=1e-5)  # sum of |g_i|_p^p
+    assert math.isclose(float(out.total), 2 ** (1 / p) * local, rel_tol=1e-5)
+    if p == 2.0:
+        assert math.isclose(float(out.total), math.sqrt(2) * local, rel_tol=1e-5)
+    # per-tensor norms stay local
+    assert out.per_tensor is not None
+    assert torch.allclose(out.per_tensor, grad_norms(grads, p).per_tensor)  # type: ignore[arg-type]
+
+
+def test_reducer_max_for_inf() -> None:
+    grads = [torch.tensor([1.0, -5.0]), torch.tensor([2.0]).half()]
+    red = _Reducer(lambda t, op: torch.maximum(t, torch.tensor(7.0)))
+    out = grad_norms(grads, INF, reducer=red)
+    assert red.calls == [(5.0, "max", torch.Size([]))]
+    assert float(out.total) == 7.0
+    # a reducer that sees a larger remote shard maximum is not needed: local max kept
+    red2 = _Reducer(lambda t, op: torch.maximum(t, torch.tensor(1.0)))
+    assert float(grad_norms(grads, INF, reducer=red2).total) == 5.0
+
+
+def test_reducer_called_on_empty_grads() -> None:
+    red = _Reducer(lambda t, op: t + 9.0)
+    out = grad_norms([], 2.0, reducer=red)
+    assert red.calls == [(0.0, "sum", torch.Size([]))]
+    assert float(out.total) == 9.0
+    red_inf = _Reducer(lambda t, op: t + 4.0)
+    assert float(grad_norms([], INF, reducer=red_inf).total) == 4.0
+    assert red_inf.calls[0][1] == "max"
+
+
+def test_reducer_propagates_nonfinite() -> None:
+    grads = [torch.tensor([float("nan"), 1.0])]
+    red = _Reducer(lambda t, op: t * 2)
+    assert not bool(grad_norms(grads, reducer=red).finite)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, NAN, -INF])
+def test_bad_norm_type_value(bad: float) -> None:
+    with pytest.raises(ValueError, match="norm_type"):
+        grad_norms([torch.ones(1)], bad)
+
+
+@pytest.mark.parametrize("bad", ["2", None, True])
+def test_bad_norm_type_type(bad: object) -> None:
+    with pytest.raises(TypeError, match="norm_type"):
+        grad_norms([torch.ones(1)], bad)  # type: ignore[arg-type]
+
+
+def test_group_by_device_and_dtype_first_seen_order() -> None:
+    ts = [torch.ones(1).half(), torch.ones(1), torch.ones(1).half(), torch.ones(1).double(),
+          torch.ones(1)]
+    groups = group_by_device_and_dtype(ts)
+    cpu = torch.device("cpu")
+    assert list(groups.items()) == [
+        ((cpu, torch.float16), [0, 2]),
+        ((cpu, torch.float32), [1, 4]),
+        ((cpu, torch.float64), [3]),
+    ]
+    assert group_by_device_and_dtype([]) == {}
+
+
+def test_gradnorms_is_frozen_dataclass() -> None:
+    out = grad_norms([torch.ones(1)])
+    assert isinstance(out, GradNorms)
+    with pytest.raises(AttributeError):
+        out.total = torch.tensor(0.0)  # type: ignore[misc]
+
+
+def test_grads_not_modified() -> None:
+    grads = _grads([torch.float32, torch.float16], seed=11)
+    before = [g.clone() for g in grads]
+    grad_norms(grads)
+    for a, b in zip(grads, before, strict=True):
+        assert torch.equal(a, b)

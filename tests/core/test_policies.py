@@ -1,0 +1,451 @@
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from lightning_gradguard.core.policies import (
+    AdaptiveGradClip,
+    ClipPolicy,
+    FixedNormClip,
+    NoClip,
+    PercentileClip,
+    ZScoreClip,
+    unitwise_norm,
+)
+
+from ._util import HYP, assert_state_equal
+
+NAN = float("nan")
+INF = float("inf")
+
+SPECIAL_SAFE = [NAN, INF, -INF, 0.0, 1e-45, 1e-40, 1e-30, 1e18]
+HUGE = [1e20, 1e30, 1e38, 3.4e38]
+safe_values = st.one_of(
+    st.sampled_from(SPECIAL_SAFE),
+    st.floats(min_value=0.0, max_value=1e15, allow_nan=False, allow_infinity=False),
+)
+all_values = st.one_of(st.sampled_from(SPECIAL_SAFE + HUGE), safe_values)
+
+
+def _observe_all(policy: ClipPolicy, xs: list[float]) -> list[float]:
+    """Feed ``xs`` as a guard does; return the threshold each value was judged by."""
+    out = []
+    for x in xs:
+        thr = policy.threshold()
+        out.append(float(thr))
+        policy.observe(torch.tensor(x), thr)
+    return out
+
+
+def _noisy(n: int, seed: int, scale: float = 0.05) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + scale * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
+
+
+# ----------------------------------------------------------------------------- simple ones
+def test_fixed_and_noclip() -> None:
+    f = FixedNormClip(2.5)
+    assert float(f.threshold()) == 2.5
+    assert f.threshold().dtype == torch.float32
+    assert f.threshold().shape == ()
+    f.observe(torch.tensor(100.0), f.threshold())
+    assert float(f.threshold()) == 2.5
+    assert f.state_dict() == {}
+    assert not f.unitwise
+    n = NoClip()
+    assert float(n.threshold()) == INF
+    n.observe(torch.tensor(1.0), n.threshold())
+    assert float(n.threshold()) == INF
+    assert repr(f) == "FixedNormClip(max_norm=2.5)"
+
+
+def test_base_class_is_abstract() -> None:
+    base = ClipPolicy()
+    with pytest.raises(NotImplementedError):
+        base.threshold()
+    with pytest.raises(NotImplementedError):
+        base.clip_unitwise_([])
+
+
+# ----------------------------------------------------------------------------- ZScoreClip
+def test_zscore_docstring_value() -> None:
+    clip = ZScoreClip(z_threshold=3.0, warmup_steps=2)
+    assert float(clip.threshold()) == INF
+    _observe_all(clip, [1.0, 1.2, 0.8, 1.0])
+    # mean/var of the observations (none were clamped) with the exact running formula
+    assert math.isclose(float(clip.threshold()), 1.4242640687, rel_tol=1e-5)
+
+
+def test_zscore_warmup_floor_then_pure_zscore() -> None:
+    clip = ZScoreClip(z_threshold=3.0, warmup_steps=3, warmup_factor=2.0)
+    thr = _observe_all(clip, [1.0, 1.0, 1.0])
+    assert thr == [INF, 2.0, 2.0]  # during warmup: max(mu + z*sigma, 2*mu) = 2
+    assert float(clip.threshold()) == 1.0  # warmed up: mu + 3*0
+
+
+def test_zscore_warmup_zero_steps_is_pure_zscore() -> None:
+    clip = ZScoreClip(z_threshold=2.0, warmup_steps=0, ema_decay=0.5)
+    for x in (1.0, 3.0):
+        clip.observe(torch.tensor(x), torch.tensor(INF))  # unbounded entries
+    # mean 2, population var 1 -> 2 + 2*1
+    assert math.isclose(float(clip.threshold()), 4.0, rel_tol=1e-6)
+
+
+def test_zscore_isolated_spike_left_out_repeated_spike_enters_clamped() -> None:
+    xs = _noisy(40, seed=0)
+    a = ZScoreClip(warmup_steps=5)
+    b = ZScoreClip(warmup_steps=5)
+    _observe_all(a, xs)
+    _observe_all(b, xs)
+    thr = a.threshold()
+    a.observe(torch.tensor(1e6), thr)
+    # one isolated spike leaves the threshold exactly where it was
+    assert torch.equal(a.threshold(), thr)
+    # a second spike in a row enters clamped to the threshold it is judged by
+    thr2 = a.threshold()
+    a.observe(torch.tensor(1e6), thr2)
+    b.observe(thr2.clone(), thr2)
+    assert torch.equal(a.threshold(), b.threshold())
+    assert float(a.threshold()) > float(thr)
+
+
+def test_zscore_follows_a_new_regime() -> None:
+    clip = ZScoreClip(warmup_steps=5)
+    _observe_all(clip, _noisy(40, seed=10))
+    thrs = _observe_all(clip, [10 * x for x in _noisy(300, seed=11)])
+    assert thrs[-1] > 8.0  # adapted to the 10x scale (threshold ~ 10 * (1 + 3 * 0.05))
+
+
+@pytest.mark.parametrize("factor", [1e6, 1e30])
+def test_zscore_single_outlier_moves_threshold_little(factor: float) -> None:
+    clip = ZScoreClip()
+    xs = _noisy(50, seed=1)
+    _observe_all(clip, xs)
+    before = float(clip.threshold())
+    thr = clip.threshold()
+    assert factor * xs[-1] > float(thr)  # it is a spike
+    clip.observe(torch.tensor(factor * xs[-1]), thr)
+    after = float(clip.threshold())
+    rel = abs(after - before) / before
+    assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_zscore_nonfinite_does_not_move_threshold(bad: float) -> None:
+    clip = ZScoreClip()
+    _observe_all(clip, _noisy(30, seed=2))
+    before = clip.threshold()
+    clip.observe(torch.tensor(bad), before)
+    assert torch.equal(clip.threshold(), before)
+
+
+def test_zscore_stats_property() -> None:
+    clip = ZScoreClip(ema_decay=0.5)
+    assert clip.stats.ema_decay == 0.5
+    _observe_all(clip, [2.0])
+    assert float(clip.stats.mean) == 2.0
+
+
+@HYP
+@given(xs=st.lists(safe_values, max_size=60),
+       warmup=st.integers(min_value=0, max_value=10))
+def test_zscore_property_thresholds_never_nan(xs: list[float], warmup: int) -> None:
+    clip = ZScoreClip(warmup_steps=warmup)
+    thrs = _observe_all(clip, xs)
+    thrs.append(float(clip.threshold()))
+    for t in thrs:
+        assert not math.isnan(t)
+        assert t >= 0.0
+    for name in ("count", "mean", "var"):
+        assert bool(torch.isfinite(getattr(clip.stats, name)))
+
+
+@pytest.mark.xfail(
+    reason="BUG: stats.py RobustNormStats.update (used by ZScoreClip): first norm > ~1.8e19 "
+    "-> var = 0*inf = NaN -> ZScoreClip.threshold() NaN forever (spike check `norm > NaN` "
+    "is False, so clipping is silently disabled)",
+    strict=True,
+    raises=AssertionError,
+)
+@HYP
+@given(xs=st.lists(all_values, max_size=60))
+@example(xs=[1e20, 1.0])
+def test_zscore_property_thresholds_never_nan_huge(xs: list[float]) -> None:
+    clip = ZScoreClip()
+    thrs = _observe_all(clip, xs)
+    thrs.append(float(clip.threshold()))
+    assert not any(math.isnan(t) for t in thrs)
+    for name in ("count", "mean", "var"):
+        assert bool(torch.isfinite(getattr(clip.stats, name)))
+
+
+@pytest.mark.xfail(
+    reason="BUG: policies.py ZScoreClip: after a first zero norm (mean=0, var=0) the "
+    "threshold is 0 and every later norm enters clamped to 0: the threshold stays 0 forever",
+    strict=True,
+    raises=AssertionError,
+)
+def test_zscore_recovers_after_zero_first_norm() -> None:
+    clip = ZScoreClip(warmup_steps=5)
+    thrs = _observe_all(clip, [0.0] + [1.0] * 30)
+    assert thrs[-1] > 0.0
+
+
+@pytest.mark.xfail(
+    reason="BUG: policies.py ZScoreClip: sigma == 0 is a fixed point after warmup: the "
+    "threshold equals the mean, larger norms enter clamped to the mean, so sigma stays 0 and "
+    "the threshold can never rise (constant norms during warmup, then a higher plateau)",
+    strict=True,
+    raises=AssertionError,
+)
+def test_zscore_adapts_after_constant_warmup() -> None:
+    clip = ZScoreClip(warmup_steps=25)
+    thrs = _observe_all(clip, [1.0] * 30 + [1.5] * 200)
+    assert thrs[-1] > 1.2
+
+
+# ----------------------------------------------------------------------------- PercentileClip
+def test_percentile_docstring_value() -> None:
+    clip = PercentileClip(percentile=50, history_size=4, min_history=1)
+    _observe_all(clip, [1.0, 2.0, 3.0, NAN, 4.0, 5.0])
+    assert float(clip.threshold()) == 3.5
+
+
+@pytest.mark.parametrize("q", [10.0, 50.0, 90.0, 100.0, 0.5])
+def test_percentile_matches_quantile_of_last_window(q: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    xs = (torch.rand(37, generator=g) * 10).tolist()
+    clip = PercentileClip(percentile=q, history_size=16, min_history=1)
+    thrs = _observe_all(clip, xs)
+    for i in range(1, len(xs) + 1):
+        window = torch.tensor(xs[max(0, i - 16):i], dtype=torch.float32)
+        ref = float(torch.quantile(window, q / 100))
+        got = thrs[i] if i < len(xs) else float(clip.threshold())
+        assert math.isclose(got, ref, rel_tol=1e-6), i
+
+
+def test_percentile_min_history() -> None:
+    clip = PercentileClip(percentile=50, history_size=10, min_history=3)
+    thrs = _observe_all(clip, [1.0, NAN, 2.0, INF])
+    assert thrs == [INF, INF, INF, INF]
+    assert float(clip.threshold()) == INF
+    clip.observe(torch.tensor(3.0), clip.threshold())
+    assert float(clip.threshold()) == 2.0
+
+
+def test_percentile_history_bounded() -> None:
+    clip = PercentileClip(history_size=7)
+    _observe_all(clip, _noisy(500, seed=4))
+    assert clip.history.shape == (7,)
+    assert int(clip.count) == 7
+    assert int(clip.cursor) == 500
+
+
+def test_percentile_outlier_moves_threshold_at_most_one_rank() -> None:
+    xs = _noisy(100, seed=5)
+    clip = PercentileClip(percentile=10, history_size=100)
+    _observe_all(clip, xs)
+    before = float(clip.threshold())
+    clip.observe(torch.tensor(1e6), clip.threshold())
+    after = float(clip.threshold())
+    window = sorted(xs[1:])  # the oldest value was overwritten
+    assert window[8] <= after <= window[11]
+    assert abs(after - before) / before < 0.05
+
+
+@HYP
+@given(xs=st.lists(all_values, max_size=80), size=st.integers(1, 20))
+def test_percentile_property(xs: list[float], size: int) -> None:
+    clip = PercentileClip(percentile=10, history_size=size, min_history=1)
+    thrs = _observe_all(clip, xs)
+    thrs.append(float(clip.threshold()))
+    finite = [x for x in xs if math.isfinite(x)]
+    for t in thrs:
+        assert not math.isnan(t)
+    assert clip.history.shape == (size,)
+    assert int(clip.count) == min(size, len(finite))
+    assert int(clip.cursor) == len(finite)
+    kept = clip.history[torch.isfinite(clip.history)]
+    assert sorted(kept.tolist()) == sorted(
+        torch.tensor(finite[-size:] if finite else [], dtype=torch.float32).tolist()
+    )
+
+
+# ----------------------------------------------------------------------------- AGC
+def test_unitwise_norm_shapes() -> None:
+    assert unitwise_norm(torch.tensor(-3.0)).shape == ()
+    assert float(unitwise_norm(torch.tensor([3.0, 4.0]))) == 5.0
+    w = torch.arange(24.0).reshape(2, 3, 2, 2)
+    n = unitwise_norm(w)
+    assert n.shape == (2, 1, 1, 1)
+    assert torch.allclose(n.flatten(), torch.linalg.vector_norm(w.reshape(2, -1), dim=1))
+    assert unitwise_norm(torch.ones(3, 5, dtype=torch.float16)).dtype == torch.float32
+
+
+def test_agc_linear_rows() -> None:
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 0.0]]))
+    w.grad = torch.tensor([[30.0, 40.0], [0.0, 0.05], [1.0, 0.0]])
+    agc = AdaptiveGradClip(clipping=0.1, eps=1e-3)
+    n = agc.clip_unitwise_([w])
+    assert int(n) == 2
+    # row 0: ||G||=50 > 0.1*5 -> rescaled to norm 0.5; row 1: 0.05 <= 0.1*1 untouched;
+    # row 2: zero weights -> floor 0.1*1e-3 = 1e-4
+    assert torch.allclose(w.grad[0], torch.tensor([0.3, 0.4]), rtol=1e-6)
+    assert torch.equal(w.grad[1], torch.tensor([0.0, 0.05]))
+    assert torch.allclose(w.grad[2], torch.tensor([1e-4, 0.0]), rtol=1e-5)
+    assert torch.allclose(torch.linalg.vector_norm(w.grad, dim=1),
+                          torch.tensor([0.5, 0.05, 1e-4]), rtol=1e-5)
+
+
+def test_agc_linear_module_layout_is_out_in() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    g = torch.randn(3, 5)
+    g[1] *= 1e-4  # row 1 small enough to stay untouched
+    lin.weight.grad = g.clone()
+    agc = AdaptiveGradClip(clipping=0.05)
+    agc.clip_unitwise_([lin.weight])
+    wn = torch.linalg.vector_norm(lin.weight.detach(), dim=1)
+    for i in range(3):
+        limit = 0.05 * max(float(wn[i]), 1e-3)
+        if float(torch.linalg.vector_norm(g[i])) > limit:
+            assert math.isclose(float(torch.linalg.vector_norm(lin.weight.grad[i])), limit,
+                                rel_tol=1e-5)
+            # direction kept
+            assert torch.allclose(lin.weight.grad[i] / lin.weight.grad[i].norm(),
+                                  g[i] / g[i].norm(), atol=1e-6)
+        else:
+            assert torch.equal(lin.weight.grad[i], g[i])
+    assert torch.equal(lin.weight.grad[1], g[1])
+
+
+def test_agc_conv_per_output_channel() -> None:
+    w = torch.nn.Parameter(torch.zeros(2, 1, 2, 2))
+    w.data[0] = 1.0  # ||W_0|| = 2
+    w.data[1] = 0.5  # ||W_1|| = 1
+    w.grad = torch.zeros(2, 1, 2, 2)
+    w.grad[0] = 10.0  # ||G_0|| = 20 > 0.1*2
+    w.grad[1] = 0.01  # ||G_1|| = 0.02 <= 0.1*1
+    g1 = w.grad[1].clone()
+    assert int(AdaptiveGradClip(clipping=0.1).clip_unitwise_([w])) == 1
+    assert math.isclose(float(w.grad[0].norm()), 0.2, rel_tol=1e-5)
+    assert torch.allclose(w.grad[0], torch.full((1, 2, 2), 0.1), rtol=1e-5)
+    assert torch.equal(w.grad[1], g1)
+
+
+def test_agc_bias_whole_vector() -> None:
+    b = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ||b|| = 5
+    b.grad = torch.tensor([6.0, 8.0])  # 10 > 0.5*5
+    assert int(AdaptiveGradClip(clipping=0.5).clip_unitwise_([b])) == 1
+    assert torch.allclose(b.grad, torch.tensor([1.5, 2.0]), rtol=1e-6)
+    b.grad = torch.tensor([0.6, 0.8])  # 1 <= 2.5: untouched
+    assert int(AdaptiveGradClip(clipping=0.5).clip_unitwise_([b])) == 0
+    assert torch.equal(b.grad, torch.tensor([0.6, 0.8]))
+
+
+def test_agc_eps_floor_for_zero_weights() -> None:
+    w = torch.nn.Parameter(torch.zeros(2, 3))
+    w.grad = torch.ones(2, 3)
+    AdaptiveGradClip(clipping=0.1, eps=1e-2).clip_unitwise_([w])
+    assert torch.allclose(torch.linalg.vector_norm(w.grad, dim=1), torch.full((2,), 1e-3),
+                          rtol=1e-5)
+
+
+def test_agc_exclude_globs_and_none_grads() -> None:
+    body = torch.nn.Parameter(torch.ones(2, 2))
+    head = torch.nn.Parameter(torch.ones(2, 2))
+    head_b = torch.nn.Parameter(torch.ones(2))
+    frozen = torch.nn.Parameter(torch.ones(2))  # grad None
+    for p in (body, head, head_b):
+        p.grad = torch.full_like(p, 100.0)
+    agc = AdaptiveGradClip(clipping=0.01, exclude=["head.*"])
+    names = ["body.weight", "head.weight", "head.bias", "frozen"]
+    n = agc.clip_unitwise_([body, head, head_b, frozen], names)
+    assert int(n) == 2  # two rows of body
+    assert torch.equal(head.grad, torch.full((2, 2), 100.0))
+    assert torch.equal(head_b.grad, torch.full((2,), 100.0))
+    assert float(body.grad.abs().max()) < 1.0
+    assert frozen.grad is None
+    # without names the patterns cannot apply: everything is clipped
+    head.grad = torch.full((2, 2), 100.0)
+    assert int(agc.clip_unitwise_([head])) == 2
+    # glob semantics are case-sensitive fnmatch
+    agc2 = AdaptiveGradClip(clipping=0.01, exclude=["*.bias", "Body?weight"])
+    assert agc2._excluded("x.bias")
+    assert agc2._excluded("Body.weight")
+    assert not agc2._excluded("body.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_agc_other_dtypes(dtype: torch.dtype) -> None:
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=dtype))
+    w.grad = torch.tensor([[30.0, 40.0]], dtype=dtype)
+    assert int(AdaptiveGradClip(clipping=0.1).clip_unitwise_([w])) == 1
+    assert w.grad.dtype == dtype
+    assert torch.allclose(w.grad.double(), torch.tensor([[0.3, 0.4]], dtype=torch.float64),
+                          rtol=1e-2)
+
+
+def test_agc_empty_and_threshold() -> None:
+    agc = AdaptiveGradClip()
+    assert int(agc.clip_unitwise_([])) == 0
+    assert float(agc.threshold()) == INF
+    assert agc.unitwise
+    assert agc.exclude == ()
+
+
+# ----------------------------------------------------------------------------- state
+POLICIES: dict[str, Callable[[], ClipPolicy]] = {
+    "zscore": lambda: ZScoreClip(warmup_steps=5),
+    "zscore_long_warmup": lambda: ZScoreClip(warmup_steps=100, ema_decay=0.9),
+    "percentile": lambda: PercentileClip(percentile=25, history_size=16, min_history=3),
+    "fixed": lambda: FixedNormClip(1.0),
+    "noclip": NoClip,
+    "agc": lambda: AdaptiveGradClip(),
+}
+
+
+def _roundtrip_weights_only(sd: object) -> object:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("through_disk", [False, True])
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policy_state_dict_round_trip(name: str, through_disk: bool) -> None:
+    xs = [*_noisy(30, seed=6), NAN, 50.0, INF]
+    ys = [*_noisy(25, seed=7, scale=0.3), 1e6, NAN, 0.0]
+    a = POLICIES[name]()
+    _observe_all(a, xs)
+    sd = a.state_dict()
+    if through_disk:
+        sd = _roundtrip_weights_only(sd)
+    b = POLICIES[name]()
+    b.load_state_dict(sd)  # type: ignore[arg-type]
+    assert torch.equal(a.threshold(), b.threshold())
+    ta = _observe_all(a, ys)
+    tb = _observe_all(b, ys)
+    assert ta == tb
+    assert torch.equal(a.threshold(), b.threshold())
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policy_reset_restores_defaults(name: str) -> None:
+    a = POLICIES[name]()
+    fresh = POLICIES[name]()
+    _observe_all(a, _noisy(20, seed=8))
+    a.reset()
+    assert torch.equal(a.threshold(), fresh.threshold())
+    xs = _noisy(10, seed=9)
+    assert _observe_all(a, xs) == _observe_all(fresh, xs)
+    a.reset()
+    fresh.reset()
+    assert_state_equal(a.state_dict(), fresh.state_dict())
