@@ -17,7 +17,8 @@ CONFIG = ROOT / "examples" / "lightning_cli.yaml"
 def _cli_main() -> Any:
     spec = importlib.util.spec_from_file_location("lightning_cli_example",
                                                   ROOT / "examples" / "lightning_cli.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main

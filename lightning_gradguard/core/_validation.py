@@ -60,7 +60,10 @@ def check_number(
         raise TypeError(
             f"`{name}` must be a real number, got {_fmt(value)} ({type(value).__name__})"
         )
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError(f"`{name}` must be a finite number, got {_fmt(value)}") from None
     parts = []
     if low is not None:
         parts.append(f"{'>=' if low_inclusive else '>'} {low:g}")

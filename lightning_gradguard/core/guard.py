@@ -419,7 +419,9 @@ class GuardCore:
         diagnosis = None
         if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
             norms = to_host(per_tensor) if per_tensor is not None else []
-            diagnosis = diagnose(step, self.names, norms, loss=loss,
+            names = [n for n, p in zip(self.names, self.params, strict=True)
+                     if p.grad is not None]
+            diagnosis = diagnose(step, names, norms, loss=loss,
                                  growth_before=c.growth_events > 0,
                                  lr_scale=self.backoff.scale)
             if c.first_nonfinite_step is None:
@@ -496,6 +498,7 @@ class GuardCore:
             "backoff": self.backoff.state_dict(),
             "growth": self.growth.state_dict(),
             "counters": asdict(self.counters),
+            "first_diagnosis": asdict(self.first_diagnosis) if self.first_diagnosis else None,
         }
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.state_dict()
@@ -524,6 +527,10 @@ class GuardCore:
         if counters.get("halted"):
             counters.update(halted=False, nonfinite_streak=0, streak_start=None)
         self.counters = _Counters(**counters)
+        first = state_dict.get("first_diagnosis")
+        self.first_diagnosis = None if first is None else Diagnosis(
+            step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
+            origin=first["origin"], likely_cause=first["likely_cause"])
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
 

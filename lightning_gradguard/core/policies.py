@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 _INF = float("inf")
+#: Floor of the z-score's sigma relative to the mean: with perfectly constant norms
+#: (sigma = 0) the threshold would equal the mean and could never rise again.
+_MIN_REL_STD = 0.01
 
 
 class ClipPolicy(Stateful):
@@ -120,7 +123,9 @@ class ZScoreClip(ClipPolicy):
     genuine change of scale is followed. Unlike a watch-only warmup, the threshold is
     active from the second step: during the first ``warmup_steps`` observations it is
     :math:`\max(\mu + z\sigma,\ f\,\mu)` with :math:`f` = ``warmup_factor`` (the variance
-    estimate is still noisy, so the bound is looser but present).
+    estimate is still noisy, so the bound is looser but present). :math:`\sigma` is floored
+    at 1% of :math:`\mu` so that perfectly constant norms cannot freeze the threshold, and
+    all-zero gradients (norm 0) carry no scale information and do not enter.
 
     Args:
         z_threshold: :math:`z > 0`; how many standard deviations above the mean is a spike.
@@ -168,10 +173,12 @@ class ZScoreClip(ClipPolicy):
         s = self._stats
         if device is not None:
             s.to(device)
-        z_thr = s.mean + self.z_threshold * s.std
+        std = torch.maximum(s.std, _MIN_REL_STD * s.mean)
+        z_thr = s.mean + self.z_threshold * std
         warm_thr = torch.maximum(z_thr, self.warmup_factor * s.mean)
         thr = torch.where(s.count >= self.warmup_steps, z_thr, warm_thr)
-        return torch.where(s.count > 0, thr, torch.full_like(thr, _INF))
+        thr = torch.where((s.count > 0) & (s.mean > 0), thr, torch.full_like(thr, _INF))
+        return thr.float()
 
     def observe(self, norm: Tensor, threshold: Tensor) -> None:
         """Update the EMA: an isolated spike is left out, a repeated one enters clamped.
@@ -182,7 +189,7 @@ class ZScoreClip(ClipPolicy):
         without ever being dragged by the size of a spike. Non-finite norms never enter.
         """
         self.to(norm.device)
-        finite = torch.isfinite(norm)
+        finite = torch.isfinite(norm) & (norm > 0)  # all-zero gradients carry no scale
         spike = finite & torch.isfinite(threshold) & (norm > threshold)
         enter = ~spike | self.prev_spike
         self.prev_spike = torch.where(finite, spike, self.prev_spike)

@@ -93,7 +93,9 @@ class Snapshot:
             module.load_state_dict(self._model)
         for opt, state in zip(optimizers, self._optim, strict=True):
             lrs = [g["lr"] for g in opt.param_groups]
-            opt.load_state_dict(state)
+            # a fresh copy: load_state_dict keeps same-device tensors by reference, and the
+            # next optimizer step would otherwise write into the snapshot itself
+            opt.load_state_dict(_copy_to(state, self.device))
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = lr
         return self.step

@@ -54,8 +54,9 @@ class RobustNormStats(Stateful):
         self.ema_decay = check_number("ema_decay", ema_decay, low=0.0, high=1.0,
                                       high_inclusive=False)
         self._add_state("count", torch.tensor(0, dtype=torch.long))
-        self._add_state("mean", torch.tensor(0.0, dtype=torch.float32))
-        self._add_state("var", torch.tensor(0.0, dtype=torch.float32))
+        # float64: squared deviations of norms up to ~1e154 stay finite
+        self._add_state("mean", torch.tensor(0.0, dtype=torch.float64))
+        self._add_state("var", torch.tensor(0.0, dtype=torch.float64))
 
     @property
     def std(self) -> Tensor:
@@ -71,16 +72,17 @@ class RobustNormStats(Stateful):
                 bound means "no bound".
         """
         self.to(x.device)
-        x = x.detach().to(torch.float32)
+        x = x.detach().to(torch.float64)
         finite = torch.isfinite(x)
         if bound is not None:
-            b = bound.detach().to(device=x.device, dtype=torch.float32)
+            b = bound.detach().to(device=x.device, dtype=torch.float64)
             x = torch.where(torch.isfinite(b), torch.minimum(x, b), x)
         x = torch.where(finite, x, self.mean)
-        a = torch.clamp_min(1.0 / (self.count + 1).to(torch.float32), 1.0 - self.ema_decay)
+        a = torch.clamp_min(1.0 / (self.count + 1).to(torch.float64), 1.0 - self.ema_decay)
         delta = x - self.mean
         new_mean = self.mean + a * delta
         new_var = (1.0 - a) * (self.var + a * delta * delta)
+        finite = finite & torch.isfinite(new_var)
         self.mean = torch.where(finite, new_mean, self.mean)
         self.var = torch.where(finite, new_var, self.var)
         self.count = self.count + finite.to(torch.long)

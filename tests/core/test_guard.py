@@ -716,13 +716,6 @@ def test_reducer_is_used() -> None:
 
 
 # ----------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(
-    reason="BUG: guard.py GuardCore._nonfinite passes self.names (all watched params) with "
-    "per-tensor norms of only the params that have a grad to diagnose(); when a param has "
-    "no grad the names are shifted and the wrong parameter is blamed",
-    strict=True,
-    raises=AssertionError,
-)
 def test_diagnosis_names_right_param_when_some_grads_are_none() -> None:
     p0, p1, p2 = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
     opt = torch.optim.SGD([p0, p1, p2], lr=0.1)
@@ -734,13 +727,6 @@ def test_diagnosis_names_right_param_when_some_grads_are_none() -> None:
     assert guard.first_diagnosis.nonfinite_params == ("w2",)
 
 
-@pytest.mark.xfail(
-    reason="BUG: policies.py ZScoreClip + guard.py: a first step with all-zero gradients "
-    "makes the threshold 0 forever (mean=0, var=0; later norms enter clamped to 0), so "
-    "clip_coef(norm, 0) = 0 zeroes every later gradient and training silently stops",
-    strict=True,
-    raises=AssertionError,
-)
 def test_zero_gradient_first_step_does_not_freeze_training() -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -754,13 +740,6 @@ def test_zero_gradient_first_step_does_not_freeze_training() -> None:
     assert r.reports[30].grad_norm_clipped > 0.0
 
 
-@pytest.mark.xfail(
-    reason="BUG: guard.py GuardCore.state_dict/load_state_dict do not persist "
-    "first_diagnosis (only counters.first_nonfinite_step), so after a resume halt_message "
-    "loses the 'first non-finite step: ...' part naming the step and parameter",
-    strict=True,
-    raises=AssertionError,
-)
 def test_halt_message_survives_resume() -> None:
     a = run(10, faults={5: nan_in("0.weight")}, halt_after=2)
     sd = a.guard.state_dict()

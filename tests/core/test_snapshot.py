@@ -92,15 +92,6 @@ def test_snapshot_is_a_copy() -> None:
     assert sd["model"]["0.weight"].device == torch.device("cpu")
 
 
-@pytest.mark.xfail(
-    reason="BUG: snapshot.py Snapshot.restore passes its stored optimizer state to "
-    "opt.load_state_dict, which keeps same-device/dtype tensors by reference: after a "
-    "restore the optimizer's moments/step ARE the snapshot's tensors, so the next "
-    "optimizer.step() mutates the snapshot in place and a second rollback restores "
-    "the corrupted state",
-    strict=True,
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("opt_name", ["adam", "sgd_momentum"])
 def test_second_restore_gives_the_captured_state_again(opt_name: str) -> None:
     model = _model()

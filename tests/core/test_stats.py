@@ -206,13 +206,6 @@ def test_property_state_finite_for_any_sequence(xs: list[float], bounded: bool) 
         assert float(s.mean) <= 2.0 * (1 + 1e-6)
 
 
-@pytest.mark.xfail(
-    reason="BUG: stats.py RobustNormStats.update: delta*delta overflows float32 for "
-    "|x - mean| > ~1.8e19, so a first observation of 1e20 makes var = 0*inf = NaN, and a "
-    "later one makes var = inf forever",
-    strict=True,
-    raises=AssertionError,
-)
 @HYP
 @given(xs=st.lists(all_values, max_size=60))
 @example(xs=[1e20])
@@ -223,11 +216,6 @@ def test_property_state_finite_with_huge_values(xs: list[float]) -> None:
     _check_finite_state(s, xs)
 
 
-@pytest.mark.xfail(
-    reason="BUG: stats.py RobustNormStats.update: first observation 1e20 -> var NaN",
-    strict=True,
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("x", [1e20, 1e38])
 def test_huge_first_observation_keeps_var_finite(x: float) -> None:
     s = RobustNormStats()

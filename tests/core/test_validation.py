@@ -171,11 +171,6 @@ def test_check_int_bool_choice() -> None:
         check_choice("c", "halt", ("stop", "raise"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: _validation.py check_number calls float(value) before the range checks; an "
-    "int too large for a float raises OverflowError instead of ValueError naming the argument",
-    strict=True,
-)
 def test_huge_int_gives_value_error() -> None:
     with pytest.raises(ValueError, match="`max_norm`"):
         FixedNormClip(10**400)
