@@ -109,7 +109,7 @@ def format_table(results: list[DemoResult]) -> str:
     Example:
         >>> r = DemoResult("no guard", 10, float("nan"), float("nan"), 3, 0, 0, 0, "x")
         >>> print(format_table([r]).splitlines()[2])
-        final train loss    nan
+        final train loss        nan
     """
     rows = [
         ("", [r.name for r in results]),
