@@ -9,13 +9,14 @@ mean follows them. The detector counts consecutive finite observations with
 and fires when the streak reaches ``patience`` (then starts counting again). Under i.i.d.
 noise, ``patience`` strict rises in a row have probability :math:`1/(\text{patience}+1)!`
 per window even for :math:`\rho = 0`; the minimum relative rise :math:`\rho` makes false
-alarms rarer still. Non-finite observations neither extend nor break a streak.
-Tensor state, no host synchronisation.
+alarms rarer still. Non-finite observations neither extend nor break a streak. Host state
+(two numbers): the guard feeds it the norm it has already read back.
 """
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
 from lightning_gradguard.core._stateful import Stateful
@@ -33,29 +34,29 @@ class GrowthDetector(Stateful):
 
     Example:
         >>> d = GrowthDetector(patience=3, min_rise=0.1)
-        >>> [bool(d.update(torch.tensor(x))) for x in [1.0, 1.5, 2.3, 3.5, 5.0]]
+        >>> [d.update(x) for x in [1.0, 1.5, 2.3, 3.5, 5.0]]
         [False, False, False, True, False]
     """
 
-    prev: Tensor
-    streak: Tensor
+    prev: float
+    streak: int
 
     def __init__(self, patience: int = 5, min_rise: float = 0.05) -> None:
         super().__init__()
         self.patience = check_int("patience", patience, low=1)
         self.min_rise = check_number("min_rise", min_rise, low=0.0)
-        self._add_state("prev", torch.tensor(float("nan"), dtype=torch.float32))
-        self._add_state("streak", torch.tensor(0, dtype=torch.long))
+        self._add_state("prev", math.nan)
+        self._add_state("streak", 0)
 
-    def update(self, x: Tensor) -> Tensor:
-        """Feed one observation; returns a 0-dim bool tensor, ``True`` when growth fired."""
-        self.to(x.device)
-        x = x.detach().to(torch.float32)
-        finite = torch.isfinite(x)
-        rising = finite & (x > (1.0 + self.min_rise) * self.prev)
-        streak = torch.where(rising, self.streak + 1,
-                             torch.where(finite, torch.zeros_like(self.streak), self.streak))
-        fired = streak >= self.patience
-        self.streak = torch.where(fired, torch.zeros_like(streak), streak)
-        self.prev = torch.where(finite, x, self.prev)
-        return fired
+    def update(self, x: float | Tensor) -> bool:
+        """Feed one observation; returns ``True`` when sustained growth fired."""
+        v = float(x)
+        if not math.isfinite(v):
+            return False
+        rising = v > (1.0 + self.min_rise) * self.prev  # False while prev is NaN
+        self.prev = v
+        self.streak = self.streak + 1 if rising else 0
+        if self.streak >= self.patience:
+            self.streak = 0
+            return True
+        return False

@@ -315,15 +315,11 @@ class GuardCore:
         device = grads[0].device if grads else None
         norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device)
         total = norms.total
-        thr = self.policy.threshold(total.device)
-        packed = [total.float(), thr.float()]
-        if self.policy.unitwise and grads:
+        packed = [total.float()]
+        unitwise = self.policy.unitwise and bool(grads)
+        if unitwise:
             self.policy.clip_unitwise_(self.params, self.names)
             packed.append(grad_norms(grads, s.norm_type, reducer=self.reducer).total.float())
-        self.policy.observe(total, thr)
-        grew_t = self.growth.update(total) if s.growth_patience > 0 else None
-        if grew_t is not None:
-            packed.append(grew_t.float())
         loss_t: Tensor | None = None
         if isinstance(loss, Tensor):
             loss_t = loss.detach().reshape(()).to(device=total.device, dtype=torch.float32)
@@ -335,17 +331,19 @@ class GuardCore:
             pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
                             device=total.device).total
             packed.append(pn.float())
-        host = to_host(torch.stack(packed))
+        host = to_host(torch.stack(packed))  # the one host synchronisation of the step
 
         it = iter(host)
         norm = next(it)
-        threshold = next(it)
-        clipped_norm = next(it) if (self.policy.unitwise and grads) else norm
-        grew = bool(next(it)) if grew_t is not None else False
+        clipped_norm = next(it) if unitwise else norm
         loss_v: float | None = (
             next(it) if loss_t is not None else (None if loss is None else float(loss))
         )
         params_finite = math.isfinite(next(it)) if take_snapshot else True
+        # statistics on host floats, from the history before this step
+        threshold = self.policy.threshold_value()
+        self.policy.observe_value(norm, threshold)
+        grew = self.growth.update(norm) if s.growth_patience > 0 else False
         finite = math.isfinite(norm) and (loss_v is None or math.isfinite(loss_v))
 
         if not finite:

@@ -15,9 +15,21 @@ detected without a second pass. (A finite gradient whose norm overflows the accu
 also gives ``inf``: such a step cannot be clipped meaningfully either and is reported as
 non-finite.)
 
-Sharded gradients (FSDP, tensor parallel) pass a ``reducer`` that all-reduces the partial
-statistic: the local sum of :math:`\|g_i\|_p^p` with ``op="sum"``, or the local maximum with
-``op="max"`` for :math:`p=\infty`.
+Sharded gradients:
+
+* ``DTensor`` gradients (FSDP2 ``fully_shard``, tensor parallel) are handled natively: the
+  norms are computed on the local shards and the partial statistic (the local sum of
+  :math:`\|g_i\|_p^p`, or the local maximum for :math:`p=\infty`) is all-reduced over the
+  process groups of the mesh dimensions each gradient is sharded on (one small all-reduce
+  per such process group, whatever the number of gradients). The total is then the norm of
+  the full, unsharded gradients, identical on every rank; :func:`grad_norms` must therefore
+  be called on every rank of the mesh. ``Partial`` placements are made ``Replicate`` first.
+* Plain tensors that are shards (FSDP1's flat shards, ZeRO) pass a ``reducer`` that
+  all-reduces the partial statistic: the local sum of :math:`\|g_i\|_p^p` with
+  ``op="sum"``, or the local maximum with ``op="max"`` for :math:`p=\infty`. It is applied
+  last, to the whole statistic (after the ``DTensor`` reduction, if any).
+
+Per-tensor norms are always those of the local shards.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -116,6 +128,98 @@ def _dense(t: Tensor) -> Tensor:
     return t
 
 
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or ``None`` where torch lacks it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def _localize(grads: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, ...]] | None]:
+    """Local tensors of ``grads`` and, when some are ``DTensor`` s, the process groups to
+    reduce each one's partial statistic over (``()`` for plain and replicated tensors)."""
+    if all(type(g) is Tensor for g in grads):  # the common case: no import, no isinstance
+        return list(grads), None
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
+        return list(grads), None
+    from torch.distributed.tensor import Replicate
+
+    local: list[Tensor] = []
+    groups: list[tuple[Any, ...]] = []
+    for g in grads:
+        if not isinstance(g, dtensor):
+            local.append(g)
+            groups.append(())
+            continue
+        placements = tuple(g.placements)
+        if any(pl.is_partial() for pl in placements):
+            # pending reduction: the local values are summands, not a shard
+            placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+            g = g.redistribute(g.device_mesh, placements)
+        mesh = g.device_mesh
+        local.append(g._local_tensor)
+        groups.append(tuple(mesh.get_group(d) for d, pl in enumerate(placements)
+                            if pl.is_shard()))
+    return local, groups
+
+
+def _reduce_over_groups(values: Tensor, groups: list[tuple[Any, ...]],
+                        op: Literal["sum", "max"]) -> Tensor:
+    """Reduce ``values[j]`` over every process group in ``groups[j]``.
+
+    One all-reduce per distinct process group (in first-seen order, which is the same on
+    every rank), carrying the entries of every statistic that needs it.
+    """
+    import torch.distributed as dist
+
+    order: list[Any] = []
+    for gs in groups:
+        order.extend(g for g in gs if not any(g is o for o in order))
+    if not order:
+        return values
+    values = values.clone()
+    if op == "max":
+        # NaN is not ordered: a MAX all-reduce may drop it. Inf is, and stays non-finite.
+        values = torch.where(torch.isnan(values), torch.full_like(values, math.inf), values)
+    reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+    for pg in order:
+        idx = [j for j, gs in enumerate(groups) if any(g is pg for g in gs)]
+        index = torch.tensor(idx, device=values.device)
+        sub = values.index_select(0, index)
+        dist.all_reduce(sub, op=reduce_op, group=pg)
+        values = values.index_copy(0, index, sub)
+    return values
+
+
+def _partial_statistic(per: Tensor, p: float, groups: list[tuple[Any, ...]]) -> Tensor:
+    """Sum of ``per ** p`` (max for p = inf) with the ``DTensor`` shards' parts reduced."""
+    keys: list[tuple[Any, ...]] = []
+    member: list[int] = []
+    for gs in groups:
+        j = next((k for k, key in enumerate(keys)
+                  if len(key) == len(gs) and all(a is b for a, b in zip(key, gs))), None)
+        if j is None:
+            keys.append(gs)
+            j = len(keys) - 1
+        member.append(j)
+    index = torch.tensor(member, device=per.device)
+    if math.isinf(p):
+        parts = torch.full((len(keys),), -math.inf, dtype=per.dtype, device=per.device)
+        parts = parts.scatter_reduce(0, index, per, reduce="amax")
+        # torch's amax propagates NaN; a NaN shard must make its group non-finite
+        bad = torch.zeros(len(keys), dtype=per.dtype, device=per.device)
+        bad = bad.index_add(0, index, torch.isnan(per).to(per.dtype))
+        parts = torch.where(bad > 0, torch.full_like(parts, math.nan), parts)
+        parts = _reduce_over_groups(parts, keys, "max")
+        return parts.max()
+    parts = torch.zeros(len(keys), dtype=per.dtype, device=per.device)
+    parts = parts.index_add(0, index, per.pow(p))
+    return _reduce_over_groups(parts, keys, "sum").sum()
+
+
 def grad_norms(
     grads: Sequence[Tensor],
     norm_type: float = 2.0,
@@ -128,7 +232,8 @@ def grad_norms(
 
     Args:
         grads: The gradient tensors (e.g. from :func:`collect_grads`). May be empty, mix
-            devices and dtypes (fp32/bf16/fp16/fp64), and contain sparse COO tensors.
+            devices and dtypes (fp32/bf16/fp16/fp64), and contain sparse COO tensors and
+            ``DTensor`` s (norm of the full tensors; a collective: call on every rank).
         norm_type: :math:`p > 0`, or ``float("inf")``.
         per_tensor: Also return the per-tensor norms (free: they are computed anyway).
         reducer: Optional all-reduce of the partial statistic for sharded gradients.
@@ -160,7 +265,8 @@ def grad_norms(
         empty = torch.zeros(0, dtype=torch.float32, device=dev) if per_tensor else None
         return GradNorms(total=zero, per_tensor=empty, norm_type=p)
 
-    dense = [_dense(g) for g in grads]
+    local, shard_groups = _localize(grads)
+    dense = [_dense(g) for g in local]
     out_device = dense[0].device
     groups = group_by_device_and_dtype(dense)
     out_dtype = torch.float32
@@ -185,7 +291,13 @@ def grad_norms(
         inverse[torch.tensor(order)] = torch.arange(len(order))
         per = torch.cat(chunks).index_select(0, inverse.to(out_device))
 
-    if math.isinf(p):
+    if shard_groups is not None:
+        partial = _partial_statistic(per, p, shard_groups)
+        if math.isinf(p):
+            total = partial if reducer is None else reducer(partial, "max")
+        else:
+            total = (partial if reducer is None else reducer(partial, "sum")).pow(1.0 / p)
+    elif math.isinf(p):
         total = per.max()
         if reducer is not None:
             total = reducer(total, "max")

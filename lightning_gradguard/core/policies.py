@@ -1,13 +1,14 @@
 r"""Clipping-threshold policies: one small class each, one interface.
 
 Every policy is :class:`~lightning_gradguard.core._stateful.Stateful` and answers two calls
-per optimizer step, both on device tensors (no host synchronisation):
+per optimizer step, on host floats (the guard has read the step's norm back once already, to
+decide; a handful of float operations then cost far less than ~60 tiny device kernels):
 
-1. :meth:`ClipPolicy.threshold` — the threshold :math:`\tau_t` for this step, computed from
-   the history *before* the step (so a spike can never raise the threshold it is judged by);
-   ``inf`` means "no global clip".
-2. :meth:`ClipPolicy.observe` — feed the step's total norm. Non-finite norms never enter the
-   history; spikes enter in bounded form.
+1. :meth:`ClipPolicy.threshold_value` — the threshold :math:`\tau_t` for this step, computed
+   from the history *before* the step (so a spike can never raise the threshold it is judged
+   by); ``inf`` means "no global clip".
+2. :meth:`ClipPolicy.observe_value` — feed the step's total norm. Non-finite norms never
+   enter the history; spikes enter in bounded form.
 
 =========================  =========================================================
 policy                     threshold :math:`\tau_t`
@@ -25,9 +26,11 @@ policy                     threshold :math:`\tau_t`
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,19 +58,29 @@ _MIN_REL_STD = 0.01
 class ClipPolicy(Stateful):
     """Base class of the threshold policies.
 
-    Subclasses implement :meth:`threshold` and :meth:`observe`; unit-wise policies also
-    override :meth:`clip_unitwise_`.
+    Subclasses implement :meth:`threshold_value` and, if they learn from the history,
+    :meth:`observe_value`; both work on host floats (the guard has read the step's norm to
+    the host once anyway). :meth:`threshold` / :meth:`observe` are tensor conveniences for
+    direct use. Unit-wise policies also override :meth:`clip_unitwise_`.
     """
 
     #: Whether this policy clips per unit (then :meth:`clip_unitwise_` is called each step).
     unitwise: bool = False
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
-        """Threshold for the coming step as a 0-dim float32 tensor (``inf``: no clip)."""
+    def threshold_value(self) -> float:
+        """Threshold for the coming step (``inf``: no clip), from the history so far."""
         raise NotImplementedError
 
-    def observe(self, norm: Tensor, threshold: Tensor) -> None:
+    def observe_value(self, norm: float, threshold: float) -> None:
         """Feed the step's total norm (pre-clip) and the threshold it was judged by."""
+
+    def threshold(self, device: torch.device | None = None) -> Tensor:
+        """:meth:`threshold_value` as a 0-dim float32 tensor on ``device``."""
+        return torch.tensor(self.threshold_value(), dtype=torch.float32, device=device)
+
+    def observe(self, norm: float | Tensor, threshold: float | Tensor) -> None:
+        """:meth:`observe_value` for tensors or floats (tensors are read to the host)."""
+        self.observe_value(float(norm), float(threshold))
 
     def clip_unitwise_(
         self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None
@@ -77,7 +90,7 @@ class ClipPolicy(Stateful):
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_")
-                         and not isinstance(v, (Tensor, Stateful)))
+                         and not isinstance(v, (Tensor, Stateful)) and k not in self._defaults)
         return f"{type(self).__name__}({args})"
 
 
@@ -96,9 +109,9 @@ class FixedNormClip(ClipPolicy):
         super().__init__()
         self.max_norm = check_number("max_norm", max_norm, low=0.0, low_inclusive=False)
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
+    def threshold_value(self) -> float:
         """Return ``max_norm``."""
-        return torch.tensor(self.max_norm, dtype=torch.float32, device=device)
+        return self.max_norm
 
 
 class NoClip(ClipPolicy):
@@ -109,9 +122,9 @@ class NoClip(ClipPolicy):
         tensor(inf)
     """
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
+    def threshold_value(self) -> float:
         """Return ``inf``."""
-        return torch.tensor(_INF, dtype=torch.float32, device=device)
+        return _INF
 
 
 class ZScoreClip(ClipPolicy):
@@ -135,15 +148,15 @@ class ZScoreClip(ClipPolicy):
 
     Example:
         >>> clip = ZScoreClip(z_threshold=3.0, warmup_steps=2)
-        >>> clip.threshold()  # nothing seen yet
-        tensor(inf)
+        >>> clip.threshold_value()  # nothing seen yet
+        inf
         >>> for x in [1.0, 1.2, 0.8, 1.0]:
-        ...     clip.observe(torch.tensor(x), clip.threshold())
-        >>> round(clip.threshold().item(), 3)
+        ...     clip.observe_value(x, clip.threshold_value())
+        >>> round(clip.threshold_value(), 3)
         1.424
     """
 
-    prev_spike: Tensor
+    prev_spike: bool
 
     def __init__(
         self,
@@ -161,26 +174,25 @@ class ZScoreClip(ClipPolicy):
         self.warmup_factor = check_number("warmup_factor", warmup_factor, low=1.0)
         self._stats = RobustNormStats(ema_decay=self.ema_decay)
         self._add_child("stats", self._stats)
-        self._add_state("prev_spike", torch.tensor(False))
+        self._add_state("prev_spike", False)
 
     @property
     def stats(self) -> RobustNormStats:
         """The underlying running statistics."""
         return self._stats
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
+    def threshold_value(self) -> float:
         """:math:`\\mu + z\\sigma` (warmup: at least ``warmup_factor`` × mean; none: inf)."""
         s = self._stats
-        if device is not None:
-            s.to(device)
-        std = torch.maximum(s.std, _MIN_REL_STD * s.mean)
-        z_thr = s.mean + self.z_threshold * std
-        warm_thr = torch.maximum(z_thr, self.warmup_factor * s.mean)
-        thr = torch.where(s.count >= self.warmup_steps, z_thr, warm_thr)
-        thr = torch.where((s.count > 0) & (s.mean > 0), thr, torch.full_like(thr, _INF))
-        return thr.float()
+        if s.count == 0 or s.mean <= 0.0:
+            return _INF
+        std = max(s.std, _MIN_REL_STD * s.mean)
+        thr = s.mean + self.z_threshold * std
+        if s.count < self.warmup_steps:
+            thr = max(thr, self.warmup_factor * s.mean)
+        return thr
 
-    def observe(self, norm: Tensor, threshold: Tensor) -> None:
+    def observe_value(self, norm: float, threshold: float) -> None:
         """Update the EMA: an isolated spike is left out, a repeated one enters clamped.
 
         A norm above ``threshold`` right after a normal step is an isolated outlier and does
@@ -188,22 +200,21 @@ class ZScoreClip(ClipPolicy):
         scale) enters clamped to ``threshold``, so the statistics can follow a new regime
         without ever being dragged by the size of a spike. Non-finite norms never enter.
         """
-        self.to(norm.device)
-        finite = torch.isfinite(norm) & (norm > 0)  # all-zero gradients carry no scale
-        spike = finite & torch.isfinite(threshold) & (norm > threshold)
-        enter = ~spike | self.prev_spike
-        self.prev_spike = torch.where(finite, spike, self.prev_spike)
-        x = torch.where(enter, norm.detach().float(), torch.full_like(norm, math.nan).float())
-        self._stats.update(x, bound=threshold)
-
+        if not (math.isfinite(norm) and norm > 0.0):  # all-zero gradients carry no scale
+            return
+        spike = math.isfinite(threshold) and norm > threshold
+        enter = not spike or self.prev_spike
+        self.prev_spike = spike
+        if enter:
+            self._stats.update(norm, bound=threshold)
 
 
 class PercentileClip(ClipPolicy):
     """The ``percentile``-th percentile of the last ``history_size`` finite norms (AutoClip).
 
-    The history is a fixed-size ring buffer tensor, so memory is bounded whatever the run
-    length. Non-finite norms never enter it. The threshold is ``inf`` until ``min_history``
-    norms have been seen.
+    The history is a fixed-size ring buffer (plus a sorted copy for an O(log n) percentile),
+    so memory is bounded whatever the run length. Non-finite norms never enter it. The
+    threshold is ``inf`` until ``min_history`` norms have been seen.
 
     Args:
         percentile: In ``(0, 100]``; AutoClip's paper recommends 10.
@@ -213,14 +224,14 @@ class PercentileClip(ClipPolicy):
     Example:
         >>> clip = PercentileClip(percentile=50, history_size=4, min_history=1)
         >>> for x in [1.0, 2.0, 3.0, float("nan"), 4.0, 5.0]:
-        ...     clip.observe(torch.tensor(x), clip.threshold())
-        >>> clip.threshold()
-        tensor(3.5000)
+        ...     clip.observe_value(x, clip.threshold_value())
+        >>> clip.threshold_value()
+        3.5
     """
 
-    history: Tensor
-    cursor: Tensor
-    count: Tensor
+    ring: list[float]
+    cursor: int
+    count: int
 
     def __init__(self, percentile: float = 10.0, history_size: int = 1000,
                  min_history: int = 1) -> None:
@@ -229,30 +240,51 @@ class PercentileClip(ClipPolicy):
                                        low_inclusive=False)
         self.history_size = check_int("history_size", history_size, low=1)
         self.min_history = check_int("min_history", min_history, low=1, high=history_size)
-        self._add_state("history", torch.full((history_size,), math.nan, dtype=torch.float32))
-        self._add_state("cursor", torch.tensor(0, dtype=torch.long))
-        self._add_state("count", torch.tensor(0, dtype=torch.long))
+        self._add_state("ring", [math.nan] * history_size)
+        self._add_state("cursor", 0)
+        self._add_state("count", 0)
+        self._sorted: list[float] = []
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
+    @property
+    def history(self) -> Tensor:
+        """The ring buffer as a tensor (NaN where empty), in slot order."""
+        return torch.tensor(self.ring, dtype=torch.float32)
+
+    def _resort(self) -> None:
+        self._sorted = sorted(v for v in self.ring if math.isfinite(v))
+
+    def reset(self) -> None:
+        """Forget the history."""
+        super().reset()
+        self._sorted = []
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        super().load_state_dict(state_dict)
+        self._resort()
+
+    def threshold_value(self) -> float:
         """Percentile of the history (``inf`` until ``min_history`` norms were seen)."""
-        if device is not None:
-            self.to(device)
-        q = torch.nanquantile(self.history, self.percentile / 100.0)
-        ready = (self.count >= self.min_history) & torch.isfinite(q)
-        return torch.where(ready, q, torch.full_like(q, _INF))
+        data = self._sorted
+        if self.count < self.min_history or not data:
+            return _INF
+        pos = self.percentile / 100.0 * (len(data) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(data) - 1)
+        return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
-    def observe(self, norm: Tensor, threshold: Tensor) -> None:
-        """Append a finite norm to the ring buffer (a quantile needs no clamping)."""
-        self.to(norm.device)
-        x = norm.detach().to(torch.float32)
-        finite = torch.isfinite(x)
+    def observe_value(self, norm: float, threshold: float) -> None:
+        """Append a finite norm to the ring buffer (a percentile needs no clamping)."""
+        if not math.isfinite(norm):
+            return
         slot = self.cursor % self.history_size
-        current = self.history[slot]
-        self.history = self.history.index_put((slot.reshape(1),),
-                                              torch.where(finite, x, current).reshape(1))
-        step = finite.to(torch.long)
-        self.cursor = self.cursor + step
-        self.count = torch.clamp_max(self.count + step, self.history_size)
+        old = self.ring[slot]
+        if math.isfinite(old):
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        bisect.insort(self._sorted, norm)
+        self.ring[slot] = norm
+        self.cursor += 1
+        self.count = min(self.count + 1, self.history_size)
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
@@ -314,9 +346,9 @@ class AdaptiveGradClip(ClipPolicy):
             raise TypeError(f"`exclude` must be a sequence of glob strings, got {exclude!r}")
         self.exclude = tuple(exclude)
 
-    def threshold(self, device: torch.device | None = None) -> Tensor:
+    def threshold_value(self) -> float:
         """No global threshold: ``inf``."""
-        return torch.tensor(_INF, dtype=torch.float32, device=device)
+        return _INF
 
     def _excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
