@@ -118,6 +118,8 @@ class Stateful:
             if isinstance(default, torch.Tensor):
                 tensor = torch.as_tensor(value).to(dtype=default.dtype)
                 setattr(self, name, tensor.to(device) if device is not None else tensor.clone())
+            elif isinstance(default, (bool, int, float)) and isinstance(value, torch.Tensor):
+                setattr(self, name, type(default)(value.item()))  # a tensor-era checkpoint
             else:
                 setattr(self, name, copy.deepcopy(value))
         for name, child in self._children.items():

@@ -16,20 +16,32 @@ NAN = float("nan")
 INF = float("inf")
 
 
-def _fires(d: GrowthDetector, xs: list[float]) -> list[int]:
+def _fires(d: GrowthDetector, xs: list[float], *, as_tensor: bool = True) -> list[int]:
+    """Indices at which ``d`` fired; feeds 0-dim float32 tensors or Python floats."""
     out = []
     for i, x in enumerate(xs):
-        fired = d.update(torch.tensor(x))
-        assert fired.dtype == torch.bool
-        assert fired.shape == ()
-        if bool(fired):
+        fired = d.update(torch.tensor(x) if as_tensor else x)
+        assert type(fired) is bool
+        if fired:
             out.append(i)
+    assert type(d.streak) is int
+    assert type(d.prev) is float
     return out
 
 
-def test_docstring_sequence() -> None:
+def _same(a: object, b: object) -> bool:
+    """Same type and value, NaN equal to NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_docstring_sequence(as_tensor: bool) -> None:
     d = GrowthDetector(patience=3, min_rise=0.1)
-    assert _fires(d, [1.0, 1.5, 2.3, 3.5, 5.0]) == [3]
+    assert _fires(d, [1.0, 1.5, 2.3, 3.5, 5.0], as_tensor=as_tensor) == [3]
 
 
 @pytest.mark.parametrize("patience", [1, 3, 5])
@@ -57,19 +69,19 @@ def test_nonfinite_neither_extends_nor_breaks_a_streak() -> None:
     d = GrowthDetector(patience=4, min_rise=0.05)
     xs = [1.0, 2.0, NAN, 4.0, INF, -INF, 8.0, NAN, 16.0]
     assert _fires(d, xs) == [8]
-    assert int(d.streak) == 0
+    assert d.streak == 0
     # same fire pattern as the finite subsequence
     clean = GrowthDetector(patience=4, min_rise=0.05)
     assert _fires(clean, [1.0, 2.0, 4.0, 8.0, 16.0]) == [4]
     # a non-finite value does not break: streak preserved across it
     d2 = GrowthDetector(patience=5)
     _fires(d2, [1.0, 2.0, 4.0])
-    assert int(d2.streak) == 2
+    assert d2.streak == 2
     _fires(d2, [NAN, INF])
-    assert int(d2.streak) == 2
-    assert float(d2.prev) == 4.0  # compared with the last finite value
+    assert d2.streak == 2
+    assert d2.prev == 4.0  # compared with the last finite value
     _fires(d2, [3.0])
-    assert int(d2.streak) == 0
+    assert d2.streak == 0
 
 
 def test_iid_stable_noise_rarely_fires() -> None:
@@ -101,9 +113,15 @@ def test_geometric_growth_with_noise_fires() -> None:
 
 def test_huge_values_do_not_raise() -> None:
     d = GrowthDetector(patience=2, min_rise=0.05)
-    # (1 + rho) * 3.3e38 overflows to inf: a further rise cannot be seen, nothing raises
+    # near the float32 maximum (the state is a float64 host number: 1e38 -> 3.3e38 is a
+    # rise, 3.4e38 < 1.05 * 3.3e38 is not); nothing raises
     assert _fires(d, [1e38, 3.3e38, 3.4e38]) == []
-    assert math.isfinite(float(d.prev))
+    assert math.isfinite(d.prev)
+    # near the float64 maximum (1 + rho) * 1.75e308 overflows to inf: a further rise cannot
+    # be seen, nothing raises
+    d64 = GrowthDetector(patience=2, min_rise=0.05)
+    assert _fires(d64, [1e308, 1.75e308, 1.79e308], as_tensor=False) == []
+    assert d64.prev == 1.79e308
 
 
 @HYP
@@ -112,14 +130,18 @@ def test_huge_values_do_not_raise() -> None:
     st.floats(min_value=0.0, max_value=1e30, allow_nan=False)), max_size=60),
     patience=st.integers(1, 6))
 def test_property_never_raises_and_state_valid(xs: list[float], patience: int) -> None:
-    d = GrowthDetector(patience=patience, min_rise=0.05)
-    _fires(d, xs)
-    assert 0 <= int(d.streak) < patience
     finite = [x for x in xs if math.isfinite(x)]
-    if finite:
-        assert float(d.prev) == float(torch.tensor(finite[-1], dtype=torch.float32))
-    else:
-        assert math.isnan(float(d.prev))  # "nothing seen yet" sentinel
+    for as_tensor in (True, False):
+        d = GrowthDetector(patience=patience, min_rise=0.05)
+        _fires(d, xs, as_tensor=as_tensor)
+        assert 0 <= d.streak < patience
+        if finite:
+            # a float32 tensor is read as its float32 value, a Python float kept exactly
+            last = float(torch.tensor(finite[-1], dtype=torch.float32)) if as_tensor \
+                else finite[-1]
+            assert d.prev == last
+        else:
+            assert math.isnan(d.prev)  # "nothing seen yet" sentinel
 
 
 @pytest.mark.parametrize("through_disk", [False, True])
@@ -134,18 +156,24 @@ def test_state_dict_round_trip(through_disk: bool) -> None:
         torch.save(sd, buf)
         buf.seek(0)
         sd = torch.load(buf, weights_only=True)
+    assert set(sd) == {"prev", "streak"}
+    assert type(sd["prev"]) is float
+    assert type(sd["streak"]) is int
     b = GrowthDetector(patience=4)
     b.load_state_dict(sd)
+    assert _same(a.streak, b.streak)
+    assert _same(a.prev, b.prev)
     assert _fires(a, ys) == _fires(b, ys)
-    assert torch.equal(a.streak, b.streak)
-    assert torch.equal(a.prev, b.prev)
+    assert _same(a.streak, b.streak)
+    assert _same(a.prev, b.prev)
 
 
 def test_reset() -> None:
     d = GrowthDetector(patience=3)
     _fires(d, [1.0, 2.0, 4.0])
-    assert int(d.streak) == 2
+    assert d.streak == 2
     d.reset()
-    assert int(d.streak) == 0
-    assert math.isnan(float(d.prev))
+    assert _same(d.streak, 0)
+    assert type(d.prev) is float
+    assert math.isnan(d.prev)
     assert _fires(d, [8.0, 16.0, 32.0, 64.0]) == [3]

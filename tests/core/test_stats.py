@@ -29,10 +29,31 @@ all_values = st.one_of(st.sampled_from(SPECIAL_SAFE + HUGE), safe_values)
 def _feed(s: RobustNormStats, xs: list[float], bound: float | None = None) -> None:
     for x in xs:
         s.update(torch.tensor(x), None if bound is None else torch.tensor(bound))
+    _check_types(s)
+
+
+def _check_types(s: RobustNormStats) -> None:
+    """The state is host numbers: ``count`` an int, ``mean`` / ``var`` / ``std`` floats."""
+    assert type(s.count) is int
+    assert type(s.mean) is float
+    assert type(s.var) is float
+    assert type(s.std) is float
+
+
+def _same(a: object, b: object) -> bool:
+    """Same type and value (NaN equal to NaN); recursive over dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
 
 
 def test_initial_state() -> None:
     s = RobustNormStats()
+    _check_types(s)
     assert int(s.count) == 0
     assert float(s.mean) == 0.0
     assert float(s.var) == 0.0
@@ -87,7 +108,9 @@ def test_nonfinite_observations_leave_state_bit_identical() -> None:
     _feed(a, xs)
     _feed(b, [1.0, NAN, 2.0, INF, -INF, 4.0, NAN])
     for k in ("count", "mean", "var"):
-        assert torch.equal(getattr(a, k), getattr(b, k)), k
+        assert _same(getattr(a, k), getattr(b, k)), k
+    assert a.state_dict() == b.state_dict()
+    assert _same(a.state_dict(), b.state_dict())
 
 
 def test_bound_clamps_entry() -> None:
@@ -97,8 +120,9 @@ def test_bound_clamps_entry() -> None:
     assert math.isclose(float(s.mean), 8.0 / 3.0, rel_tol=1e-6)
     ref = RobustNormStats(ema_decay=0.9)
     _feed(ref, [1.0, 3.0, 4.0])
-    assert torch.equal(ref.mean, s.mean)
-    assert torch.equal(ref.var, s.var)
+    assert _same(ref.mean, s.mean)
+    assert _same(ref.var, s.var)
+    assert _same(ref.count, s.count)
 
 
 def test_bound_above_value_and_nonfinite_bound_mean_no_bound() -> None:
@@ -108,8 +132,15 @@ def test_bound_above_value_and_nonfinite_bound_mean_no_bound() -> None:
         s = RobustNormStats()
         _feed(s, [1.0, 2.0])
         s.update(torch.tensor(7.0), bound=torch.tensor(bound))
-        assert torch.equal(s.mean, ref.mean), bound
-        assert torch.equal(s.var, ref.var), bound
+        assert _same(s.mean, ref.mean), bound
+        assert _same(s.var, ref.var), bound
+        assert _same(s.count, ref.count), bound
+        # the same with host floats
+        h = RobustNormStats()
+        for x in (1.0, 2.0):
+            h.update(x)
+        h.update(7.0, bound=bound)
+        assert h.state_dict() == ref.state_dict(), bound
 
 
 def test_nonfinite_value_with_bound_is_still_ignored() -> None:
@@ -119,9 +150,10 @@ def test_nonfinite_value_with_bound_is_still_ignored() -> None:
     before = s.state_dict()
     for bad in (NAN, INF):
         s.update(torch.tensor(bad), bound=torch.tensor(3.0))
+        s.update(bad, bound=3.0)
     after = s.state_dict()
-    for k in before:
-        assert torch.equal(before[k], after[k])
+    assert before == after
+    assert _same(before, after)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -141,14 +173,19 @@ def test_state_dict_round_trip_identical_behaviour() -> None:
     _feed(a, xs)
     sd = a.state_dict()
     assert set(sd) == {"count", "mean", "var"}
+    assert type(sd["count"]) is int
+    assert type(sd["mean"]) is float
+    assert type(sd["var"]) is float
     b = RobustNormStats(ema_decay=0.9)
     b.load_state_dict(sd)
+    _check_types(b)
+    assert _same(a.state_dict(), b.state_dict())
     for y in ys:
         a.update(torch.tensor(y), bound=torch.tensor(5.0))
         b.update(torch.tensor(y), bound=torch.tensor(5.0))
-        assert torch.equal(a.mean, b.mean)
-        assert torch.equal(a.var, b.var)
-        assert torch.equal(a.count, b.count)
+        assert _same(a.mean, b.mean)
+        assert _same(a.var, b.var)
+        assert _same(a.count, b.count)
 
 
 def test_state_dict_is_a_copy_and_survives_torch_save_weights_only() -> None:
@@ -178,17 +215,20 @@ def test_reset_restores_defaults() -> None:
     s.reset()
     fresh = RobustNormStats()
     for k in ("count", "mean", "var"):
-        assert torch.equal(getattr(s, k), getattr(fresh, k))
-        assert getattr(s, k).dtype == getattr(fresh, k).dtype
+        assert _same(getattr(s, k), getattr(fresh, k)), k
+        assert type(getattr(s, k)) is type(getattr(fresh, k)), k
+    assert s.state_dict() == {"count": 0, "mean": 0.0, "var": 0.0}
     # and behaves like a fresh one afterwards
     _feed(s, [4.0, 6.0])
     _feed(fresh, [4.0, 6.0])
-    assert torch.equal(s.mean, fresh.mean)
-    assert torch.equal(s.var, fresh.var)
+    assert _same(s.mean, fresh.mean)
+    assert _same(s.var, fresh.var)
+    assert _same(s.count, fresh.count)
 
 
 def _check_finite_state(s: RobustNormStats, xs: list[float]) -> None:
     n_finite = sum(math.isfinite(x) for x in xs)
+    _check_types(s)
     assert int(s.count) == n_finite
     assert math.isfinite(float(s.mean))
     assert math.isfinite(float(s.var))
