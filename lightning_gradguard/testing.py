@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +70,19 @@ class Fault:
         check_choice("kind", self.kind, _KINDS)
         check_choice("target", self.target, _TARGETS)
         check_number("factor", self.factor)
+        if not isinstance(self.params, str):
+            raise TypeError(f"`params` must be a glob pattern (str), got {self.params!r}")
+        if self.ranks is not None:
+            msg = ("`ranks` must be None or a sequence of global ranks (ints >= 0), "
+                   f"got {self.ranks!r}")
+            if isinstance(self.ranks, (str, bytes)) or not isinstance(self.ranks, Iterable):
+                raise TypeError(msg)
+            ranks = tuple(self.ranks)
+            if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+                raise TypeError(msg)
+            if any(r < 0 for r in ranks):
+                raise ValueError(msg)
+            object.__setattr__(self, "ranks", ranks)  # a list would make the Fault unhashable
 
     def applies(self, trainer: pl.Trainer, target: str) -> bool:
         """Whether this fault fires now for ``target``."""
@@ -80,8 +94,9 @@ class Fault:
         with torch.no_grad():
             if self.kind == "scale":
                 t.mul_(self.factor)
-            else:
-                t.view(-1)[0] = float("nan") if self.kind == "nan" else float("inf")
+            elif t.numel():
+                # index, not ``view(-1)``: gradients/parameters may be non-contiguous
+                t[(0,) * t.dim()] = float("nan") if self.kind == "nan" else float("inf")
 
 
 class FaultInjector(Callback):
@@ -95,11 +110,14 @@ class FaultInjector(Callback):
     """
 
     def __init__(self, faults: Sequence[Fault]) -> None:
-        if not all(isinstance(f, Fault) for f in faults):
+        if (isinstance(faults, (Fault, str, bytes)) or not isinstance(faults, Iterable)
+                or not all(isinstance(f, Fault) for f in faults)):
             raise TypeError(f"`faults` must be a sequence of Fault, got {faults!r}")
         self.faults = list(faults)
         self.injected: list[tuple[int, str, str]] = []
         self._done: set[tuple[int, int]] = set()
+        # (module, the wrapper we installed, the instance attribute it replaced, if any)
+        self._wrapped: tuple[pl.LightningModule, Any, tuple[Any, ...]] | None = None
 
     def _matching(self, pl_module: pl.LightningModule, fault: Fault) -> list[torch.nn.Parameter]:
         return [p for n, p in pl_module.named_parameters()
@@ -116,22 +134,57 @@ class FaultInjector(Callback):
         return out
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Wrap ``training_step`` for loss faults."""
+        """Wrap ``training_step`` for loss faults (undone when the fit ends)."""
+        self._unwrap()
         if not any(f.target == "loss" for f in self.faults):
             return
         original = pl_module.training_step
-        if getattr(original, "_gradguard_wrapped", False):
-            return
+        missing = object()
+        previous = vars(pl_module).get("training_step", missing)
+        active = [True]
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
+            if not active[0]:  # left behind under another wrapper: transparent
+                return out
             for f in self._fire(trainer, "loss"):
-                out = _corrupt_loss(out, f)
+                corrupted = _corrupt_loss(out, f)
+                if corrupted is out:
+                    self.injected.pop()
+                    warnings.warn(
+                        f"FaultInjector: cannot inject {f!r}: training_step returned "
+                        f"{type(out).__name__}, not a loss tensor or a dict with 'loss' (under "
+                        "manual optimization use target='grad')", stacklevel=2)
+                out = corrupted
             return out
 
         training_step._gradguard_wrapped = True  # type: ignore[attr-defined]
+        training_step._gradguard_active = active  # type: ignore[attr-defined]
         pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._wrapped = (pl_module, training_step, () if previous is missing else (previous,))
+
+    def _unwrap(self) -> None:
+        """Remove the ``training_step`` wrapper, so later fits of the module see no faults."""
+        if self._wrapped is None:
+            return
+        module, wrapper, previous = self._wrapped
+        self._wrapped = None
+        wrapper._gradguard_active[0] = False
+        if vars(module).get("training_step") is wrapper:  # else another wrapper is on top
+            if previous:
+                module.training_step = previous[0]  # type: ignore[method-assign]
+            else:
+                del module.training_step
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Undo the ``training_step`` wrapper."""
+        self._unwrap()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        """Undo the ``training_step`` wrapper (the fit failed)."""
+        self._unwrap()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Inject gradient faults."""

@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.core._validation import check_choice
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
@@ -68,6 +69,14 @@ _COUNTER_TAGS = (
 
 class GradGuardHalt(RuntimeError):
     """Raised by ``GradGuard(on_halt="raise")`` when training cannot recover."""
+
+
+def _overrides_clipping(pl_module: Any) -> bool:
+    """Whether the module's class (not Lightning's) defines ``configure_gradient_clipping``."""
+    for cls in type(pl_module).__mro__:
+        if "configure_gradient_clipping" in vars(cls):
+            return not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
+    return False
 
 
 def _raw(optimizer: Any) -> Optimizer:
@@ -98,6 +107,10 @@ class GradGuardLogic:
         snapshot_every: Steps between snapshots.
         rollback_after: Consecutive non-finite steps that trigger a rollback.
         halt_after: Consecutive non-finite steps that halt training (0: never).
+        max_update_ratio: With ``torch.optim.SGD``: largest relative weight change
+            ``lr * ||g|| / ||w||`` of one update (the gradient is clipped to it; far over it
+            counts toward a backoff); protects the first steps from a far too high learning
+            rate. ``None`` disables it. Other optimizers are not affected.
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
             (:class:`GradGuardHalt`).
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's
@@ -131,6 +144,7 @@ class GradGuardLogic:
         snapshot_every: int = 100,
         rollback_after: int = 3,
         halt_after: int = 25,
+        max_update_ratio: float | None = 0.1,
         on_halt: Literal["stop", "raise"] = "stop",
         checkpoint_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
@@ -142,7 +156,7 @@ class GradGuardLogic:
             spike_patience=spike_patience, spike_window=spike_window,
             growth_patience=growth_patience, growth_min_rise=growth_min_rise,
             rollback=rollback, snapshot_every=snapshot_every, rollback_after=rollback_after,
-            halt_after=halt_after,
+            halt_after=halt_after, max_update_ratio=max_update_ratio,
         )
         self.on_halt = check_choice("on_halt", on_halt, ("stop", "raise"))
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -152,6 +166,7 @@ class GradGuardLogic:
             raise TypeError(f"`name` must be a str or None, got {name!r}")
         self.name = name
         self._cores: dict[int, GuardCore] = {}
+        self._reducers: dict[int, ConsensusReducer | None] = {}
         self._pending_state: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
         self.halt_checkpoint: Path | None = None
@@ -196,6 +211,14 @@ class GradGuardLogic:
                 "so a step cannot be skipped by clearing gradients. Use DeepSpeed's own "
                 "`gradient_clipping` config, or a DDP/FSDP strategy with GradGuard."
             )
+        if _overrides_clipping(pl_module):
+            rank_zero_warn(
+                f"{type(pl_module).__name__} overrides `configure_gradient_clipping`. It still "
+                "runs, after GradGuard, on every step GradGuard does not skip, and sees the "
+                "gradients GradGuard already clipped; on skipped steps the gradients are None. "
+                "If it clips too, the effective threshold is the smaller of the two: remove "
+                "the override's clipping to let GradGuard adapt."
+            )
         if trainer.gradient_clip_val:
             rank_zero_warn(
                 f"GradGuard and Trainer(gradient_clip_val={trainer.gradient_clip_val}) are both "
@@ -209,7 +232,16 @@ class GradGuardLogic:
 
     # ----------------------------------------------------------------- TensorBoard
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the TensorBoard custom-scalars layout (rank 0, TensorBoard only)."""
+        """Warn about optimizers with nothing to guard; write the TensorBoard layout."""
+        for i, opt in enumerate(trainer.optimizers):
+            raw = _raw(opt)
+            groups = getattr(raw, "param_groups", [])
+            if not any(p.requires_grad for g in groups for p in g["params"]):
+                rank_zero_warn(
+                    f"GradGuard: optimizer {i} ({type(raw).__name__}) has no trainable "
+                    "parameters (its param groups are empty or every parameter has "
+                    "requires_grad=False): there is nothing to guard."
+                )
         layout = {
             "gradguard": {
                 "gradient norm": ["Multiline", ["gradguard/grad_norm",
@@ -238,7 +270,10 @@ class GradGuardLogic:
         idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         core = self._cores.get(idx)
         if core is None or core.optimizer is not optimizer:
-            core = GuardCore(pl_module, optimizer, self.settings)
+            # several processes: one decision on all ranks, global norms of sharded grads
+            reducer = make_reducer(trainer)
+            core = GuardCore(pl_module, optimizer, self.settings, reducer=reducer)
+            self._reducers[idx] = reducer
             if idx in self._pending_state:
                 core.load_state_dict(self._pending_state.pop(idx))
             self._cores[idx] = core
@@ -256,17 +291,31 @@ class GradGuardLogic:
             if state["stage"].name == "READY":
                 scaler.unscale_(optimizer)
         others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
-        report = core.step(self._loss, amp_overflow=scaler is not None, snapshot_extra=others,
-                           step=trainer.global_step)
+        consensus = self._reducers.get(idx)
+        loss = self._loss if consensus is None else consensus.arm(self._loss)
+        try:
+            report = core.step(loss, amp_overflow=scaler is not None, snapshot_extra=others,
+                               step=trainer.global_step)
+        finally:
+            if consensus is not None:
+                consensus.disarm()
         self._loss = None
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
         if report.diagnosis is not None and report.step == core.counters.first_nonfinite_step:
             rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
             self._text(trainer, f"**first non-finite step** — {report.diagnosis.message()}")
-        if report.rollback:
-            msg = (f"GradGuard: restored the last good snapshot (step "
-                   f"{core.snapshot.step if core.snapshot else '?'}) after "
+        snap_step = core.snapshot.step if core.snapshot else "?"
+        if not report.params_finite:
+            msg = (f"GradGuard: step {report.step}: the weights are non-finite although the "
+                   "gradients and the loss are finite (e.g. an Inf weight behind a saturating "
+                   "activation); the step was skipped and "
+                   + (f"the last good snapshot (step {snap_step}) restored" if report.rollback
+                      else "no snapshot was available to restore"))
+            rank_zero_warn(msg)
+            self._text(trainer, msg)
+        elif report.rollback:
+            msg = (f"GradGuard: restored the last good snapshot (step {snap_step}) after "
                    f"{core.counters.nonfinite_streak} consecutive non-finite steps")
             rank_zero_warn(msg)
             self._text(trainer, msg)
@@ -288,8 +337,10 @@ class GradGuardLogic:
         return Path(base) / "gradguard_last_good.ckpt"
 
     def _halt(self, trainer: pl.Trainer, pl_module: pl.LightningModule, core: GuardCore) -> None:
+        # the same answer on every rank (what follows saves a checkpoint: a collective)
         params_ok = bool(torch.isfinite(grad_norms(
-            [p.detach() for p in pl_module.parameters()], per_tensor=False).total))
+            [p.detach() for p in pl_module.parameters()], per_tensor=False,
+            reducer=core.reducer).total))
         if not params_ok and core.snapshot is not None and core.snapshot.available:
             others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
             opts = ([core.optimizer] if core.optimizer else []) + others

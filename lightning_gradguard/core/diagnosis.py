@@ -16,7 +16,7 @@ from dataclasses import dataclass
 __all__ = ["Diagnosis", "diagnose"]
 
 _USUAL_CAUSES = (
-    "usual causes: a learning rate that is too high; initialisation that is too large for "
+    "one of the usual ones: a learning rate that is too high; initialisation that is too large for "
     "the depth (use Xavier/He init); a deep plain network without normalisation or skip "
     "connections; an activation with large derivatives; a loss with log(0) or division by "
     "zero; corrupt data (NaN/Inf in the batch)"

@@ -61,6 +61,14 @@ from lightning_gradguard.core.snapshot import Snapshot
 
 __all__ = ["Action", "GuardCore", "GuardSettings", "StepReport"]
 
+_INF = float("inf")
+#: The weight norm for ``max_update_ratio`` is measured on every step up to this one ...
+_TRUST_EVERY_STEP_UNTIL = 16
+#: ... and on every this-many-th step after it.
+_TRUST_EVERY = 8
+#: A plain-SGD update this many times over ``max_update_ratio`` counts toward a backoff.
+_TRUST_BACKOFF = 2.0
+
 
 class Action(str, Enum):
     """What the guard did to the step."""
@@ -91,6 +99,15 @@ class GuardSettings:
         snapshot_every: Steps between snapshots (with ``rollback``).
         rollback_after: Consecutive non-finite steps that trigger a rollback.
         halt_after: Consecutive non-finite steps that halt training (0: never).
+        max_update_ratio: Largest relative weight change one SGD update may make: with a
+            ``torch.optim.SGD`` optimizer the gradient is also clipped so that
+            ``lr * ||g|| <= max_update_ratio * ||w||`` (``lr``: the largest group LR, times
+            the backoff scale; momentum is not counted). This protects the very first steps,
+            before any history exists, from a learning rate that is far too high; a step
+            more than twice over it counts toward an LR backoff like a spike. The weight
+            norm is measured on the first 16 steps and every 8th step after, inside the
+            step's single host read. ``None`` disables it; other optimizers (Adam, RMSprop,
+            ...) normalise their updates and are not affected.
 
     Raises:
         TypeError, ValueError: Naming the argument, what is allowed and what was received.
@@ -117,6 +134,7 @@ class GuardSettings:
     snapshot_every: int = 100
     rollback_after: int = 3
     halt_after: int = 25
+    max_update_ratio: float | None = 0.1
 
     def __post_init__(self) -> None:
         if self.clip is None:
@@ -141,6 +159,9 @@ class GuardSettings:
         check_int("snapshot_every", self.snapshot_every, low=1)
         check_int("rollback_after", self.rollback_after, low=1)
         check_int("halt_after", self.halt_after, low=0)
+        if self.max_update_ratio is not None:
+            check_number("max_update_ratio", self.max_update_ratio, low=0.0,
+                         low_inclusive=False)
 
     @property
     def policy(self) -> ClipPolicy:
@@ -165,6 +186,10 @@ class StepReport:
         backoff: An LR backoff happened at this step.
         lr_scale: LR scale applied to this step's update.
         rollback: The last-good snapshot was restored at this step.
+        params_finite: ``False`` when the weights, measured for a rollback snapshot, were
+            non-finite although this step's gradients and loss were finite (e.g. an Inf
+            weight behind a saturating activation): the step is skipped and the snapshot
+            restored.
         halt: Training cannot recover: stop (see :attr:`GuardCore.halt_message`).
         loss: The loss passed to :meth:`GuardCore.step` (``None`` if not given).
         diagnosis: On the first non-finite step (and on halt), where it came from.
@@ -181,6 +206,7 @@ class StepReport:
     backoff: bool = False
     lr_scale: float = 1.0
     rollback: bool = False
+    params_finite: bool = True
     halt: bool = False
     loss: float | None = None
     diagnosis: Diagnosis | None = None
@@ -208,7 +234,8 @@ def _named_params(
     model: torch.nn.Module | Iterable[Any], optimizer: Optimizer | None
 ) -> tuple[list[str], list[torch.nn.Parameter]]:
     if isinstance(model, torch.nn.Module):
-        named = list(model.named_parameters())
+        # torch.compile wraps modules as ``_orig_mod``: report the user's names
+        named = [(n.replace("_orig_mod.", ""), p) for n, p in model.named_parameters()]
     else:
         items = list(model)
         if items and isinstance(items[0], tuple):
@@ -241,8 +268,9 @@ class GuardCore:
         **kwargs: Fields of :class:`GuardSettings`.
 
     Example:
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 1)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
         >>> guard = GuardCore(model, opt)
         >>> model(torch.ones(2, 4)).sum().backward()
         >>> report = guard.step()
@@ -280,6 +308,9 @@ class GuardCore:
         self.first_diagnosis: Diagnosis | None = None
         self.last_report: StepReport | None = None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
+        self._weight_norm: float | None = None
+        self._trust = (s.max_update_ratio is not None and isinstance(optimizer, torch.optim.SGD)
+                       and bool(self.params))
 
     # ------------------------------------------------------------------ decisions
     def step(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
@@ -331,6 +362,12 @@ class GuardCore:
             pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
                             device=total.device).total
             packed.append(pn.float())
+        measure_w = self._trust and (count <= _TRUST_EVERY_STEP_UNTIL
+                                     or count % _TRUST_EVERY == 0)
+        if measure_w:
+            wn = grad_norms([p.detach() for p in self.params], s.norm_type, per_tensor=False,
+                            reducer=self.reducer, device=total.device).total
+            packed.append(wn.float())
         host = to_host(torch.stack(packed))  # the one host synchronisation of the step
 
         it = iter(host)
@@ -340,6 +377,9 @@ class GuardCore:
             next(it) if loss_t is not None else (None if loss is None else float(loss))
         )
         params_finite = math.isfinite(next(it)) if take_snapshot else True
+        if measure_w:
+            wv = next(it)
+            self._weight_norm = wv if math.isfinite(wv) and wv > 0.0 else None
         # statistics on host floats, from the history before this step
         threshold = self.policy.threshold_value()
         self.policy.observe_value(norm, threshold)
@@ -350,6 +390,8 @@ class GuardCore:
             return self._nonfinite(step, norm, threshold, loss_v, norms.per_tensor, amp_overflow,
                                    snapshot_extra)
         c.nonfinite_streak = 0
+        if not params_finite:
+            return self._nonfinite_params(step, norm, threshold, loss_v, snapshot_extra)
         action = Action.NONE
         spike = norm > threshold
         backoff = False
@@ -363,6 +405,17 @@ class GuardCore:
                 action = Action.CLIP
         elif self.policy.unitwise and clipped_norm < norm * (1 - 1e-6):
             action = Action.CLIP
+        cap = self._update_cap()
+        if cap < clipped_norm:
+            # too large an update for the weights (plain SGD): clipped; far too large (more
+            # than twice the cap) counts toward an LR backoff like a spike
+            if clipped_norm > _TRUST_BACKOFF * cap and not spike:
+                c.spike_steps.append(step)
+            coef = clip_coef(clipped_norm, cap)
+            scale_grads_(grads, coef)
+            clipped_norm = clipped_norm * coef
+            action = Action.CLIP
+            threshold = min(threshold, cap)
         if action is Action.CLIP:
             c.clipped_steps += 1
         c.spike_steps = [t for t in c.spike_steps if t > step - s.spike_window]
@@ -386,6 +439,21 @@ class GuardCore:
         self.last_report = report
         return report
 
+    def _update_cap(self) -> float:
+        """The gradient norm at which an SGD update changes ``max_update_ratio`` of w."""
+        ratio = self.settings.max_update_ratio
+        if not self._trust or self._weight_norm is None or ratio is None:
+            return _INF
+        assert self.optimizer is not None
+        lr = 0.0
+        for g in self.optimizer.param_groups:
+            glr = g.get("lr", 0.0)
+            lr = max(lr, float(glr))  # a tensor LR on an accelerator: one read, SGD only
+        lr *= self.backoff.scale if self.settings.lr_backoff else 1.0
+        if not (lr > 0.0 and math.isfinite(lr)):
+            return _INF
+        return ratio * self._weight_norm / lr
+
     def _backoff(self) -> None:
         self.backoff.backoff()
         self.counters.lr_backoffs += 1
@@ -395,6 +463,31 @@ class GuardCore:
         if self._lr is not None:
             self._lr.apply(scale)
         return scale
+
+    def _nonfinite_params(self, step: int, norm: float, threshold: float, loss: float | None,
+                          snapshot_extra: Sequence[Optimizer]) -> StepReport:
+        """Finite gradients and loss, but non-finite weights: skip, back off, restore."""
+        c = self.counters
+        skip_step_(self.params)  # gradients of broken weights: not an update to apply
+        c.skipped_steps += 1
+        backoff = False
+        if self.settings.lr_backoff:
+            self._backoff()
+            backoff = True
+        rollback = False
+        if self.snapshot is not None and self.snapshot.available and self.module is not None:
+            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
+            self.snapshot.restore(self.module, opts)
+            c.rollbacks += 1
+            rollback = True
+        if self._lr is not None:
+            self._lr.restore()
+        report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
+                            threshold=threshold, finite=True, action=Action.SKIP,
+                            backoff=backoff, lr_scale=self.backoff.scale, rollback=rollback,
+                            params_finite=False, loss=loss)
+        self.last_report = report
+        return report
 
     def _nonfinite(self, step: int, norm: float, threshold: float, loss: float | None,
                    per_tensor: Tensor | None, amp_overflow: bool,

@@ -138,8 +138,11 @@ def _dtensor_type() -> type | None:
 
 
 def _localize(grads: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, ...]] | None]:
-    """Local tensors of ``grads`` and, when some are ``DTensor`` s, the process groups to
-    reduce each one's partial statistic over (``()`` for plain and replicated tensors)."""
+    """Split ``grads`` into local tensors and the process groups of their shards.
+
+    Returns the local tensors and, when some are ``DTensor`` s, the process groups to reduce
+    each one's partial statistic over (``()`` for plain and replicated tensors).
+    """
     if all(type(g) is Tensor for g in grads):  # the common case: no import, no isinstance
         return list(grads), None
     dtensor = _dtensor_type()
@@ -149,11 +152,12 @@ def _localize(grads: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[Any, ..
 
     local: list[Tensor] = []
     groups: list[tuple[Any, ...]] = []
-    for g in grads:
-        if not isinstance(g, dtensor):
-            local.append(g)
+    for grad in grads:
+        if not isinstance(grad, dtensor):
+            local.append(grad)
             groups.append(())
             continue
+        g: Any = grad
         placements = tuple(g.placements)
         if any(pl.is_partial() for pl in placements):
             # pending reduction: the local values are summands, not a shard
@@ -199,8 +203,8 @@ def _partial_statistic(per: Tensor, p: float, groups: list[tuple[Any, ...]]) -> 
     keys: list[tuple[Any, ...]] = []
     member: list[int] = []
     for gs in groups:
-        j = next((k for k, key in enumerate(keys)
-                  if len(key) == len(gs) and all(a is b for a, b in zip(key, gs))), None)
+        j = next((k for k, key in enumerate(keys) if len(key) == len(gs)
+                  and all(a is b for a, b in zip(key, gs, strict=True))), None)
         if j is None:
             keys.append(gs)
             j = len(keys) - 1

@@ -227,6 +227,8 @@ def assert_state_close(a: Any, b: Any, path: str = "", rtol: float = 1e-5,
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_state_close(x, y, f"{path}[{i}]", rtol, atol)
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), (path, a, b)
     else:
         assert a == b, (path, a, b)
 

@@ -33,7 +33,7 @@ def test_cause_priority() -> None:
     assert overflow.origin is None
     assert "overflowed" in overflow.likely_cause
     plain = diagnose(1, NAMES, [NAN, 1, 1, 1])
-    assert plain.likely_cause.startswith("usual causes")
+    assert plain.likely_cause.startswith("one of the usual ones")
 
 
 def test_lr_scale_note() -> None:

@@ -424,7 +424,8 @@ def test_growth_with_default_policy_backs_off() -> None:
 
 def test_growth_patience_zero_disables() -> None:
     p = torch.nn.Parameter(torch.ones(4))
-    guard = GuardCore([p], torch.optim.SGD([p], lr=1e-3), clip=NoClip(), growth_patience=0)
+    guard = GuardCore([p], torch.optim.SGD([p], lr=1e-3), clip=NoClip(), growth_patience=0,
+                      max_update_ratio=None)
     for t in range(20):
         p.grad = torch.full((4,), 1.5**t)
         assert not guard.step().growth

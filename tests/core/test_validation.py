@@ -61,6 +61,7 @@ _add("GuardSettings", GuardSettings, "growth_min_rise", [*NUMBER_BAD, (-0.1, V)]
 _add("GuardSettings", GuardSettings, "snapshot_every", [*INT_BAD, (0, V)])
 _add("GuardSettings", GuardSettings, "rollback_after", [*INT_BAD, (0, V)])
 _add("GuardSettings", GuardSettings, "halt_after", [*INT_BAD, (-1, V)])
+_add("GuardSettings", GuardSettings, "max_update_ratio", [(0.0, V), (-1.0, V), ("0.1", T)])
 # policies
 _add("ZScoreClip", ZScoreClip, "z_threshold", [*NUMBER_BAD, (0, V), (-1.0, V)])
 _add("ZScoreClip", ZScoreClip, "ema_decay", [*NUMBER_BAD, (1.0, V), (-0.1, V), (2, V)])

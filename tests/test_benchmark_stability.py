@@ -1,0 +1,74 @@
+"""Smoke test of ``benchmarks/stability.py --quick`` (a subprocess, in a temp dir, < 60 s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py"
+
+
+@pytest.mark.timeout(120)
+def test_stability_quick(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out, png, js, cache = (tmp_path / "s.md", tmp_path / "s.png", tmp_path / "s.json",
+                           tmp_path / "cache")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("GG_STABILITY_LIB", None)  # test the working tree
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--cache", str(cache), "--out", str(out),
+           "--png", str(png), "--json", str(js)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=110, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    # one JSON record per (model, lr, seed, method): 1 model x 2 LRs x 1 seed x 3 methods
+    records = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
+    assert len(records) == 6
+    for rec in records:
+        assert {"model", "lr", "seed", "method", "initial", "final", "diverged",
+                "nonfinite_steps", "trace"} <= rec.keys()
+        assert isinstance(rec["diverged"], bool)
+        assert rec["nonfinite_steps"] >= 0
+        assert "val_loss" in rec["initial"]
+        assert "val_mae" in rec["final"]
+    assert {r["method"] for r in records} == {"none", "clip1", "gradguard"}
+
+    summary = json.loads(js.read_text())
+    assert summary["runs"] == summary["expected_runs"] == 6
+    assert set(summary["avg_rank"]) == {"none", "clip1", "gradguard"}
+    ranks = [r for r in summary["avg_rank"].values() if r is not None]
+    assert len(ranks) == 3
+    assert all(1.0 <= r <= 3.0 for r in ranks)
+    assert abs(sum(ranks) - 6.0) < 1e-9  # ranks 1..3 in every cell
+
+    md = out.read_text()
+    for heading in ("# Stability benchmark", "## Summary", "## Targets", "## DeepMLP"):
+        assert heading in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| `gradguard` |")]
+    assert table_rows, md
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stability_helpers() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import stability
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    inf = float("inf")
+    assert stability.average_ranks([0.3, 0.1, inf, inf]) == [2.0, 1.0, 3.5, 3.5]
+    assert stability.method_slug("gradguard") == "gradguard"
+    slug = stability.method_slug("gradguard(recovery_steps=100)")
+    assert slug.startswith("gradguard_recovery_steps_100_")
+    assert "(" not in slug
+    cbs, kw = stability.build_method("gradguard(clip=ZScoreClip(z_threshold=2.5))")
+    assert len(cbs) == 1
+    assert kw == {}
+    with pytest.raises(ValueError, match="unknown method"):
+        stability.build_method("sgd_magic")
