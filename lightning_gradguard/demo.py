@@ -136,7 +136,8 @@ def run_demo(model: str = "lstm", steps: int | None = None,
 
     Args:
         model: One of ``"lstm"``, ``"rnn"``, ``"mlp"``, ``"residual"``.
-        steps: Optimizer steps per run (default: 1.5x the scenario's explosion bound).
+        steps: Optimizer steps per run (default: 5x the scenario's explosion bound, 300 for
+            the LSTM: long enough to see the guarded run converge).
         logdir: TensorBoard log directory.
         progress: Show Lightning's progress bar.
 
@@ -144,7 +145,7 @@ def run_demo(model: str = "lstm", steps: int | None = None,
         The two :class:`DemoResult` s (without, with the guard).
     """
     cfg = _config(model)
-    n = steps if steps is not None else int(cfg.max_steps * 1.5)
+    n = steps if steps is not None else cfg.max_steps * 5
     if n < 1:
         raise ValueError(f"`steps` must be >= 1, got {steps!r}")
     out = Path(logdir)

@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
-from lightning_gradguard.core._validation import check_choice
+from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
 from lightning_gradguard.core.norms import grad_norms
 from lightning_gradguard.core.policies import ClipPolicy
@@ -116,6 +116,9 @@ class GradGuardLogic:
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's
             ``log_dir``, else ``default_root_dir``).
         name: Distinguishes several guards in one Trainer (part of ``state_key``).
+        progress_bar: Show ``gg_skip`` / ``gg_clip`` (and ``gg_lr`` while the LR is backed
+            off) in Lightning's progress bar. Updated only when a value changes (and once
+            per epoch); never sent to the loggers.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -148,6 +151,7 @@ class GradGuardLogic:
         on_halt: Literal["stop", "raise"] = "stop",
         checkpoint_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
+        progress_bar: bool = True,
     ) -> None:
         self.settings = GuardSettings(
             clip=clip, norm_type=norm_type, skip_nonfinite=skip_nonfinite,
@@ -165,6 +169,8 @@ class GradGuardLogic:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"`name` must be a str or None, got {name!r}")
         self.name = name
+        self.progress_bar = check_bool("progress_bar", progress_bar)
+        self._bar_shown: dict[str, float] = {}
         self._cores: dict[int, GuardCore] = {}
         self._reducers: dict[int, ConsensusReducer | None] = {}
         self._pending_state: dict[int, Any] = {}
@@ -302,6 +308,7 @@ class GradGuardLogic:
         self._loss = None
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
+        self._show_progress(trainer, pl_module)
         if report.diagnosis is not None and report.step == core.counters.first_nonfinite_step:
             rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
             self._text(trainer, f"**first non-finite step** — {report.diagnosis.message()}")
@@ -385,6 +392,29 @@ class GradGuardLogic:
         }
         metrics.update({f"gradguard/{k}": float(getattr(c, k)) for k in _COUNTER_TAGS})
         log_scalars(trainer, {k + suffix: v for k, v in metrics.items()}, step)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Show the progress-bar status again in the new epoch."""
+        self._bar_shown.clear()
+
+    def _show_progress(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Progress-bar status; logged only when a value changed (no per-step cost)."""
+        if not self.progress_bar or getattr(trainer, "progress_bar_callback", None) is None:
+            return
+        cores = self._cores.values()
+        values = {"gg_skip": float(sum(c.counters.skipped_steps for c in cores)),
+                  "gg_clip": float(sum(c.counters.clipped_steps for c in cores))}
+        scale = min(c.backoff.scale for c in cores)
+        if scale < 1.0 or "gg_lr" in self._bar_shown:
+            values["gg_lr"] = round(scale, 3)
+        suffix = f"_{self.name}" if self.name else ""
+        changed = {k + suffix: v for k, v in values.items() if self._bar_shown.get(k) != v}
+        if not changed:
+            return
+        self._bar_shown.update(values)
+        for key, value in changed.items():
+            pl_module.log(key, value, prog_bar=True, logger=False, on_step=True,
+                          on_epoch=False, batch_size=1)
 
     def summary(self) -> dict[str, Any]:
         """Counters over all optimizers as a plain ``dict``.

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import TensorBoardLogger
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -86,3 +88,48 @@ def test_tensorboard_logger_events_and_halt_checkpoint_in_log_dir(tmp_path: Path
     assert guard.summary()["halt_checkpoint"] == str(log_dir / "gradguard_last_good.ckpt")
     assert (log_dir / "gradguard_last_good.ckpt").is_file()
     assert list(log_dir.glob("events.out.tfevents.*"))
+
+
+# ----------------------------------------------------------------------------- progress bar
+class _BarSeen(Callback):
+    """Records the progress-bar metrics after every batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append({k: float(v) for k, v in trainer.progress_bar_metrics.items()
+                          if k.startswith("gg_")})
+
+
+def test_progress_bar_shows_skips_clips_and_lr_scale(tmp_path: Path) -> None:
+    seen = _BarSeen()
+    guard = GradGuard()
+    logged: list[dict[str, float]] = []
+
+    class Rec(CSVLogger):
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            logged.append(dict(metrics))
+            super().log_metrics(metrics, step)
+
+    fit(TinyModule(), 12, [FaultInjector([Fault(4), Fault(8, kind="scale", factor=1e6)]),
+                           guard, seen],
+        enable_progress_bar=True, logger=Rec(tmp_path), log_every_n_steps=1)
+    assert seen.seen[0] == {"gg_skip": 0.0, "gg_clip": 0.0}
+    assert seen.seen[4]["gg_skip"] == 1.0
+    assert "gg_lr" in seen.seen[4]
+    assert seen.seen[4]["gg_lr"] == 0.5
+    assert seen.seen[8]["gg_clip"] == 1.0
+    s = guard.summary()
+    assert seen.seen[-1]["gg_skip"] == s["skipped_steps"]
+    assert seen.seen[-1]["gg_clip"] == s["clipped_steps"]
+    assert not any(k.startswith("gg_") for m in logged for k in m)  # never sent to loggers
+
+
+def test_progress_bar_opt_out() -> None:
+    seen = _BarSeen()
+    fit(TinyModule(), 5, [FaultInjector([Fault(2)]), GradGuard(progress_bar=False), seen],
+        enable_progress_bar=True)
+    assert seen.seen
+    assert all(m == {} for m in seen.seen)

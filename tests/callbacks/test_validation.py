@@ -69,6 +69,7 @@ BAD: list[tuple[str, Any, type[Exception]]] = [
     ("checkpoint_dir", ["a"], TypeError),
     ("name", 5, TypeError),
     ("name", b"a", TypeError),
+    ("progress_bar", 1, TypeError),
 ]
 
 

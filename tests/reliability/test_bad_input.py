@@ -63,6 +63,7 @@ BAD: list[tuple[str, Callable[..., Any], str, Any, type[Exception]]] = [
     ("GradGuard", GradGuard, "on_halt", "explode", ValueError),
     ("GradGuard", GradGuard, "checkpoint_dir", 3, TypeError),
     ("GradGuard", GradGuard, "name", 3, TypeError),
+    ("GradGuard", GradGuard, "progress_bar", "yes", TypeError),
     *[("GuardSettings", GuardSettings, a, v, e) for a, v, e in _SETTINGS],
     ("GradientMonitor", GradientMonitor, "norm_type", -1.0, ValueError),
     ("GradientMonitor", GradientMonitor, "norm_type", "l2", TypeError),
