@@ -127,13 +127,20 @@ class NoClip(ClipPolicy):
         return _INF
 
 
+#: During warmup a spike right after a spike enters the statistics unclamped when it is at
+#: most this factor above the previous one (a steady level, not growth).
+_STEADY_RISE = 1.05
+
+
 class ZScoreClip(ClipPolicy):
     r"""Z-score adaptive threshold :math:`\tau = \mu + z\,\sigma` over an EMA of the norm.
 
     As in ZClip, spikes are judged against the statistics of the steps before them. An
     isolated spike does not enter the statistics at all (so one ×1e6 outlier leaves the
     threshold exactly where it was); consecutive spikes enter clamped to :math:`\tau`, so a
-    genuine change of scale is followed. Unlike a watch-only warmup, the threshold is
+    genuine change of scale is followed; during warmup a second spike no higher than the
+    first enters unclamped (a steady level the first few norms missed, e.g. after a tiny
+    first gradient, rather than growth). Unlike a watch-only warmup, the threshold is
     active from the second step: during the first ``warmup_steps`` observations it is
     :math:`\max(\mu + z\sigma,\ f\,\mu)` with :math:`f` = ``warmup_factor`` (the variance
     estimate is still noisy, so the bound is looser but present). :math:`\sigma` is floored
@@ -175,6 +182,7 @@ class ZScoreClip(ClipPolicy):
         self._stats = RobustNormStats(ema_decay=self.ema_decay)
         self._add_child("stats", self._stats)
         self._add_state("prev_spike", False)
+        self._add_state("prev_norm", 0.0)
 
     @property
     def stats(self) -> RobustNormStats:
@@ -204,9 +212,16 @@ class ZScoreClip(ClipPolicy):
             return
         spike = math.isfinite(threshold) and norm > threshold
         enter = not spike or self.prev_spike
+        bound: float | None = threshold
+        if (spike and self.prev_spike and self._stats.count < self.warmup_steps
+                and norm <= self.prev_norm * _STEADY_RISE):
+            # warmup, and a second spike no higher than the first: a steady level the few
+            # early observations missed (e.g. a tiny first norm), not growth -> unclamped
+            bound = None
         self.prev_spike = spike
+        self.prev_norm = norm
         if enter:
-            self._stats.update(norm, bound=threshold)
+            self._stats.update(norm, bound=bound)
 
 
 class PercentileClip(ClipPolicy):
