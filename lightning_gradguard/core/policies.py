@@ -164,6 +164,7 @@ class ZScoreClip(ClipPolicy):
     """
 
     prev_spike: bool
+    prev_norm: float
 
     def __init__(
         self,
