@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import lightning_gradguard
 from lightning_gradguard.cli import main
@@ -19,19 +16,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:GradGuard. step:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # the demo's LSTM is ~3x slower with 2 threads on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lg = logging.getLogger("lightning.pytorch")
-    level = lg.level
-    lg.setLevel(logging.WARNING)
-    yield
-    lg.setLevel(level)
-    torch.set_num_threads(threads)
 
 
 def test_version_subprocess(tmp_path: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +56,6 @@ def _fit(logdir: Path, version: str, callbacks: list[Callback], steps: int = 24)
         enable_model_summary=False,
     )
     trainer.fit(Tiny())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    lg = logging.getLogger("lightning.pytorch")
-    level = lg.level
-    lg.setLevel(logging.WARNING)
-    yield
-    lg.setLevel(level)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -348,11 +348,9 @@ class GradGuardLogic:
         params_ok = bool(torch.isfinite(grad_norms(
             [p.detach() for p in pl_module.parameters()], per_tensor=False,
             reducer=core.reducer).total))
-        if not params_ok and core.snapshot is not None and core.snapshot.available:
+        if not params_ok:
             others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
-            opts = ([core.optimizer] if core.optimizer else []) + others
-            core.snapshot.restore(pl_module, opts)
-            params_ok = True
+            params_ok = core.restore_snapshot(others)
         path = self._checkpoint_path(trainer)
         where: str
         if params_ok:

@@ -428,8 +428,7 @@ class GuardCore:
             backoff = True
         if take_snapshot and params_finite and self.snapshot is not None:
             assert self.module is not None
-            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
-            self.snapshot.capture(self.module, opts, step)
+            self.snapshot.capture(self.module, self._optimizers(snapshot_extra), step)
         applied = self._apply_lr()
         if not (spike or backoff):
             self.backoff.recover()  # takes effect from the next update on
@@ -454,6 +453,23 @@ class GuardCore:
             return _INF
         return ratio * self._weight_norm / lr
 
+    def _optimizers(self, extra: Sequence[Optimizer]) -> list[Optimizer]:
+        return ([self.optimizer] if self.optimizer else []) + list(extra)
+
+    def restore_snapshot(self, snapshot_extra: Sequence[Optimizer] = ()) -> bool:
+        """Restore the last-good snapshot (with ``rollback``), if there is one.
+
+        Args:
+            snapshot_extra: The further optimizers passed to :meth:`step`.
+
+        Returns:
+            Whether a snapshot was restored (counters are the caller's business).
+        """
+        if self.snapshot is None or not self.snapshot.available or self.module is None:
+            return False
+        self.snapshot.restore(self.module, self._optimizers(snapshot_extra))
+        return True
+
     def _backoff(self) -> None:
         self.backoff.backoff()
         self.counters.lr_backoffs += 1
@@ -474,12 +490,8 @@ class GuardCore:
         if self.settings.lr_backoff:
             self._backoff()
             backoff = True
-        rollback = False
-        if self.snapshot is not None and self.snapshot.available and self.module is not None:
-            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
-            self.snapshot.restore(self.module, opts)
-            c.rollbacks += 1
-            rollback = True
+        rollback = self.restore_snapshot(snapshot_extra)
+        c.rollbacks += int(rollback)
         if self._lr is not None:
             self._lr.restore()
         report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
@@ -527,13 +539,9 @@ class GuardCore:
         if s.lr_backoff:
             self._backoff()
             backoff = True
-        rollback = False
-        if (self.snapshot is not None and self.snapshot.available and self.module is not None
-                and c.nonfinite_streak % s.rollback_after == 0):
-            opts = ([self.optimizer] if self.optimizer else []) + list(snapshot_extra)
-            self.snapshot.restore(self.module, opts)
-            c.rollbacks += 1
-            rollback = True
+        rollback = (c.nonfinite_streak % s.rollback_after == 0
+                    and self.restore_snapshot(snapshot_extra))
+        c.rollbacks += int(rollback)
         halt = s.halt_after > 0 and c.nonfinite_streak >= s.halt_after
         if halt:
             c.halted = True
