@@ -14,7 +14,7 @@ optimizer state untouched).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -53,10 +53,13 @@ def clip_coef(norm: float, threshold: float, eps: float = 1e-6) -> float:
     return min(1.0, threshold / (norm + eps))
 
 
-def scale_grads_(grads: Sequence[Tensor], coef: float | Tensor) -> None:
+def scale_grads_(grads: Sequence[Tensor], coef: float | Tensor,
+                 groups: Mapping[tuple[torch.device, torch.dtype], Sequence[int]] | None = None,
+                 ) -> None:
     """Multiply every gradient in place by ``coef`` (one fused pass per device/dtype group).
 
-    Sparse COO gradients are scaled one by one.
+    Sparse COO gradients are scaled one by one. ``groups``: the indices of ``grads`` by
+    ``(device, dtype)`` when known in advance (dense tensors only; skips the grouping).
 
     Example:
         >>> g = [torch.ones(2), torch.ones(3).half()]
@@ -64,11 +67,15 @@ def scale_grads_(grads: Sequence[Tensor], coef: float | Tensor) -> None:
         >>> g[1]
         tensor([0.5000, 0.5000, 0.5000], dtype=torch.float16)
     """
-    dense = [g for g in grads if not g.is_sparse]
-    for g in grads:
-        if g.is_sparse:
-            g.mul_(coef)
-    for (device, _), idx in group_by_device_and_dtype(dense).items():
+    if groups is None:
+        dense = [g for g in grads if not g.is_sparse]
+        for g in grads:
+            if g.is_sparse:
+                g.mul_(coef)
+        groups = group_by_device_and_dtype(dense)
+    else:
+        dense = list(grads)
+    for (device, _), idx in groups.items():
         group = [dense[i] for i in idx]
         c = coef.to(device) if isinstance(coef, Tensor) else coef
         torch._foreach_mul_(group, c)

@@ -55,13 +55,14 @@ from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
 from lightning_gradguard.core.diagnosis import Diagnosis, diagnose
 from lightning_gradguard.core.growth import GrowthDetector
-from lightning_gradguard.core.norms import NormReducer, grad_norms
+from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
 from lightning_gradguard.core.policies import ClipPolicy, ZScoreClip
 from lightning_gradguard.core.snapshot import Snapshot
 
 __all__ = ["Action", "GuardCore", "GuardSettings", "StepReport"]
 
 _INF = float("inf")
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
 #: The weight norm for ``max_update_ratio`` is measured on every step up to this one ...
 _TRUST_EVERY_STEP_UNTIL = 16
 #: ... and on every this-many-th step after it.
@@ -309,6 +310,10 @@ class GuardCore:
         self.last_report: StepReport | None = None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
         self._weight_norm: float | None = None
+        #: the parameters' (device, dtype) grouping, shared by their dense gradients; None
+        #: for parameters that are not plain tensors (DTensor, FSDP1's FlatParameter)
+        self._groups = (group_by_device_and_dtype(self.params)
+                        if all(type(p) in _PLAIN for p in self.params) else None)
         self._trust = (s.max_update_ratio is not None and isinstance(optimizer, torch.optim.SGD)
                        and bool(self.params))
 
@@ -344,7 +349,16 @@ class GuardCore:
             self.last_report = report
             return report
         device = grads[0].device if grads else None
-        norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device)
+        # every parameter has a gradient (the usual case): reuse the parameters' grouping
+        groups = self._groups if len(grads) == len(self.params) else None
+        try:
+            norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device,
+                               groups=groups)
+        except NotImplementedError:  # a sparse gradient: the general path from now on
+            if groups is None:
+                raise
+            self._groups = groups = None
+            norms = grad_norms(grads, s.norm_type, reducer=self.reducer, device=device)
         total = norms.total
         packed = [total.float()]
         unitwise = self.policy.unitwise and bool(grads)
@@ -366,6 +380,7 @@ class GuardCore:
                                      or count % _TRUST_EVERY == 0)
         if measure_w:
             wn = grad_norms([p.detach() for p in self.params], s.norm_type, per_tensor=False,
+                            groups=self._groups,
                             reducer=self.reducer, device=total.device).total
             packed.append(wn.float())
         host = to_host(torch.stack(packed))  # the one host synchronisation of the step
@@ -400,7 +415,7 @@ class GuardCore:
             c.spike_steps.append(step)
             coef = clip_coef(norm, threshold)
             if coef < 1.0:
-                scale_grads_(grads, coef)
+                scale_grads_(grads, coef, groups)
                 clipped_norm = norm * coef
                 action = Action.CLIP
         elif self.policy.unitwise and clipped_norm < norm * (1 - 1e-6):
@@ -412,7 +427,7 @@ class GuardCore:
             if clipped_norm > _TRUST_BACKOFF * cap and not spike:
                 c.spike_steps.append(step)
             coef = clip_coef(clipped_norm, cap)
-            scale_grads_(grads, coef)
+            scale_grads_(grads, coef, groups)
             clipped_norm = clipped_norm * coef
             action = Action.CLIP
             threshold = min(threshold, cap)

@@ -35,7 +35,7 @@ Per-tensor norms are always those of the local shards.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -231,6 +231,7 @@ def grad_norms(
     per_tensor: bool = True,
     reducer: NormReducer | None = None,
     device: torch.device | None = None,
+    groups: Mapping[tuple[torch.device, torch.dtype], Sequence[int]] | None = None,
 ) -> GradNorms:
     """Total and per-tensor gradient norms in one fused pass, non-finite aware.
 
@@ -243,6 +244,10 @@ def grad_norms(
         reducer: Optional all-reduce of the partial statistic for sharded gradients.
         device: Where the result lives when ``grads`` is empty (default: CPU); otherwise the
             device of the first gradient.
+        groups: The indices of ``grads`` by ``(device, dtype)``, known in advance (e.g. from
+            the parameters they belong to, see :func:`group_by_device_and_dtype`): skips the
+            per-tensor layout checks and grouping. Only for dense, plain (non-``DTensor``)
+            tensors; torch raises ``NotImplementedError`` for a sparse one.
 
     Returns:
         A :class:`GradNorms` whose tensors are float32 (float64 if any gradient is float64).
@@ -269,10 +274,13 @@ def grad_norms(
         empty = torch.zeros(0, dtype=torch.float32, device=dev) if per_tensor else None
         return GradNorms(total=zero, per_tensor=empty, norm_type=p)
 
-    local, shard_groups = _localize(grads)
-    dense = [_dense(g) for g in local]
+    if groups is None:
+        local, shard_groups = _localize(grads)
+        dense = [_dense(g) for g in local]
+        groups = group_by_device_and_dtype(dense)
+    else:  # the caller vouches for plain dense tensors in these groups
+        dense, shard_groups = list(grads), None
     out_device = dense[0].device
-    groups = group_by_device_and_dtype(dense)
     out_dtype = torch.float32
     for _, dtype in groups:
         out_dtype = torch.promote_types(out_dtype, _acc_dtype(dtype))

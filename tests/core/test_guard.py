@@ -770,3 +770,23 @@ def test_amp_overflow_with_nonfinite_loss_is_a_real_nonfinite_step() -> None:
     assert rep.action is Action.SKIP
     assert guard.counters.nonfinite_steps == 1
     assert guard.counters.amp_overflow_steps == 0
+
+
+def test_sparse_gradient_falls_back_from_the_parameter_grouping() -> None:
+    """The fast path reuses the parameters' (device, dtype) grouping; a sparse gradient
+    (``Embedding(sparse=True)``) switches the guard to the general path, same numbers."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 1)
+    model = torch.nn.Sequential(emb, lin)
+    guard = GuardCore(model, None, clip=FixedNormClip(1e-3))
+    lin(emb(torch.tensor([1, 2, 2]))).sum().backward()
+    assert emb.weight.grad is not None
+    assert emb.weight.grad.is_sparse
+    expected = float(grad_norms([p.grad for p in model.parameters()]).total)
+    report = guard.step()
+    assert report.grad_norm == pytest.approx(expected, rel=1e-6)
+    assert report.action is Action.CLIP  # the clip pass works on the sparse gradient too
+    after = float(grad_norms([p.grad for p in model.parameters()]).total)
+    assert after == pytest.approx(1e-3, rel=1e-4)
+    assert guard._groups is None  # general path from now on
