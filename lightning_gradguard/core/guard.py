@@ -108,7 +108,8 @@ class GuardSettings:
             more than twice over it counts toward an LR backoff like a spike. The weight
             norm is measured on the first 16 steps and every 8th step after, inside the
             step's single host read. ``None`` disables it; other optimizers (Adam, RMSprop,
-            ...) normalise their updates and are not affected.
+            ...) normalise their updates and are not affected, nor is an SGD whose LR is a
+            tensor on an accelerator (reading it would cost a host synchronisation).
 
     Raises:
         TypeError, ValueError: Naming the argument, what is allowed and what was received.
@@ -462,7 +463,9 @@ class GuardCore:
         lr = 0.0
         for g in self.optimizer.param_groups:
             glr = g.get("lr", 0.0)
-            lr = max(lr, float(glr))  # a tensor LR on an accelerator: one read, SGD only
+            if isinstance(glr, Tensor) and glr.device.type != "cpu":
+                return _INF  # reading it would add a host synchronisation every step
+            lr = max(lr, float(glr))
         lr *= self.backoff.scale if self.settings.lr_backoff else 1.0
         if not (lr > 0.0 and math.isfinite(lr)):
             return _INF
