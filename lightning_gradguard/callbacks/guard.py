@@ -172,7 +172,6 @@ class GradGuardLogic:
         self.progress_bar = check_bool("progress_bar", progress_bar)
         self._bar_shown: dict[str, float] = {}
         self._cores: dict[int, GuardCore] = {}
-        self._reducers: dict[int, ConsensusReducer | None] = {}
         self._pending_state: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
         self.halt_checkpoint: Path | None = None
@@ -277,9 +276,7 @@ class GradGuardLogic:
         core = self._cores.get(idx)
         if core is None or core.optimizer is not optimizer:
             # several processes: one decision on all ranks, global norms of sharded grads
-            reducer = make_reducer(trainer)
-            core = GuardCore(pl_module, optimizer, self.settings, reducer=reducer)
-            self._reducers[idx] = reducer
+            core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
             if idx in self._pending_state:
                 core.load_state_dict(self._pending_state.pop(idx))
             self._cores[idx] = core
@@ -297,7 +294,7 @@ class GradGuardLogic:
             if state["stage"].name == "READY":
                 scaler.unscale_(optimizer)
         others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
-        consensus = self._reducers.get(idx)
+        consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
         loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:
             report = core.step(loss, amp_overflow=scaler is not None, snapshot_extra=others,
@@ -404,7 +401,7 @@ class GradGuardLogic:
                   "gg_clip": float(sum(c.counters.clipped_steps for c in cores))}
         scale = min(c.backoff.scale for c in cores)
         if scale < 1.0 or "gg_lr" in self._bar_shown:
-            values["gg_lr"] = round(scale, 3)
+            values["gg_lr"] = round(scale, 2)  # recovery moves it a little every step
         suffix = f"_{self.name}" if self.name else ""
         changed = {k + suffix: v for k, v in values.items() if self._bar_shown.get(k) != v}
         if not changed:
