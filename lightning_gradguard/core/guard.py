@@ -616,6 +616,7 @@ class GuardCore:
             "growth": self.growth.state_dict(),
             "counters": asdict(self.counters),
             "first_diagnosis": asdict(self.first_diagnosis) if self.first_diagnosis else None,
+            "weight_norm": self._weight_norm,  # max_update_ratio's last measurement
         }
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.state_dict()
@@ -650,6 +651,7 @@ class GuardCore:
             origin=first["origin"], likely_cause=first["likely_cause"])
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
+        self._weight_norm = state_dict.get("weight_norm")
 
     def close(self) -> None:
         """Restore learning rates and remove optimizer hooks."""

@@ -159,3 +159,28 @@ def test_two_unnamed_guards_from_configure_callbacks_raise_value_error() -> None
 
     with pytest.raises(ValueError, match=r"state_key 'GradGuard'.*name="):
         fit(TwoGuards(), 3)
+
+
+def test_resume_keeps_the_update_cap(tmp_path: Path) -> None:
+    """``max_update_ratio`` acts on every step of this run (SGD, LR far too high); the weight
+    norm it uses is re-measured only every 8th step after the 16th, so a checkpoint at step 21
+    must carry it for the resumed run to clip exactly like the uninterrupted one."""
+    def module() -> TinyModule:
+        return TinyModule(opt="sgd", lr=2.0)
+
+    g_full = GradGuard()
+    m_full = module()
+    fit(m_full, 40, [g_full])
+    assert g_full.summary()["clipped_steps"] >= 10  # the cap acts until backoffs lower the LR
+
+    g1 = GradGuard()
+    t1 = fit(module(), 21, [g1])
+    ckpt = tmp_path / "split.ckpt"
+    t1.save_checkpoint(ckpt)
+    g2 = GradGuard()
+    m2 = module()
+    fit(m2, 40, [g2], ckpt_path=str(ckpt))
+    assert g2.summary() == g_full.summary()
+    for a, b in zip(m_full.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert g2._cores[0]._weight_norm == g_full._cores[0]._weight_norm
