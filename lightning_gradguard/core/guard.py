@@ -374,8 +374,9 @@ class GuardCore:
                          and count % s.snapshot_every == 1 % s.snapshot_every)
         if take_snapshot:
             assert self.module is not None
+            # reduced like the gradients: every rank must agree on "the weights are finite"
             pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
-                            device=total.device).total
+                            reducer=self.reducer, device=total.device).total
             packed.append(pn.float())
         measure_w = self._trust and (count <= _TRUST_EVERY_STEP_UNTIL
                                      or count % _TRUST_EVERY == 0)

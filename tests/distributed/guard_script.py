@@ -1,10 +1,10 @@
 """Two-process GradGuard run on CPU (gloo), launched by ``test_strategies.py``.
 
-Usage: ``python guard_script.py {ddp,fsdp2,fsdp1} OUTDIR``. Lightning's launcher re-executes
-this script for rank 1 (``LOCAL_RANK=1``); every rank writes ``OUTDIR/rank{r}.json`` with the
-guard's summary, what it decided at each step, the unsharded gradient norm measured
-independently of the guard (before and after it acted), the full parameters after each step
-and how many times the guard wrote to the logger.
+Usage: ``python guard_script.py {ddp,fsdp2,fsdp1,ddp_rollback} OUTDIR``. Lightning's
+launcher re-executes this script for rank 1 (``LOCAL_RANK=1``); every rank writes
+``OUTDIR/rank{r}.json`` with the guard's summary, what it decided at each step, the
+unsharded gradient norm measured independently of the guard (before and after it acted), the
+full parameters after each step and how many times the guard wrote to the logger.
 
 Faults (all on rank 1 only, see ``FAULTS``):
 
@@ -205,8 +205,14 @@ class RecordingLogger(Logger):
         pass
 
 
+#: ``ddp_rollback``: ``GradGuard(rollback=True, snapshot_every=2)``; after step 4 rank 1's
+#: first weight gets an Inf (behind tanh: loss and gradients stay finite), only there.
+ROLLBACK_FAULTS = [Fault(step=4, kind="inf", target="param", params="net.0.weight",
+                         ranks=(1,))]
+
+
 def make_strategy(name: str) -> Any:
-    if name == "ddp":
+    if name in ("ddp", "ddp_rollback"):
         return "ddp"
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -231,7 +237,10 @@ def make_strategy(name: str) -> Any:
 
 def main(strategy: str, outdir: Path) -> None:
     pl.seed_everything(0, verbose=False)
-    guard = GradGuard()
+    rollback = strategy == "ddp_rollback"
+    guard = GradGuard(rollback=True, snapshot_every=2) if rollback else GradGuard()
+    faults: list[Any] = [FaultInjector(ROLLBACK_FAULTS)] if rollback else [
+        FaultInjector(FAULTS), GradNaNOnRank1()]
     before = Before()
     after = After(guard, before)
     logger = RecordingLogger()
@@ -239,7 +248,7 @@ def main(strategy: str, outdir: Path) -> None:
         accelerator="cpu", devices=2, strategy=make_strategy(strategy), max_steps=MAX_STEPS,
         logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[FaultInjector(FAULTS), GradNaNOnRank1(), before, guard, after],
+        callbacks=[*faults, before, guard, after],
         default_root_dir=str(outdir),
     )
     trainer.fit(Net(strategy))

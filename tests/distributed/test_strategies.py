@@ -112,3 +112,18 @@ def test_logging_on_rank_zero_only(runs: dict[str, list[dict[str, Any]]],
     r0, r1 = runs[strategy]
     assert r0["logged"] >= 10  # log_every_n_steps=1: every step, events included
     assert r1["logged"] == 0
+
+
+def test_rollback_agrees_on_every_rank(tmp_path: Path) -> None:
+    """An Inf weight on rank 1 only (behind tanh: loss and gradients stay finite) is found
+    at the next snapshot check by both ranks, which skip and restore the same snapshot."""
+    r0, r1 = _run("ddp_rollback", tmp_path / "ddp_rollback")
+    assert [s["action"] for s in r0["steps"]] == [s["action"] for s in r1["steps"]]
+    assert r0["steps"][8]["action"] == "skip"  # count 9: the first check after step 4
+    keys = ("skipped_steps", "rollbacks", "nonfinite_steps", "lr_backoffs")
+    assert {k: r0["summary"][k] for k in keys} == {k: r1["summary"][k] for k in keys}
+    assert r0["summary"]["rollbacks"] == 1
+    assert any(not math.isfinite(v) for v in r1["params"]["7"])  # the fault was real
+    for step in ("8", "9"):  # restored on both ranks: identical, finite weights again
+        assert r0["params"][step] == r1["params"][step]
+        assert all(math.isfinite(v) for v in r1["params"][step])
