@@ -19,11 +19,18 @@ Sections (``--sections``, default all):
     method clips). ``torch._foreach_norm`` (one fused read of the gradients, no decision) is
     reported as the floor.
 ``e2e``
-    ``Trainer.fit`` time per optimizer step on ``DeepMLP`` (demo model) with no callback,
-    ``gradient_clip_val=1.0``, ``GradGuard()``, ZClip's Lightning callback and
-    ``GradientMonitor()`` (if importable); per-step times come from the clocks read at
-    ``on_train_batch_end`` after ``--e2e-warmup`` steps. The time spent inside each method's
-    hook is measured too (a direct, low-noise view of the same overhead).
+    ``Trainer.fit`` time per optimizer step on three demo models (``--e2e-models``, run one
+    after the other, each with its own warm-up, interleaved configurations and repeats):
+    ``DeepMLP`` (width 1024, depth 6, 5.3 M parameters; ``--width/--depth/--batch`` apply to
+    it only), ``ResidualMLP`` (width 1024, 3 blocks, 6.3 M) and ``AddingProblemRNN`` (LSTM,
+    hidden 256, adding problem with 40 time steps, 0.27 M); the MLPs with BatchNorm and He
+    init, all with SGD + momentum (lr 0.01), batch 64 (pinned: ``DEMO_KWARGS``,
+    ``RESIDUAL_KWARGS``, ``LSTM_KWARGS``; ``--quick`` shrinks them). Configurations: no
+    callback, a bare gradient read (the floor), ``gradient_clip_val=1.0``, ``GradGuard()``,
+    ZClip's Lightning callback and ``GradientMonitor()`` (if importable); per-step times come
+    from the clocks read at ``on_train_batch_end`` after ``--e2e-warmup`` steps. The time
+    spent inside each method's hook is measured too (a direct, low-noise view of the same
+    overhead), and the guard's work on each model's own gradients outside Lightning.
 
 Clock: with ``--threads 1`` (default) the calling thread's CPU time (``time.thread_time``),
 which all of the work runs on and which ignores time spent descheduled on a shared machine;
@@ -42,6 +49,7 @@ Usage::
     python benchmarks/overhead.py            # full run (< 10 min on 2 cores), writes
                                              # benchmarks/results/overhead.md
     python benchmarks/overhead.py --quick    # smoke run, prints the report only
+    python benchmarks/overhead.py --sections e2e --e2e-models lstm --out /tmp/lstm.md
 
 Needs ``zclip==1.0.0`` for the ZClip baselines (skipped with a note when missing).
 """
@@ -65,7 +73,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -377,21 +385,102 @@ def run_micro(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- e2e
-#: The end-to-end model: ``DeepMLP`` settings pinned here (not taken from the demo configs,
-#: which may change) so that results stay comparable: a healthy, stateful-optimizer setup.
+#: The end-to-end models (``--e2e-models`` keys), in the order they run.
+E2E_MODELS: tuple[str, ...] = ("deep_mlp", "residual_mlp", "lstm")
+
+#: The end-to-end models' settings are pinned here (not taken from the demo configs, which
+#: may change) so that results stay comparable: healthy, stateful-optimizer setups.
+#: ``DeepMLP`` (width and depth from ``--width``/``--depth``, batch from ``--batch``):
 DEMO_KWARGS: dict[str, Any] = {"in_features": 32, "init": "he", "batch_norm": True,
                                "activation": "relu", "optimizer": "sgd_momentum", "lr": 0.01}
+#: ``ResidualMLP``: DeepMLP's width and setup; 3 blocks of two square ``Linear`` (6.35 M
+#: parameters, 30 tensors) is the depth closest to DeepMLP's 5.3 M at this width, by ratio
+#: (2 blocks: 4.24 M); about 41 ms per step on one thread of the 2-core CI machine.
+RESIDUAL_KWARGS: dict[str, Any] = {"in_features": 32, "width": 1024, "depth": 3, "init": "he",
+                                   "batch_norm": True, "activation": "relu",
+                                   "optimizer": "sgd_momentum", "lr": 0.01}
+#: ``AddingProblemRNN``: one LSTM layer of 256 units (PyTorch's default init) on the adding
+#: problem with 40 time steps (``AddingProblemDataModule(seq_len=LSTM_SEQ_LEN)``): 0.27 M
+#: parameters in 6 tensors, about 54 ms per step (seq_len 50 would be about 70 ms).
+LSTM_KWARGS: dict[str, Any] = {"cell": "lstm", "hidden_size": 256, "num_layers": 1,
+                               "init": "default", "optimizer": "sgd_momentum", "lr": 0.01}
+LSTM_SEQ_LEN = 40
+#: Batch size of ``ResidualMLP`` and the LSTM (``--batch`` applies to ``DeepMLP`` only).
+E2E_BATCH = 64
+#: ``--quick``: smaller models (smoke run only; ``DeepMLP`` shrinks through its defaults).
+QUICK_KWARGS: dict[str, dict[str, Any]] = {"residual_mlp": {"width": 256, "depth": 2},
+                                           "lstm": {"hidden_size": 64}}
+QUICK_SEQ_LEN = 20
 
 
-def build_demo(width: int, depth: int, batch: int, steps: int) -> tuple[Any, Any]:
-    from lightning_gradguard.demos import DeepMLP, RegressionDataModule
+@dataclass(frozen=True)
+class DemoSpec:
+    """One end-to-end model: a demo class and its datamodule, by name, with pinned kwargs."""
 
-    model = DeepMLP(width=width, depth=depth, **DEMO_KWARGS)
+    key: str  # ``--e2e-models`` name
+    model: str  # class in ``lightning_gradguard.demos``
+    model_kwargs: dict[str, Any]
+    data: str  # datamodule class in ``lightning_gradguard.demos``
+    data_kwargs: dict[str, Any]
+    batch: int
+    label: str = ""  # name in the report (default: ``model``)
+    note: str = ""  # why these settings, for the report
+
+
+def deep_mlp_spec(width: int, depth: int, batch: int, **overrides: Any) -> DemoSpec:
+    """``DeepMLP`` with ``DEMO_KWARGS`` (``overrides`` replace some, e.g. the optimizer)."""
+    return DemoSpec(
+        "deep_mlp", "DeepMLP", {"width": width, "depth": depth, **DEMO_KWARGS, **overrides},
+        "RegressionDataModule", {"in_features": DEMO_KWARGS["in_features"]}, batch, "DeepMLP",
+        "plain MLP, the settings of the earlier reports (`--width`, `--depth` and `--batch` "
+        "apply to this model only)")
+
+
+def e2e_spec(key: str, args: argparse.Namespace) -> DemoSpec:
+    """The pinned settings of end-to-end model ``key`` (smaller ones with ``--quick``)."""
+    quick = QUICK_KWARGS.get(key, {}) if args.quick else {}
+    if key == "deep_mlp":
+        return deep_mlp_spec(args.width, args.depth, args.batch)
+    if key == "residual_mlp":
+        return DemoSpec(
+            key, "ResidualMLP", {**RESIDUAL_KWARGS, **quick}, "RegressionDataModule",
+            {"in_features": RESIDUAL_KWARGS["in_features"]}, E2E_BATCH, "ResidualMLP",
+            "pre-activation residual blocks of two square `Linear` with BatchNorm; DeepMLP's "
+            "width and setup, and the number of blocks whose parameter count is closest to "
+            "DeepMLP's (at width 1024: 2 blocks 4.2 M, 3 blocks 6.3 M)")
+    if key == "lstm":
+        seq_len = QUICK_SEQ_LEN if args.quick else LSTM_SEQ_LEN
+        return DemoSpec(
+            key, "AddingProblemRNN", {**LSTM_KWARGS, **quick}, "AddingProblemDataModule",
+            {"seq_len": seq_len}, E2E_BATCH, "AddingProblemRNN (LSTM)",
+            f"one LSTM layer on the adding problem, back-propagated through all {seq_len} "
+            "time steps: few parameters in 6 tensors and a long step, so reading the "
+            "gradients is a small part of it (the other end from the MLPs)")
+    raise ValueError(f"unknown e2e model {key!r}")
+
+
+def build_demo(spec: DemoSpec, steps: int) -> tuple[Any, Any]:
+    """The model and a datamodule with enough training batches for ``steps`` steps."""
+    from lightning_gradguard import demos
+
+    model = getattr(demos, spec.model)(**spec.model_kwargs)
     val_fraction = 0.2
-    dm = RegressionDataModule(
-        in_features=DEMO_KWARGS["in_features"], batch_size=batch, val_fraction=val_fraction,
-        num_samples=math.ceil((steps + 2) * batch / (1 - val_fraction)) + batch, seed=0)
+    dm = getattr(demos, spec.data)(
+        **spec.data_kwargs, batch_size=spec.batch, val_fraction=val_fraction,
+        num_samples=math.ceil((steps + 2) * spec.batch / (1 - val_fraction)) + spec.batch,
+        seed=0)
     return model, dm
+
+
+def demo_loss(model: Any, dm: Any) -> torch.Tensor:
+    """The loss of ``dm``'s first training batch, computed like ``DemoModule.training_step``
+    (``compute_loss(model(inputs), target)``, without its ``self.log``, which needs a
+    Trainer); the model is put in training mode."""
+    dm.setup("fit")
+    inputs, target = next(iter(dm.train_dataloader()))
+    model.train()
+    loss: torch.Tensor = model.compute_loss(model(inputs), target)
+    return loss
 
 
 def _timed(fn: Callable[..., Any], acc: list[tuple[float, float]]) -> Callable[..., Any]:
@@ -434,7 +523,8 @@ def e2e_configs(have_zclip: bool) -> tuple[list[str], dict[str, str]]:
     return names, skipped
 
 
-def run_fit(config: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def run_fit(config: str, spec: DemoSpec, args: argparse.Namespace,
+            tmp: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
@@ -452,7 +542,7 @@ def run_fit(config: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     steps = args.e2e_warmup + args.e2e_steps
     pl.seed_everything(0, verbose=False)
-    model, dm = build_demo(args.width, args.depth, args.batch, steps)
+    model, dm = build_demo(spec, steps)
     clock = StepClock()
     hook: list[tuple[float, float]] = []
     callbacks: list[Any] = []
@@ -481,7 +571,8 @@ def run_fit(config: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0,
         num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, logger=CSVLogger(tmp, name=re.sub(r"\W", "_", config)),
+        enable_model_summary=False,
+        logger=CSVLogger(tmp, name=re.sub(r"\W", "_", f"{spec.key}_{config}")),
         callbacks=[*callbacks, clock], **kwargs,
     )
     core_acc: list[tuple[float, float]] = []
@@ -509,17 +600,30 @@ def run_fit(config: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def run_e2e(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
+    """Every model of ``--e2e-models``, one after the other (see :func:`run_e2e_model`)."""
+    models = {}
+    for key in args.e2e_models:
+        t0 = time.perf_counter()
+        models[key] = run_e2e_model(e2e_spec(key, args), args, have_zclip)
+        _log(f"e2e {key} done in {time.perf_counter() - t0:.1f}s")
+    return {"models": models}
+
+
+def run_e2e_model(spec: DemoSpec, args: argparse.Namespace,
+                  have_zclip: bool) -> dict[str, Any]:
+    """One model: a warm-up fit, then ``--e2e-repeats`` rounds over the configurations
+    (order rotated every round), then the same model's gradients outside Lightning."""
     names, skipped = e2e_configs(have_zclip)
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        run_fit("none", args, Path(tmp))  # warm-up run (imports, allocator, caches)
+        run_fit("none", spec, args, Path(tmp))  # warm-up run (imports, allocator, caches)
         for r in range(args.e2e_repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:
                 t0 = time.perf_counter()
-                runs[name].append(run_fit(name, args, Path(tmp)))
+                runs[name].append(run_fit(name, spec, args, Path(tmp)))
                 x = runs[name][-1]
-                _log(f"e2e repeat {r + 1}/{args.e2e_repeats} {name:<26} "
+                _log(f"e2e {spec.key} repeat {r + 1}/{args.e2e_repeats} {name:<26} "
                      f"step={_fmt_t(x['step_s'])} (wall {_fmt_t(x['step_wall_s'])}) "
                      f"hook={_fmt_t(x['hook_s'])} [{time.perf_counter() - t0:.1f}s]")
     res = {}
@@ -533,16 +637,17 @@ def run_e2e(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
             "core_s": _median([x["core_s"] for x in rs]),
         }
     first = runs[names[0]][0]
-    return {"configs": res, "skipped": skipped, "params": first["params"],
-            "tensors": first["tensors"], "standalone": e2e_standalone(args)}
+    return {"spec": asdict(spec), "configs": res, "skipped": skipped,
+            "params": first["params"], "tensors": first["tensors"],
+            "standalone": e2e_standalone(spec, args)}
 
 
-def e2e_standalone(args: argparse.Namespace) -> dict[str, float]:
-    """The guard's work and its floor on the e2e model's own gradients, outside Lightning."""
+def e2e_standalone(spec: DemoSpec, args: argparse.Namespace) -> dict[str, float]:
+    """The guard's work and its floor on the e2e model's own gradients, outside Lightning
+    (gradients of a real training batch, rescaled to total norm ``CLEAN_NORM``)."""
     torch.manual_seed(0)
-    model, _ = build_demo(args.width, args.depth, args.batch, 1)
-    x = torch.randn(args.batch, 32)
-    model.compute_loss(model(x), torch.zeros(args.batch, 1)).backward()
+    model, dm = build_demo(spec, 1)
+    demo_loss(model, dm).backward()
     params = [p for p in model.parameters() if p.grad is not None]
     grads = grads_of(params)
     base = [g.clone() for g in grads]
@@ -693,15 +798,14 @@ def run_memory(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
     # rollback snapshot (opt-in), reported separately
     snaps = []
     for opt_name in ("sgd_momentum", "adam"):
-        from lightning_gradguard.demos import DeepMLP, build_optimizer
+        from lightning_gradguard.demos import build_optimizer
 
         torch.manual_seed(0)
-        model = DeepMLP(width=args.width, depth=args.depth,
-                        **dict(DEMO_KWARGS, optimizer=opt_name))
-        opt = build_optimizer(model.parameters(), opt_name, DEMO_KWARGS["lr"])
+        spec = deep_mlp_spec(args.width, args.depth, args.batch, optimizer=opt_name)
+        model, dm = build_demo(spec, 1)
+        opt = build_optimizer(model.parameters(), opt_name, spec.model_kwargs["lr"])
         core = GuardCore(model, opt, rollback=True)
-        x = torch.randn(args.batch, 32)
-        model.compute_loss(model(x), torch.zeros(args.batch, 1)).backward()
+        demo_loss(model, dm).backward()
         t0 = time.perf_counter()
         core.step()  # step 1 captures the snapshot (before the optimizer step of step 1)
         t_capture_step = time.perf_counter() - t0
@@ -735,7 +839,7 @@ def snapshot_via_callback(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_gradguard import GradGuard
 
     pl.seed_everything(0, verbose=False)
-    model, dm = build_demo(args.width, args.depth, args.batch, 3)
+    model, dm = build_demo(deep_mlp_spec(args.width, args.depth, args.batch), 3)
     guard = GradGuard(rollback=True, snapshot_every=2)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0,
                          num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
@@ -862,7 +966,7 @@ def run_syncs(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
 
     guard.on_before_optimizer_step = hooked  # type: ignore[method-assign]
     pl.seed_everything(0, verbose=False)
-    demo, dm = build_demo(64, 3, 32, 20)
+    demo, dm = build_demo(deep_mlp_spec(64, 3, 32), 20)
     with tempfile.TemporaryDirectory() as tmp:
         from lightning.pytorch.loggers import CSVLogger
 
@@ -886,6 +990,128 @@ def run_syncs(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- report
+def _model_name(m: dict[str, Any]) -> str:
+    """``DeepMLP``, ``AddingProblemRNN`` (LSTM), ...: the model's name in the report."""
+    sp = m["spec"]
+    label: str = sp["label"] or sp["model"]
+    return f"`{sp['model']}`{label[len(sp['model']):]}"
+
+
+def _spec_call(spec: dict[str, Any]) -> str:
+    kw = ", ".join(f"{k}={v!r}" for k, v in spec["model_kwargs"].items())
+    return f"{spec['model']}({kw})"
+
+
+def _data_call(spec: dict[str, Any]) -> str:
+    kw = ", ".join(f"{k}={v!r}" for k, v in spec["data_kwargs"].items())
+    return f"{spec['data']}({kw + ', ' if kw else ''}batch_size={spec['batch']})"
+
+
+def render_e2e(a: Callable[[str], None], e: dict[str, Any], args: argparse.Namespace) -> None:
+    """Section 2: the models, one table (and targets) per model, then a summary."""
+    models: dict[str, dict[str, Any]] = e["models"]
+    a("## 2. End-to-end `Trainer.fit` time per optimizer step\n")
+    a(f"{len(models)} demo model{'s' if len(models) != 1 else ''} from "
+      "`lightning_gradguard.demos`, run one after the other (`--e2e-models`), each with its "
+      "own warm-up fit, interleaved configurations and repeats; settings pinned in the "
+      "benchmark so that results stay comparable (healthy setups: the MLPs with BatchNorm "
+      "and He init; all trained with SGD + momentum, a stateful optimizer)"
+      + (" — `--quick`: smaller models than the full run, a smoke test only" if args.quick
+         else "") + ":\n")
+    a("| model | constructor | data | parameters | why |\n|---|---|---|---:|---|")
+    for m in models.values():
+        sp = m["spec"]
+        a(f"| {_model_name(m)} | `{_spec_call(sp)}` | `{_data_call(sp)}` | "
+          f"{m['params'] / 1e6:.2f} M in {m['tensors']} tensors | {sp['note']} |")
+    a("")
+    a(f"Trainer on CPU, one epoch covering all steps, default `log_every_n_steps` (50), "
+      f"logger: `CSVLogger` to a temporary directory (writes a small CSV at flush), no "
+      f"validation, no checkpointing, no progress bar. Per-step time = difference of the "
+      f"clock at consecutive `on_train_batch_end` (a callback), first {args.e2e_warmup} "
+      f"steps excluded, median over {args.e2e_steps} steps; then median over "
+      f"{args.e2e_repeats} fresh runs per configuration, interleaved. *Hook* = time "
+      f"inside the method's own hook per step (`on_before_optimizer_step`, or "
+      f"`configure_gradient_clipping` for `gradient_clip_val`), median. When the range "
+      f"over runs is wider than the differences between configurations (run-to-run "
+      f"noise of the whole step), the hook time is the precise measure of what each "
+      f"method adds. *Outside Lightning*: the guard's work on the same model's gradients "
+      f"(one real training batch, `compute_loss(model(inputs), target)` as in "
+      f"`training_step`, rescaled to total norm {CLEAN_NORM}), micro-benchmark method, "
+      f"clean step.\n")
+    summary: list[str] = []
+    for i, m in enumerate(models.values(), start=1):
+        sp = m["spec"]
+        base = m["configs"]["none"]["step_s"]
+        base_w = m["configs"]["none"]["step_wall_s"]
+        a(f"### 2.{i} {_model_name(m)}\n")
+        a(f"`{_spec_call(sp)}`: {m['params'] / 1e6:.2f} M parameters in {m['tensors']} "
+          f"tensors; `{_data_call(sp)}`.\n")
+        a("| configuration | step time | range over runs | ratio vs none | hook time | "
+          "hook / step(none) | (wall) step | (wall) ratio |")
+        a("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, c in m["configs"].items():
+            lo, hi = c["step_range_s"]
+            hook = ("– | –" if name == "none" else
+                    f"{_fmt_t(c['hook_s'])} | {c['hook_s'] / base * 100:.1f} %")
+            a(f"| {name} | {_fmt_t(c['step_s'])} | {_fmt_t(lo)} – {_fmt_t(hi)} | "
+              f"{_fmt_r(c['step_s'] / base)} | {hook} | {_fmt_t(c['step_wall_s'])} | "
+              f"{_fmt_r(c['step_wall_s'] / base_w)} |")
+        for name, why in m["skipped"].items():
+            a(f"| {name} | skipped: {why} | | | | | | |")
+        st = m.get("standalone")
+        if st:
+            a("")
+            a(f"The same model's gradients outside Lightning ({_model_name(m)}, "
+              "micro-benchmark method, clean step):\n")
+            a("| | time | / step(none) |\n|---|---:|---:|")
+            for k, v in st.items():
+                a(f"| {k} | {_fmt_t(v)} | {v / base * 100:.1f} % |")
+        g = m["configs"].get("GradGuard()")
+        if g and math.isfinite(g.get("core_s", math.nan)):
+            a(f"\nInside the GradGuard hook ({_fmt_t(g['hook_s'])}), `GuardCore.step` takes "
+              f"{_fmt_t(g['core_s'])}: the Lightning adapter adds "
+              f"{_fmt_t(max(0.0, g['hook_s'] - g['core_s']))} per step.")
+        if g:
+            q = g["step_s"] / base
+            qh = 1 + g["hook_s"] / base
+            a("")
+            a(f"| target ({_model_name(m)}) | measured | |\n|---|---|:-:|")
+            a(f"| step time with GradGuard() ≤ 1.03× no callback (ratio of medians) | "
+              f"{_fmt_r(q)} | {_check(q <= 1.03)} |")
+            a(f"| same, from the hook time (1 + hook / step(none)) | {qh:.3f}× | "
+              f"{_check(qh <= 1.03)} |")
+            fl = m["configs"].get(FLOOR_CFG)
+            floor_cells = "– | –"
+            if fl:
+                qf = 1 + fl["hook_s"] / base
+                beyond = g["hook_s"] - fl["hook_s"]
+                a(f"| (reference: the in-step floor, one `_foreach_norm` read of the gradients "
+                  f"and one host read, 1 + hook / step(none)) | {qf:.3f}× | |")
+                a(f"| GradGuard's hook beyond that floor | {_fmt_t(beyond)} "
+                  f"({beyond / base * 100:.1f} % of the step) | |")
+                floor_cells = f"{qf:.3f}× | {_fmt_t(beyond)} ({beyond / base * 100:.1f} %)"
+            if st:
+                qs = 1 + st["floor"] / base
+                a(f"| (for reference: the same read outside a training step, warm caches, "
+                  f"1 + floor / step(none)) | {qs:.3f}× | |")
+            summary.append(
+                f"| {_model_name(m)} | {m['params'] / 1e6:.2f} M / {m['tensors']} | "
+                f"{_fmt_t(base)} | {_fmt_r(q)} {_check(q <= 1.03)} | "
+                f"{qh:.3f}× {_check(qh <= 1.03)} | {floor_cells} |")
+        a("")
+    if summary:
+        a("### Targets (end to end), all models\n")
+        a("Step time with `GradGuard()` ≤ 1.03× no callback, per model (the rows of each "
+          "model's target table above):\n")
+        a("| model | parameters / tensors | step (none) | GradGuard() / none, ratio of "
+          "medians | 1 + hook / step(none) | floor: 1 + hook / step(none) | GradGuard's "
+          "hook beyond the floor (% of the step) |")
+        a("|---|---:|---:|---:|---:|---:|---:|")
+        for row in summary:
+            a(row)
+        a("")
+
+
 def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) -> str:
     L: list[str] = []
     a = L.append
@@ -909,7 +1135,11 @@ def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) 
     a("Method: every number is measured in this one process; baselines are measured in the "
       "same run, interleaved with the guard (round-robin, order rotated every repeat), after "
       f"a warm-up; {args.repeats} repeats in the micro benchmark, {args.e2e_repeats} in the "
-      "end-to-end one; tables show the median over repeats (a repeat's value is itself the "
+      "end-to-end one"
+      + (f" (per model; {len(res['e2e']['models'])} demo models: "
+         + ", ".join(_model_name(m) for m in res["e2e"]["models"].values()) + ")"
+         if "e2e" in res else "")
+      + "; tables show the median over repeats (a repeat's value is itself the "
       "median of its calls/steps).")
     a(f"Times are {clock}. "
       + ("torch runs single-threaded, so all of the measured work runs on the calling "
@@ -1047,73 +1277,7 @@ def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) 
         a("")
 
     if "e2e" in res:
-        e = res["e2e"]
-        base = e["configs"]["none"]["step_s"]
-        base_w = e["configs"]["none"]["step_wall_s"]
-        a("## 2. End-to-end `Trainer.fit` time per optimizer step\n")
-        a(f"Model: `DeepMLP` from `lightning_gradguard.demos` "
-          f"(`{', '.join(f'{k}={v!r}' for k, v in DEMO_KWARGS.items())}`) at width "
-          f"{args.width}, depth {args.depth}: {e['params'] / 1e6:.2f} M parameters in "
-          f"{e['tensors']} tensors; `RegressionDataModule`, batch size {args.batch}, one "
-          f"epoch covering all steps. "
-          f"Trainer on CPU, default `log_every_n_steps` (50), logger: `CSVLogger` to a "
-          f"temporary directory (writes a small CSV at flush), no validation, no "
-          f"checkpointing, no progress bar. Per-step time = difference of the clock at "
-          f"consecutive `on_train_batch_end` (a callback), first {args.e2e_warmup} steps "
-          f"excluded, median over {args.e2e_steps} steps; then median over "
-          f"{args.e2e_repeats} fresh runs per configuration, interleaved. *Hook* = time "
-          f"inside the method's own hook per step (`on_before_optimizer_step`, or "
-          f"`configure_gradient_clipping` for `gradient_clip_val`), median. When the range "
-          f"over runs is wider than the differences between configurations (run-to-run "
-          f"noise of the whole step), the hook time is the precise measure of what each "
-          f"method adds.\n")
-        a("| configuration | step time | range over runs | ratio vs none | hook time | "
-          "hook / step(none) | (wall) step | (wall) ratio |")
-        a("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name, c in e["configs"].items():
-            lo, hi = c["step_range_s"]
-            hook = ("– | –" if name == "none" else
-                    f"{_fmt_t(c['hook_s'])} | {c['hook_s'] / base * 100:.1f} %")
-            a(f"| {name} | {_fmt_t(c['step_s'])} | {_fmt_t(lo)} – {_fmt_t(hi)} | "
-              f"{_fmt_r(c['step_s'] / base)} | {hook} | {_fmt_t(c['step_wall_s'])} | "
-              f"{_fmt_r(c['step_wall_s'] / base_w)} |")
-        for name, why in e["skipped"].items():
-            a(f"| {name} | skipped: {why} | | | | | | |")
-        st = e.get("standalone")
-        if st:
-            a("")
-            a("The same model's gradients outside Lightning (micro-benchmark method, clean "
-              "step):\n")
-            a("| | time | / step(none) |\n|---|---:|---:|")
-            for k, v in st.items():
-                a(f"| {k} | {_fmt_t(v)} | {v / base * 100:.1f} % |")
-        g = e["configs"].get("GradGuard()")
-        if g and math.isfinite(g.get("core_s", math.nan)):
-            a(f"\nInside the GradGuard hook ({_fmt_t(g['hook_s'])}), `GuardCore.step` takes "
-              f"{_fmt_t(g['core_s'])}: the Lightning adapter adds "
-              f"{_fmt_t(max(0.0, g['hook_s'] - g['core_s']))} per step.")
-        if g:
-            q = g["step_s"] / base
-            qh = 1 + g["hook_s"] / base
-            a("")
-            a("| target | measured | |\n|---|---|:-:|")
-            a(f"| step time with GradGuard() ≤ 1.03× no callback (ratio of medians) | "
-              f"{_fmt_r(q)} | {_check(q <= 1.03)} |")
-            a(f"| same, from the hook time (1 + hook / step(none)) | {qh:.3f}× | "
-              f"{_check(qh <= 1.03)} |")
-            fl = e["configs"].get(FLOOR_CFG)
-            if fl:
-                qf = 1 + fl["hook_s"] / base
-                a(f"| (reference: the in-step floor, one `_foreach_norm` read of the gradients "
-                  f"and one host read, 1 + hook / step(none)) | {qf:.3f}× | |")
-                a(f"| GradGuard's hook beyond that floor | "
-                  f"{_fmt_t(g['hook_s'] - fl['hook_s'])} "
-                  f"({(g['hook_s'] - fl['hook_s']) / base * 100:.1f} % of the step) | |")
-            if st:
-                qf = 1 + st["floor"] / base
-                a(f"| (for reference: the same read outside a training step, warm caches, "
-                  f"1 + floor / step(none)) | {qf:.3f}× | |")
-        a("")
+        render_e2e(a, res["e2e"], args)
 
     if "memory" in res:
         mm = res["memory"]
@@ -1216,9 +1380,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measured steps per fit (default 40; quick 8)")
     p.add_argument("--e2e-warmup", type=int, default=None,
                    help="excluded first steps per fit (default 10; quick 3)")
-    p.add_argument("--width", type=int, default=None, help="DeepMLP width (default 1024)")
-    p.add_argument("--depth", type=int, default=None, help="DeepMLP depth (default 6)")
-    p.add_argument("--batch", type=int, default=64, help="batch size (demo default 64)")
+    p.add_argument("--e2e-models", nargs="+", choices=E2E_MODELS, default=list(E2E_MODELS),
+                   metavar="MODEL",
+                   help=f"end-to-end models, run in this order (choices: "
+                        f"{', '.join(E2E_MODELS)}; default all three)")
+    p.add_argument("--width", type=int, default=None,
+                   help="DeepMLP width (default 1024; quick 256); e2e, memory snapshot")
+    p.add_argument("--depth", type=int, default=None,
+                   help="DeepMLP depth (default 6; quick 3); e2e, memory snapshot")
+    p.add_argument("--batch", type=int, default=64,
+                   help=f"DeepMLP batch size (default 64); ResidualMLP and the LSTM use "
+                        f"{E2E_BATCH}, pinned")
     args = p.parse_args(argv)
     q = args.quick
     args.repeats = args.repeats or 5
@@ -1246,6 +1418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown sections {sorted(bad)}")
     if args.e2e_warmup < 1:
         p.error("--e2e-warmup must be >= 1")
+    args.e2e_models = list(dict.fromkeys(args.e2e_models))  # repeated names run once
     args.command = "python benchmarks/overhead.py" + (
         " " + " ".join(argv if argv is not None else sys.argv[1:])
         if (argv if argv is not None else sys.argv[1:]) else "")
