@@ -27,8 +27,12 @@ Per step (one fused read of the gradients, one host synchronisation):
                                  such steps in a row, halt after ``halt_after``
    non-finite under a GradScaler  nothing: the scaler skips it itself (``amp_overflow``)
    norm > threshold (spike)      **clip** to the threshold (one read-write pass)
-   ``spike_patience`` spikes     LR backoff
-   within ``spike_window`` steps
+   plain-SGD update over         **clip** to ``max_update_ratio`` of the weight norm
+   ``max_update_ratio``
+   ``spike_patience`` spikes     LR backoff (with plain SGD, a spike counts only if its
+   or capped updates within      update would move the weights by more than
+   ``spike_window`` steps        ``max_update_ratio / 10``: a smaller one is clipped but
+                                 is no sign of too high an LR)
    sustained growth              LR backoff (:class:`~lightning_gradguard.core.growth.
                                  GrowthDetector`)
    clean step                    LR scale recovers toward 1
@@ -67,8 +71,9 @@ _PLAIN = (torch.nn.Parameter, torch.Tensor)
 _TRUST_EVERY_STEP_UNTIL = 16
 #: ... and on every this-many-th step after it.
 _TRUST_EVERY = 8
-#: A plain-SGD update this many times over ``max_update_ratio`` counts toward a backoff.
-_TRUST_BACKOFF = 2.0
+#: With plain SGD, a spike counts toward ``spike_patience`` only if its whole update would
+#: change the weights by more than ``max_update_ratio / _TRUST_FAR`` of their norm.
+_TRUST_FAR = 10.0
 
 
 class Action(str, Enum):
@@ -93,6 +98,10 @@ class GuardSettings:
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (0: never).
+            Steps clipped by ``max_update_ratio`` count as spikes. With plain SGD (see
+            ``max_update_ratio``) a spike counts only if its whole update would change the
+            weights by more than ``max_update_ratio / 10`` of their norm: at a comfortable
+            LR a gradient spike is clipped, but it is no reason to lower the LR.
         spike_window: Window (in optimizer steps) for ``spike_patience``.
         growth_patience: Consecutive rising norms that trigger a backoff (0: off).
         growth_min_rise: Minimum relative rise that counts for ``growth_patience``.
@@ -105,7 +114,7 @@ class GuardSettings:
             ``lr * ||g|| <= max_update_ratio * ||w||`` (``lr``: the largest group LR, times
             the backoff scale; momentum is not counted). This protects the very first steps,
             before any history exists, from a learning rate that is far too high; a step
-            more than twice over it counts toward an LR backoff like a spike. The weight
+            clipped by it counts toward an LR backoff like a spike. The weight
             norm is measured on the first 16 steps and every 8th step after, inside the
             step's single host read. ``None`` disables it; other optimizers (Adam, RMSprop,
             ...) normalise their updates and are not affected, nor is an SGD whose LR is a
@@ -412,9 +421,16 @@ class GuardCore:
         action = Action.NONE
         spike = norm > threshold
         backoff = False
+        cap = self._update_cap()
+        # with plain SGD, a spike whose whole update would still change the weights by less
+        # than a tenth of max_update_ratio is clipped but is no sign of too high an LR
+        counts = cap == _INF or _TRUST_FAR * norm > cap
+        counted = False
         if spike:
             c.spikes += 1
-            c.spike_steps.append(step)
+            if counts:
+                c.spike_steps.append(step)
+                counted = True
             coef = clip_coef(norm, threshold)
             if coef < 1.0:
                 scale_grads_(grads, coef, groups)
@@ -422,11 +438,10 @@ class GuardCore:
                 action = Action.CLIP
         elif self.policy.unitwise and clipped_norm < norm * (1 - 1e-6):
             action = Action.CLIP
-        cap = self._update_cap()
         if cap < clipped_norm:
-            # too large an update for the weights (plain SGD): clipped; far too large (more
-            # than twice the cap) counts toward an LR backoff like a spike
-            if clipped_norm > _TRUST_BACKOFF * cap and not spike:
+            # too large an update for the weights (plain SGD): clipped, and counted toward an
+            # LR backoff like a spike
+            if not counted:
                 c.spike_steps.append(step)
             coef = clip_coef(clipped_norm, cap)
             scale_grads_(grads, coef, groups)

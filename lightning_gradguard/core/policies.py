@@ -152,6 +152,9 @@ class ZScoreClip(ClipPolicy):
         ema_decay: Decay :math:`\beta \in [0, 1)` of the EMA (the ZClip paper's ``alpha``).
         warmup_steps: Observations before the pure z-score threshold is used.
         warmup_factor: :math:`f \geq 1`; the warmup threshold is at least :math:`f\mu`.
+            The default 10 leaves the volatile first steps of a healthy run alone (a 5x
+            rise at step 2 is common) while any outlier beyond that is still clipped; with
+            plain SGD the guard's ``max_update_ratio`` bounds those early updates too.
 
     Example:
         >>> clip = ZScoreClip(z_threshold=3.0, warmup_steps=2)
@@ -171,7 +174,7 @@ class ZScoreClip(ClipPolicy):
         z_threshold: float = 3.0,
         ema_decay: float = 0.97,
         warmup_steps: int = 25,
-        warmup_factor: float = 3.0,
+        warmup_factor: float = 10.0,
     ) -> None:
         super().__init__()
         self.z_threshold = check_number("z_threshold", z_threshold, low=0.0,

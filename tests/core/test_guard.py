@@ -280,23 +280,27 @@ def test_threshold_after_clipped_spike_equals_skipped_reference(k: int) -> None:
 
     Reference: the same run where step ``k`` is clean but skipped without the guard. The
     isolated spike does not enter the statistics, so the thresholds agree exactly right
-    after it and within 1% later (the clipped update changes the trajectory a little).
-    Measured: 0 at k+1; at most 0.14% (k=3) / 0.01% (k=40) by step 60.
+    after it; later they differ only by the trajectory (the clipped update is a real one).
+    During warmup it is clipped to ``warmup_factor`` (10) x the mean norm, a larger update
+    than after warmup, so the trajectories differ more. Measured: 0 at k+1; at most 3.7%
+    (k=3) / 0.15% (k=40) by step 60.
     """
     kw = {"spike_patience": 0, "growth_patience": 0}
     a = run(60, faults={k: scale_all(1e6)}, **kw)
     b = reference_run(60, skip_at=(k,), **kw)
     assert a.reports[k].action is Action.CLIP
     assert a.reports[k + 1].threshold == b.reports[k + 1].threshold
+    bound = 0.05 if k < 25 else 0.01
     for t in range(k + 1, 61):
         rel = abs(a.reports[t].threshold / b.reports[t].threshold - 1)
-        assert rel < 0.01, (t, rel)
+        assert rel < bound, (t, rel)
 
 
 # Against a run without any fault (step k clean and taken), the faulty run lacks step k's
 # norm in its statistics. Measured (this model/data): k=40: +0.67% at k+1, +0.40% at
-# step 60; k=3 (2 observations so far): +6.3% at k+1, +1.5% at k+10, +0.77% at step 60.
-@pytest.mark.parametrize(("k", "bound_next", "bound_end"), [(40, 0.01, 0.01), (3, 0.10, 0.02)])
+# step 60; k=3 (2 observations so far): +6.3% at k+1, +2.0% at k+10, +3.3% at step 60 (the
+# spike was clipped to 10x the mean norm, the warmup bound: a larger update).
+@pytest.mark.parametrize(("k", "bound_next", "bound_end"), [(40, 0.01, 0.01), (3, 0.10, 0.05)])
 def test_threshold_after_clipped_spike_close_to_clean_run(
     k: int, bound_next: float, bound_end: float
 ) -> None:

@@ -1,0 +1,126 @@
+"""``max_update_ratio``: the plain-SGD update cap of :class:`GuardCore`.
+
+One weight vector of 100 ones (norm 10), SGD with lr 1 and the default ratio 0.1: the cap on
+the gradient norm is ``0.1 * 10 / 1 = 1``. Gradients are set by hand (all entries equal, so
+the norm is exact) and the weights are put back after every update, so the cap stays known.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_gradguard.core.guard import Action, GuardCore, StepReport
+from lightning_gradguard.core.policies import NoClip, ZScoreClip
+
+N = 100
+
+
+class CapRun:
+    def __init__(self, lr: float = 1.0, **settings: Any) -> None:
+        settings.setdefault("clip", NoClip())
+        self.w = torch.nn.Parameter(torch.ones(N))
+        self.w0 = torch.ones(N)
+        self.opt = torch.optim.SGD([self.w], lr=lr)
+        self.guard = GuardCore([self.w], self.opt, **settings)
+        self.updates: list[float] = []
+
+    def step(self, grad_norm: float) -> StepReport:
+        self.w.grad = torch.full((N,), grad_norm / math.sqrt(N))
+        report = self.guard.step()
+        self.opt.step()
+        with torch.no_grad():
+            self.updates.append(float(torch.linalg.vector_norm(self.w - self.w0)))
+            self.w.copy_(self.w0)
+        return report
+
+
+def test_update_over_the_cap_is_clipped_to_exactly_the_ratio() -> None:
+    run = CapRun()
+    first = run.step(0.5)
+    assert first.action is Action.NONE
+    assert run.updates[-1] == pytest.approx(0.5)
+    r = run.step(3.0)
+    assert r.action is Action.CLIP
+    assert r.grad_norm == pytest.approx(3.0)
+    assert r.grad_norm_clipped == pytest.approx(1.0)
+    assert r.threshold == pytest.approx(1.0)
+    # the update changed the weights by exactly max_update_ratio of their norm
+    assert run.updates[-1] == pytest.approx(0.1 * math.sqrt(N), rel=1e-6)
+    assert run.guard.counters.clipped_steps == 1
+
+
+def test_cap_hits_count_toward_a_backoff_like_spikes() -> None:
+    run = CapRun(spike_patience=3)
+    run.step(0.5)
+    reports = [run.step(1.5) for _ in range(3)]  # 1.5x over the cap, three times
+    assert [r.backoff for r in reports] == [False, False, True]
+    assert run.guard.backoff.scale == 0.5
+    assert run.guard.counters.lr_backoffs == 1
+    assert run.opt.param_groups[0]["lr"] == 1.0  # the schedule's LR is back after the update
+    # the backed-off update is scaled: lr 0.5, and the cap in gradient norm doubles
+    r = run.step(1.5)
+    assert r.action is Action.NONE
+    assert r.lr_scale < 0.51
+    assert run.updates[-1] == pytest.approx(1.5 * r.lr_scale, rel=1e-6)
+
+
+def test_cap_hits_do_not_back_off_without_spike_patience() -> None:
+    run = CapRun(spike_patience=0)
+    run.step(0.5)
+    reports = [run.step(1.5) for _ in range(5)]
+    assert all(r.action is Action.CLIP and not r.backoff for r in reports)
+    assert run.guard.backoff.scale == 1.0
+
+
+def test_no_cap_for_other_optimizers_or_when_disabled() -> None:
+    w = torch.nn.Parameter(torch.ones(N))
+    adam = GuardCore([w], torch.optim.Adam([w], lr=1.0), clip=NoClip())
+    w.grad = torch.full((N,), 0.5)
+    adam.step()
+    w.grad = torch.full((N,), 30.0)
+    assert adam.step().action is Action.NONE
+    run = CapRun(max_update_ratio=None)
+    run.step(0.5)
+    assert run.step(30.0).action is Action.NONE
+
+
+def _spikes_after_history(run: CapRun, base: float, spike: float) -> list[StepReport]:
+    for i in range(30):
+        run.step(base * (0.9 if i % 2 else 1.1))
+    return [run.step(spike) for _ in range(3)]
+
+
+def test_small_sgd_spikes_are_clipped_without_a_backoff() -> None:
+    """lr 0.01: cap 100, so a spike of norm 5 would move the weights by 0.5 % (< 1 %)."""
+    run = CapRun(lr=0.01, clip=ZScoreClip())
+    reports = _spikes_after_history(run, 0.5, 5.0)
+    assert all(r.spike and r.action is Action.CLIP for r in reports)
+    assert all(r.grad_norm_clipped < 1.0 for r in reports)  # clipped to the threshold
+    assert not any(r.backoff for r in reports)
+    assert run.guard.backoff.scale == 1.0
+    assert run.guard.counters.spikes == 3
+
+
+def test_large_sgd_spikes_back_off() -> None:
+    """lr 0.1: cap 10, so the same spikes would move the weights by 5 % (> 1 %)."""
+    run = CapRun(lr=0.1, clip=ZScoreClip())
+    reports = _spikes_after_history(run, 0.5, 5.0)
+    assert all(r.spike and r.action is Action.CLIP for r in reports)
+    assert [r.backoff for r in reports] == [False, False, True]
+    assert run.guard.backoff.scale == 0.5
+
+
+def test_spikes_always_count_without_a_cap() -> None:
+    """Adam (no update cap): the same three spikes back off the LR."""
+    w = torch.nn.Parameter(torch.ones(N))
+    guard = GuardCore([w], torch.optim.Adam([w], lr=0.01))
+    out = []
+    for i in range(33):
+        norm = 5.0 if i >= 30 else 0.5 * (0.9 if i % 2 else 1.1)
+        w.grad = torch.full((N,), norm / math.sqrt(N))
+        out.append(guard.step())
+    assert [r.backoff for r in out[30:]] == [False, False, True]
