@@ -157,7 +157,7 @@ MODELS: dict[str, ModelSpec] = {
 MAIN_METHODS: tuple[str, ...] = (
     "none", "clip1", "zclip", "autoclip", "autoclip_p10", "agc", "gradguard",
 )
-DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 #: Scratch GradGuard variants shown in the report's "variants" section (when cached).
 DEFAULT_VARIANTS: tuple[str, ...] = ()
 
