@@ -99,7 +99,10 @@ class GradGuardLogic:
         backoff_factor: LR scale multiplier per backoff.
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
-        spike_patience: Spikes within ``spike_window`` steps that trigger a backoff.
+        spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (updates
+            clipped by ``max_update_ratio`` count like spikes; with ``torch.optim.SGD`` a
+            spike counts only if its update would move the weights by more than
+            ``max_update_ratio / 10``, see :class:`~lightning_gradguard.core.GuardSettings`).
         spike_window: Window for ``spike_patience``.
         growth_patience: Consecutive rising norms that trigger a backoff (0: off).
         growth_min_rise: Minimum relative rise counted by ``growth_patience``.
@@ -108,9 +111,9 @@ class GradGuardLogic:
         rollback_after: Consecutive non-finite steps that trigger a rollback.
         halt_after: Consecutive non-finite steps that halt training (0: never).
         max_update_ratio: With ``torch.optim.SGD``: largest relative weight change
-            ``lr * ||g|| / ||w||`` of one update (the gradient is clipped to it; far over it
-            counts toward a backoff); protects the first steps from a far too high learning
-            rate. ``None`` disables it. Other optimizers are not affected.
+            ``lr * ||g|| / ||w||`` of one update (the gradient is clipped to it, and the step
+            counts toward a backoff like a spike); protects the first steps from a far too
+            high learning rate. ``None`` disables it. Other optimizers are not affected.
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
             (:class:`GradGuardHalt`).
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's

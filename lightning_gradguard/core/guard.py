@@ -27,10 +27,10 @@ Per step (one fused read of the gradients, one host synchronisation):
                                  such steps in a row, halt after ``halt_after``
    non-finite under a GradScaler  nothing: the scaler skips it itself (``amp_overflow``)
    norm > threshold (spike)      **clip** to the threshold (one read-write pass)
-   plain-SGD update over         **clip** to ``max_update_ratio`` of the weight norm
+   SGD update over               **clip** to ``max_update_ratio`` of the weight norm
    ``max_update_ratio``
-   ``spike_patience`` spikes     LR backoff (with plain SGD, a spike counts only if its
-   or capped updates within      update would move the weights by more than
+   ``spike_patience`` spikes     LR backoff (with SGD, a spike counts only if its update
+   or capped updates within      ``lr * ||g||`` would move the weights by more than
    ``spike_window`` steps        ``max_update_ratio / 10``: a smaller one is clipped but
                                  is no sign of too high an LR)
    sustained growth              LR backoff (:class:`~lightning_gradguard.core.growth.
@@ -98,10 +98,13 @@ class GuardSettings:
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (0: never).
-            Steps clipped by ``max_update_ratio`` count as spikes. With plain SGD (see
-            ``max_update_ratio``) a spike counts only if its whole update would change the
-            weights by more than ``max_update_ratio / 10`` of their norm: at a comfortable
-            LR a gradient spike is clipped, but it is no reason to lower the LR.
+            Steps clipped by ``max_update_ratio`` count toward it like spikes. With
+            ``torch.optim.SGD`` and ``max_update_ratio`` set, a spike counts only if its whole
+            update ``lr * ||g||`` would change the weights by more than
+            ``max_update_ratio / 10`` of their norm (momentum is not counted; an LR of 0
+            never counts): at a comfortable LR a gradient spike is clipped, but it is no
+            reason to lower the LR. With other optimizers, or ``max_update_ratio=None``,
+            every spike counts.
         spike_window: Window (in optimizer steps) for ``spike_patience``.
         growth_patience: Consecutive rising norms that trigger a backoff (0: off).
         growth_min_rise: Minimum relative rise that counts for ``growth_patience``.
@@ -421,10 +424,12 @@ class GuardCore:
         action = Action.NONE
         spike = norm > threshold
         backoff = False
-        cap = self._update_cap()
-        # with plain SGD, a spike whose whole update would still change the weights by less
-        # than a tenth of max_update_ratio is clipped but is no sign of too high an LR
-        counts = cap == _INF or _TRUST_FAR * norm > cap
+        sgd_lr = self._sgd_lr()
+        cap = self._update_cap(sgd_lr)
+        # with SGD, a spike whose whole update would still change the weights by less than a
+        # tenth of max_update_ratio (or not at all: LR 0) is clipped but is no sign of too
+        # high an LR; without a cap every spike counts
+        counts = sgd_lr is None or (sgd_lr > 0.0 and _TRUST_FAR * norm > cap)
         counted = False
         if spike:
             c.spikes += 1
@@ -470,22 +475,34 @@ class GuardCore:
         self.last_report = report
         return report
 
-    def _update_cap(self) -> float:
-        """The gradient norm at which an SGD update changes ``max_update_ratio`` of w."""
-        ratio = self.settings.max_update_ratio
-        if not self._trust or self._weight_norm is None or ratio is None:
-            return _INF
+    def _sgd_lr(self) -> float | None:
+        """The update's LR for ``max_update_ratio`` (largest group LR x backoff scale).
+
+        ``None`` when there is no cap: not plain SGD, no weight norm measured yet, a
+        non-finite LR, or a tensor LR on an accelerator (reading it would add a host
+        synchronisation every step).
+        """
+        if not self._trust or self._weight_norm is None or self.settings.max_update_ratio is None:
+            return None
         assert self.optimizer is not None
         lr = 0.0
         for g in self.optimizer.param_groups:
             glr = g.get("lr", 0.0)
             if isinstance(glr, Tensor) and glr.device.type != "cpu":
-                return _INF  # reading it would add a host synchronisation every step
+                return None
             lr = max(lr, float(glr))
         lr *= self.backoff.scale if self.settings.lr_backoff else 1.0
-        if not (lr > 0.0 and math.isfinite(lr)):
+        return lr if math.isfinite(lr) and lr >= 0.0 else None
+
+    def _update_cap(self, lr: float | None) -> float:
+        """The gradient norm at which an SGD step with ``lr`` moves ``max_update_ratio`` of w.
+
+        ``inf`` when there is no cap, or for an LR of 0 (the update moves nothing).
+        """
+        ratio, weight_norm = self.settings.max_update_ratio, self._weight_norm
+        if lr is None or lr == 0.0 or ratio is None or weight_norm is None:
             return _INF
-        return ratio * self._weight_norm / lr
+        return ratio * weight_norm / lr
 
     def _optimizers(self, extra: Sequence[Optimizer]) -> list[Optimizer]:
         return ([self.optimizer] if self.optimizer else []) + list(extra)

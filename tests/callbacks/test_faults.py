@@ -131,9 +131,11 @@ def test_nonfinite_step_leaves_no_trace_in_statistics(k: int) -> None:
 # norms, so the faulty run (one observation fewer, plus the LR backoff of a non-finite step)
 # differs by a few percent: bounded at 5% there. Measured: nan/inf/x1e6@40 0.56% right after
 # (0.09% / 1.6% at the last step); @3 3.2% (4.8% / 12.8%). Run with -s to print them.
-# x1e6 during warmup is clipped to ``warmup_factor`` (10) x the mean norm: with momentum 0.9
-# that one larger update moves the trajectory, so at the last step the runs differ by 12.8%
-# (the statistics themselves are not poisoned: the threshold right after is within 3.2%).
+# x1e6 during warmup is clipped to the lower of ``warmup_factor`` (10) x the mean norm (15.8
+# here) and the SGD update cap of ``max_update_ratio`` (9.57 here; it was 4.7 with the old
+# warmup factor 3): with momentum 0.9 that one larger update moves the trajectory, so at the
+# last step the runs differ by 12.8% (the statistics themselves are not poisoned: the
+# threshold right after the fault is within 3.2%).
 @pytest.mark.parametrize(
     ("kind", "k", "bound"),
     [

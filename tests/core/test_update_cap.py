@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lightning_gradguard.core.guard import Action, GuardCore, StepReport
-from lightning_gradguard.core.policies import NoClip, ZScoreClip
+from lightning_gradguard.core.policies import FixedNormClip, NoClip, ZScoreClip
 
 N = 100
 
@@ -124,3 +124,29 @@ def test_spikes_always_count_without_a_cap() -> None:
         w.grad = torch.full((N,), norm / math.sqrt(N))
         out.append(guard.step())
     assert [r.backoff for r in out[30:]] == [False, False, True]
+
+
+def test_a_spike_over_the_cap_counts_once() -> None:
+    """A spike that the cap clips too is one entry toward ``spike_patience``, not two."""
+    run = CapRun(clip=FixedNormClip(2.0), spike_patience=2)
+    first = run.step(3.0)  # over the threshold (2) and the cap (1)
+    assert first.spike
+    assert first.action is Action.CLIP
+    assert not first.backoff
+    assert run.guard.counters.spike_steps == [1]
+    assert run.updates[-1] == pytest.approx(1.0)  # the smaller bound wins
+    assert run.step(3.0).backoff
+
+
+def test_spikes_never_count_at_lr_zero() -> None:
+    """An LR of 0 (e.g. the start of a warmup schedule) moves nothing: no backoff."""
+    run = CapRun(lr=0.0, clip=FixedNormClip(2.0), spike_patience=1)
+    reports = [run.step(3.0) for _ in range(3)]
+    assert all(r.spike and r.action is Action.CLIP for r in reports)
+    assert not any(r.backoff for r in reports)
+
+
+def test_sgd_spikes_always_count_without_max_update_ratio() -> None:
+    run = CapRun(lr=0.01, clip=ZScoreClip(), max_update_ratio=None)
+    reports = _spikes_after_history(run, 0.5, 5.0)
+    assert [r.backoff for r in reports] == [False, False, True]

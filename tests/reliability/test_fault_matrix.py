@@ -165,7 +165,9 @@ def _param_case(kind: str, k: int, precision: str, tmp_path: Path,
         assert not s["halted"]
         assert _all_finite(r.params)
         assert s["nonfinite_steps"] == s["skipped_steps"] == 0
-        assert s["spikes"] >= 1  # during warmup only those over 10x the mean norm
+        # measured: 2 spikes for a fault during warmup (only norms over 10x the running mean
+        # are spikes there; the backoff then comes from the growth detector), 9 after it
+        assert s["spikes"] >= (2 if k < 25 else 3)
         assert s["clipped_steps"] == s["spikes"]
         assert s["lr_backoffs"] >= 1
         assert s["lr_scale"] < 1.0
