@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ReportError", "RunData", "load_runs", "render_report", "summarize"]
 
@@ -130,6 +131,16 @@ def render_report(runs: list[RunData], output: str | os.PathLike[str]) -> Path:
     Raises:
         ReportError: If matplotlib is not installed (names the extra to install).
     """
+    plt = _pyplot()
+    fig = _draw(runs)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -139,7 +150,12 @@ def render_report(runs: list[RunData], output: str | os.PathLike[str]) -> Path:
         raise ReportError(
             'gradguard report needs matplotlib: pip install "lightning-gradguard[report]"'
         ) from err
+    return plt
 
+
+def _draw(runs: list[RunData]) -> Any:
+    """The report's matplotlib figure (three rows of panels, one column per run)."""
+    plt = _pyplot()
     ncols = len(runs)
     fig, axes = plt.subplots(3, ncols, figsize=(6.5 * ncols, 9), squeeze=False,
                              sharex="col", gridspec_kw={"height_ratios": [3, 1.2, 1.5]})
@@ -200,8 +216,9 @@ def render_report(runs: list[RunData], output: str | os.PathLike[str]) -> Path:
             if pts:
                 ax_loss.plot(*zip(*pts, strict=True), color="tab:gray")
             bad = [a for a, b in zip(s, v, strict=True) if not math.isfinite(b)]
-            if bad:
-                ax_loss.scatter(bad, [0] * len(bad), marker="x", color="tab:red",
+            if bad:  # no value to plot: marked along the top of the panel, on any y scale
+                ax_loss.scatter(bad, [0.92] * len(bad), marker="x", color="tab:red",
+                                transform=ax_loss.get_xaxis_transform(), clip_on=False,
                                 label=f"non-finite loss ({len(bad)})")
                 ax_loss.legend(fontsize=8)
             if pts and all(b > 0 for _, b in pts):
@@ -214,8 +231,4 @@ def render_report(runs: list[RunData], output: str | os.PathLike[str]) -> Path:
         ax_loss.grid(alpha=0.3)
     fig.suptitle("gradguard report: gradient norm, interventions, LR scale, loss", fontsize=13)
     fig.tight_layout()
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig

@@ -145,3 +145,28 @@ def test_event_files_without_gradguard_tags(tmp_path: Path,
     err = capsys.readouterr().err
     assert "gradguard tags" in err
     assert not (tmp_path / "r.png").exists()
+
+
+def test_nonfinite_loss_markers_are_inside_a_log_scaled_loss_panel() -> None:
+    """A run whose loss went from huge to NaN: the finite part puts the panel on a log scale,
+    where y = 0 does not exist; the NaN markers must still be drawn inside the panel."""
+    import matplotlib.pyplot as plt
+
+    from lightning_gradguard.report import RunData, _draw
+
+    steps = list(range(10))
+    loss = [1e3 * 10.0**s for s in range(4)] + [float("nan")] * 6
+    run = RunData("diverged", {"train_loss": (steps, loss),
+                               "gradguard/grad_norm": (steps, [1.0] * 10)})
+    fig = _draw([run])
+    try:
+        ax = fig.axes[2]
+        assert ax.get_yscale() == "log"
+        (markers,) = [c for c in ax.collections if c.get_label() == "non-finite loss (6)"]
+        fig.canvas.draw()
+        pts = markers.get_offset_transform().transform(markers.get_offsets())
+        box = ax.get_window_extent()
+        assert len(pts) == 6
+        assert all(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for x, y in pts)
+    finally:
+        plt.close(fig)
