@@ -25,7 +25,8 @@ Per step (one fused read of the gradients, one host synchronisation):
    non-finite gradient or loss   **skip** (gradients cleared: weights and optimizer state
                                  untouched), LR backoff, rollback after ``rollback_after``
                                  such steps in a row, halt after ``halt_after``
-   non-finite under a GradScaler  nothing: the scaler skips it itself (``amp_overflow``)
+   non-finite under a GradScaler  nothing: the scaler skips it itself (``amp_overflow``);
+                                 40 in a row (finite loss) halt, with ``halt_after`` > 0
    norm > threshold (spike)      **clip** to the threshold (one read-write pass)
    SGD update over               **clip** to ``max_update_ratio`` of the weight norm
    ``max_update_ratio``
@@ -74,6 +75,11 @@ _TRUST_EVERY = 8
 #: With plain SGD, a spike counts toward ``spike_patience`` only if its whole update would
 #: change the weights by more than ``max_update_ratio / _TRUST_FAR`` of their norm.
 _TRUST_FAR = 10.0
+#: Consecutive steps a GradScaler skipped (finite loss, non-finite gradients) after which they
+#: are no longer its calibration: it halved its scale at each one, 2**-40 in all, so gradients
+#: still non-finite are non-finite at any scale (e.g. sqrt or log at 0 in the backward). With
+#: ``halt_after`` > 0 training halts there, with the diagnosis.
+_AMP_STREAK_HALT = 40
 
 
 class Action(str, Enum):
@@ -111,7 +117,10 @@ class GuardSettings:
         rollback: Keep a last-good snapshot and restore it when training cannot recover.
         snapshot_every: Steps between snapshots (with ``rollback``).
         rollback_after: Consecutive non-finite steps that trigger a rollback.
-        halt_after: Consecutive non-finite steps that halt training (0: never).
+        halt_after: Consecutive non-finite steps that halt training (0: never). Under a
+            GradScaler, steps it skips (finite loss, non-finite gradients) are its
+            calibration and do not count; 40 of them in a row halt training too (unless
+            ``halt_after`` is 0): the gradients are then non-finite at any loss scale.
         max_update_ratio: Largest relative weight change one SGD update may make: with a
             ``torch.optim.SGD`` optimizer the gradient is also clipped so that
             ``lr * ||g|| <= max_update_ratio * ||w||`` (``lr``: the largest group LR, times
@@ -238,6 +247,8 @@ class _Counters:
     rollbacks: int = 0
     amp_overflow_steps: int = 0
     nonfinite_streak: int = 0
+    amp_streak: int = 0
+    amp_streak_start: int | None = None
     halted: bool = False
     first_nonfinite_step: int | None = None
     streak_start: int | None = None
@@ -419,6 +430,7 @@ class GuardCore:
             return self._nonfinite(step, norm, threshold, loss_v, norms.per_tensor, amp_overflow,
                                    snapshot_extra)
         c.nonfinite_streak = 0
+        c.amp_streak = 0
         if not params_finite:
             return self._nonfinite_params(step, norm, threshold, loss_v, snapshot_extra)
         action = Action.NONE
@@ -561,9 +573,21 @@ class GuardCore:
             self._lr.restore()
         if amp_overflow and (loss is None or math.isfinite(loss)):
             c.amp_overflow_steps += 1
+            c.amp_streak += 1
+            if c.amp_streak == 1:
+                c.amp_streak_start = step
+            halt = s.halt_after > 0 and c.amp_streak >= _AMP_STREAK_HALT
+            diagnosis = None
+            if halt:  # not an overflow any more: the scaler cannot fix it
+                c.halted = True
+                diagnosis = self._diagnose(step, per_tensor, loss)
+                if c.first_nonfinite_step is None:
+                    c.first_nonfinite_step = step
+                    self.first_diagnosis = diagnosis
             report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
                                 threshold=threshold, finite=False, action=Action.AMP_SKIP,
-                                lr_scale=self.backoff.scale, loss=loss)
+                                lr_scale=self.backoff.scale, halt=halt, loss=loss,
+                                diagnosis=diagnosis)
             self.last_report = report
             return report
         c.nonfinite_steps += 1
@@ -572,12 +596,7 @@ class GuardCore:
             c.streak_start = step
         diagnosis = None
         if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
-            norms = to_host(per_tensor) if per_tensor is not None else []
-            names = [n for n, p in zip(self.names, self.params, strict=True)
-                     if p.grad is not None]
-            diagnosis = diagnose(step, names, norms, loss=loss,
-                                 growth_before=c.growth_events > 0,
-                                 lr_scale=self.backoff.scale)
+            diagnosis = self._diagnose(step, per_tensor, loss)
             if c.first_nonfinite_step is None:
                 c.first_nonfinite_step = step
                 self.first_diagnosis = diagnosis
@@ -603,6 +622,14 @@ class GuardCore:
         self.last_report = report
         return report
 
+    def _diagnose(self, step: int, per_tensor: Tensor | None, loss: float | None) -> Diagnosis:
+        """Which parameters are non-finite (one more host read: first and last bad step)."""
+        norms = to_host(per_tensor) if per_tensor is not None else []
+        names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
+        return diagnose(step, names, norms, loss=loss,
+                        growth_before=self.counters.growth_events > 0,
+                        lr_scale=self.backoff.scale)
+
     # ------------------------------------------------------------------ reporting
     @property
     def halt_message(self) -> str:
@@ -611,6 +638,18 @@ class GuardCore:
         if not c.halted:
             return ""
         first = self.first_diagnosis
+        if c.amp_streak >= _AMP_STREAK_HALT:
+            end = self.last_report.step if self.last_report else c.steps
+            last = self.last_report.diagnosis if self.last_report else None
+            parts = [f"{c.amp_streak} consecutive steps with finite loss and non-finite "
+                     f"gradients under the GradScaler (steps {c.amp_streak_start}..{end}); it "
+                     "skipped each one and halved its loss scale each time, so these are not "
+                     "fp16 overflows but gradients that are non-finite at any scale (sqrt or "
+                     "log at 0, division by zero in the backward, NaN reaching only the "
+                     "backward)"]
+            if last is not None:
+                parts.append(f"last step: {last.message()}")
+            return "; ".join(parts)
         start = c.streak_start
         end = self.last_report.step if self.last_report else c.steps
         parts = [f"{c.nonfinite_streak} consecutive non-finite steps (steps {start}..{end}); "
@@ -634,6 +673,8 @@ class GuardCore:
         out = asdict(self.counters)
         out.pop("spike_steps")
         out.pop("nonfinite_streak")
+        out.pop("amp_streak")
+        out.pop("amp_streak_start")
         out.pop("first_nonfinite_step")
         out.pop("streak_start")
         out["lr_scale"] = self.backoff.scale
@@ -676,7 +717,8 @@ class GuardCore:
         self.growth.load_state_dict(state_dict["growth"])
         counters = dict(state_dict["counters"])
         if counters.get("halted"):
-            counters.update(halted=False, nonfinite_streak=0, streak_start=None)
+            counters.update(halted=False, nonfinite_streak=0, streak_start=None, amp_streak=0,
+                            amp_streak_start=None)
         self.counters = _Counters(**counters)
         first = state_dict.get("first_diagnosis")
         self.first_diagnosis = None if first is None else Diagnosis(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -60,3 +63,39 @@ def test_bf16_mixed() -> None:
     assert trainer.global_step == s["steps"] == 15
     assert (s["nonfinite_steps"], s["skipped_steps"], s["amp_overflow_steps"]) == (1, 1, 0)
     assert all_finite(module)
+
+
+def test_gradients_nonfinite_at_every_scale_halt_cleanly(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Finite loss, NaN gradients on every step (e.g. sqrt(0) in the backward): the scaler
+    skips each step and halves its scale forever, and training makes no progress. After 40
+    such steps in a row the guard halts, with a message that says why."""
+    guard = GradGuard(checkpoint_dir=tmp_path)
+    module = TinyModule(opt="adam", lr=0.01)
+    before = [p.detach().clone() for p in module.parameters()]
+    faults = FaultInjector([Fault(k) for k in range(200)])
+    with caplog.at_level(logging.ERROR), pytest.warns(UserWarning, match="step 39"):
+        trainer = fit(module, 200, [faults, guard], plugins=[_fp16()])
+    assert "40 consecutive steps with finite loss and non-finite gradients" in caplog.text
+    assert "not fp16 overflows" in caplog.text
+    s = guard.summary()
+    assert s["halted"] is True
+    assert s["amp_overflow_steps"] == 40
+    assert (s["nonfinite_steps"], s["skipped_steps"]) == (0, 0)
+    assert trainer.global_step == 40
+    assert guard.halt_checkpoint is not None
+    assert guard.halt_checkpoint.exists()
+    for a, b in zip(before, module.parameters(), strict=True):
+        assert torch.equal(a, b.detach())  # every update was skipped by the scaler
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**-20
+
+
+def test_a_clean_step_resets_the_scaler_streak() -> None:
+    guard = GradGuard()
+    module = TinyModule(opt="adam", lr=0.01)
+    faults = FaultInjector([Fault(k) for k in range(60) if k != 30])
+    trainer = fit(module, 60, [faults, guard], plugins=[_fp16()])
+    s = guard.summary()
+    assert s["halted"] is False
+    assert s["amp_overflow_steps"] == 59
+    assert trainer.global_step == 60

@@ -560,6 +560,36 @@ def test_amp_overflow_leaves_grads_to_the_scaler(bad: float) -> None:
     assert guard.step(amp_overflow=True).action in (Action.NONE, Action.CLIP)
 
 
+@pytest.mark.parametrize("halt_after", [25, 0])
+def test_forty_scaler_skips_in_a_row_halt(halt_after: int) -> None:
+    """Finite loss and NaN gradients 40 times in a row under a GradScaler: not calibration."""
+    model = tiny_model()
+    guard = GuardCore(model, _adam(model), halt_after=halt_after)
+    reports = []
+    for i in range(41):
+        model.zero_grad()
+        loss = loss_fn(model, DATA[i])
+        loss.backward()
+        nan_in("2.weight")(model)
+        reports.append(guard.step(loss, amp_overflow=True))
+    assert all(r.action is Action.AMP_SKIP for r in reports)
+    assert guard.counters.amp_overflow_steps == 41
+    assert guard.counters.skipped_steps == 0  # the scaler skips them, not the guard
+    if halt_after == 0:
+        assert not any(r.halt for r in reports)
+        assert guard.halt_message == ""
+        return
+    assert next(i for i, r in enumerate(reports) if r.halt) == 39  # the 40th
+    assert guard.counters.halted
+    assert reports[39].diagnosis is not None
+    assert reports[39].diagnosis.nonfinite_params == ("2.weight",)
+    msg = guard.halt_message
+    assert "41 consecutive steps with finite loss and non-finite gradients" in msg
+    assert "(steps 1..41)" in msg
+    assert "not fp16 overflows" in msg
+    assert "2.weight" in msg
+
+
 # ----------------------------------------------------------------------------- host syncs
 POLICY_FACTORIES: dict[str, Callable[[], ClipPolicy]] = {
     "zscore": ZScoreClip,
