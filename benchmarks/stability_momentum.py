@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import stability as st  # noqa: E402
+import stability as st
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "stability_momentum.md"
