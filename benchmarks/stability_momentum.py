@@ -18,6 +18,7 @@ Any other option of ``stability.py`` works the same way.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,7 +44,8 @@ def use_momentum_grid() -> None:
             spec,
             overrides={**spec.overrides, "optimizer": "sgd_momentum"},
             lrs=tuple(float(f"{lr / 10:.3g}") for lr in spec.lrs),
-            note=spec.note.replace("plain SGD", "SGD + momentum 0.9, LRs 10x lower"),
+            note=re.sub(r" \(explodes at lr=[^)]*\)", "", spec.note).replace(
+                "plain SGD", "SGD + momentum 0.9 (LRs 10x lower than the plain-SGD grid)"),
         )
     st.QUICK = {**st.QUICK, "lrs": tuple(float(f"{lr / 10:.3g}") for lr in st.QUICK["lrs"])}
 
