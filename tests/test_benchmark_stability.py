@@ -55,6 +55,27 @@ def test_stability_quick(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(120)
+def test_stability_momentum_quick(tmp_path: Path) -> None:
+    """The momentum grid: the same runs with ``sgd_momentum`` and 10x lower learning rates."""
+    pytest.importorskip("matplotlib")
+    out, cache = tmp_path / "m.md", tmp_path / "cache"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("GG_STABILITY_LIB", None)
+    cmd = [sys.executable, str(SCRIPT.with_name("stability_momentum.py")), "--quick",
+           "--cache", str(cache), "--out", str(out), "--png", str(tmp_path / "m.png"),
+           "--json", str(tmp_path / "m.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=110, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
+    assert len(records) == 6
+    assert {r["lr"] for r in records} == {0.0003, 0.03}  # the quick LRs, 10x lower
+    assert all(r["model_kwargs"]["optimizer"] == "sgd_momentum" for r in records)
+    assert "# Stability benchmark: SGD + momentum 0.9" in out.read_text()
+    assert "benchmarks/stability_momentum.py" in out.read_text()
+
+
 def test_stability_helpers() -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     try:

@@ -112,8 +112,8 @@ class GradGuardLogic:
         halt_after: Consecutive non-finite steps that halt training (0: never); under a
             GradScaler, 40 consecutive steps it skipped with a finite loss halt too.
         max_update_ratio: With ``torch.optim.SGD``: largest relative weight change
-            ``lr * ||g|| / ||w||`` of one update, with ``lr / (1 - momentum)`` under momentum
-            (the gradient is clipped to it, and the step
+            ``lr * ||g|| / ||w||`` of one update (momentum not counted; the gradient is
+            clipped to it, and the step
             counts toward a backoff like a spike); protects the first steps from a far too
             high learning rate. ``None`` disables it. Other optimizers are not affected.
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``

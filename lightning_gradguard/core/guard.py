@@ -75,8 +75,6 @@ _TRUST_EVERY = 8
 #: With plain SGD, a spike counts toward ``spike_patience`` only if its whole update would
 #: change the weights by more than ``max_update_ratio / _TRUST_FAR`` of their norm.
 _TRUST_FAR = 10.0
-#: Momentum amplifies an SGD update by up to ``1 / (1 - momentum)``; capped at 100x.
-_MAX_MOMENTUM = 0.99
 #: Consecutive steps a GradScaler skipped (finite loss, non-finite gradients) after which they
 #: are no longer its calibration: it halved its scale at each one, 2**-40 in all, so gradients
 #: still non-finite are non-finite at any scale (e.g. sqrt or log at 0 in the backward). With
@@ -108,9 +106,9 @@ class GuardSettings:
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (0: never).
             Steps clipped by ``max_update_ratio`` count toward it like spikes. With
             ``torch.optim.SGD`` and ``max_update_ratio`` set, a spike counts only if its whole
-            update ``lr * ||g||`` (``lr`` as in ``max_update_ratio``, momentum included) would
-            change the weights by more than ``max_update_ratio / 10`` of their norm (an LR of
-            0 never counts): at a comfortable LR a gradient spike is clipped, but it is no
+            update ``lr * ||g||`` would change the weights by more than
+            ``max_update_ratio / 10`` of their norm (momentum is not counted; an LR of 0
+            never counts): at a comfortable LR a gradient spike is clipped, but it is no
             reason to lower the LR. With other optimizers, or ``max_update_ratio=None``,
             every spike counts.
         spike_window: Window (in optimizer steps) for ``spike_patience``.
@@ -125,10 +123,8 @@ class GuardSettings:
             ``halt_after`` is 0): the gradients are then non-finite at any loss scale.
         max_update_ratio: Largest relative weight change one SGD update may make: with a
             ``torch.optim.SGD`` optimizer the gradient is also clipped so that
-            ``lr * ||g|| <= max_update_ratio * ||w||`` (``lr``: the largest over the groups
-            of ``lr / (1 - momentum)``, the total displacement a gradient causes through the
-            momentum buffer, times the backoff scale; dampening is ignored, which errs on the
-            safe side). This protects the very first steps,
+            ``lr * ||g|| <= max_update_ratio * ||w||`` (``lr``: the largest group LR, times
+            the backoff scale; momentum is not counted). This protects the very first steps,
             before any history exists, from a learning rate that is far too high; a step
             clipped by it counts toward an LR backoff like a spike. The weight
             norm is measured on the first 16 steps and every 8th step after, inside the
@@ -492,10 +488,7 @@ class GuardCore:
         return report
 
     def _sgd_lr(self) -> float | None:
-        """The update's effective LR for ``max_update_ratio``.
-
-        The largest over the groups of ``lr / (1 - momentum)`` (a gradient's total
-        displacement through the momentum buffer), times the backoff scale.
+        """The update's LR for ``max_update_ratio`` (largest group LR x backoff scale).
 
         ``None`` when there is no cap: not plain SGD, no weight norm measured yet, a
         non-finite LR, or a tensor LR on an accelerator (reading it would add a host
@@ -509,9 +502,7 @@ class GuardCore:
             glr = g.get("lr", 0.0)
             if isinstance(glr, Tensor) and glr.device.type != "cpu":
                 return None
-            momentum = g.get("momentum", 0.0)
-            momentum = min(float(momentum), _MAX_MOMENTUM) if momentum else 0.0
-            lr = max(lr, float(glr) / (1.0 - momentum))
+            lr = max(lr, float(glr))
         lr *= self.backoff.scale if self.settings.lr_backoff else 1.0
         return lr if math.isfinite(lr) and lr >= 0.0 else None
 
