@@ -68,7 +68,8 @@ __all__ = ["Action", "GuardCore", "GuardSettings", "StepReport"]
 
 _INF = float("inf")
 _PLAIN = (torch.nn.Parameter, torch.Tensor)
-#: The weight norm for ``max_update_ratio`` is measured on every step up to this one ...
+#: The weight norm for ``max_update_ratio`` is measured on every step up to this one (counted
+#: in finite steps: non-finite ones do not shift the schedule) ...
 _TRUST_EVERY_STEP_UNTIL = 16
 #: ... and on every this-many-th step after it.
 _TRUST_EVERY = 8
@@ -127,8 +128,9 @@ class GuardSettings:
             the backoff scale; momentum is not counted). This protects the very first steps,
             before any history exists, from a learning rate that is far too high; a step
             clipped by it counts toward an LR backoff like a spike. The weight
-            norm is measured on the first 16 steps and every 8th step after, inside the
-            step's single host read. ``None`` disables it; other optimizers (Adam, RMSprop,
+            norm is measured on the first 16 finite steps and every 8th finite step after
+            (a skipped step does not shift the schedule), inside the step's single host
+            read. ``None`` disables it; other optimizers (Adam, RMSprop,
             ...) normalise their updates and are not affected, nor is an SGD whose LR is a
             tensor on an accelerator (reading it would cost a host synchronisation).
 
@@ -401,8 +403,9 @@ class GuardCore:
             pn = grad_norms([p.detach() for p in self.module.parameters()], per_tensor=False,
                             reducer=self.reducer, device=total.device).total
             packed.append(pn.float())
-        measure_w = self._trust and (count <= _TRUST_EVERY_STEP_UNTIL
-                                     or count % _TRUST_EVERY == 0)
+        # counted in finite steps, so that a skipped step leaves no trace in the schedule
+        n = count - c.nonfinite_steps - c.amp_overflow_steps
+        measure_w = self._trust and (n <= _TRUST_EVERY_STEP_UNTIL or n % _TRUST_EVERY == 0)
         if measure_w:
             wn = grad_norms([p.detach() for p in self.params], s.norm_type, per_tensor=False,
                             groups=self._groups,

@@ -234,6 +234,26 @@ def test_threshold_after_skipped_fault_equals_reference(k: int, bad: float) -> N
     assert_params_equal(clone_params(a.model.parameters()), clone_params(b.model.parameters()))
 
 
+@pytest.mark.parametrize("k", [3, 20])
+def test_skipped_fault_leaves_no_trace_with_an_active_update_cap(k: int) -> None:
+    """Plain SGD at an LR where ``max_update_ratio`` clips most steps: the weight norm it
+    is measured against is read on a schedule of finite steps, so a skipped step does not
+    shift it and the run continues exactly like the reference that skipped the step unseen."""
+    def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=3.0)
+
+    kw: dict[str, Any] = {"lr_backoff": False, "make_opt": sgd}
+    a = run(60, faults={k: nan_in("0.weight")}, **kw)
+    b = run(60, skip_at=(k,), **kw)
+    capped = [t for t in range(k + 1, 61) if a.reports[t].grad_norm_clipped
+              < a.reports[t].grad_norm * (1 - 1e-6)]
+    assert len(capped) > 20  # the cap really acts in this run
+    for t in range(k + 1, 61):
+        assert a.reports[t].grad_norm_clipped == b.reports[t].grad_norm_clipped, t
+        assert a.reports[t].threshold == b.reports[t].threshold, t
+    assert_params_equal(clone_params(a.model.parameters()), clone_params(b.model.parameters()))
+
+
 @pytest.mark.parametrize("k", [3, 40])
 def test_threshold_after_skipped_fault_with_backoff(k: int) -> None:
     """With LR backoff (default) the halved LR changes the trajectory a little."""
