@@ -13,18 +13,24 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py"
 
 
-@pytest.mark.timeout(120)
-def test_stability_quick(tmp_path: Path) -> None:
+def _run_quick(script: Path, tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """Run ``script --quick`` in ``tmp_path``; returns (md, png, json, cache) paths."""
     pytest.importorskip("matplotlib")
     out, png, js, cache = (tmp_path / "s.md", tmp_path / "s.png", tmp_path / "s.json",
                            tmp_path / "cache")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("GG_STABILITY_LIB", None)  # test the working tree
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--cache", str(cache), "--out", str(out),
+    cmd = [sys.executable, str(script), "--quick", "--cache", str(cache), "--out", str(out),
            "--png", str(png), "--json", str(js)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=110, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out, png, js, cache
+
+
+@pytest.mark.timeout(120)
+def test_stability_quick(tmp_path: Path) -> None:
+    out, png, js, cache = _run_quick(SCRIPT, tmp_path)
 
     # one JSON record per (model, lr, seed, method): 1 model x 2 LRs x 1 seed x 3 methods
     records = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
@@ -58,16 +64,7 @@ def test_stability_quick(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_stability_momentum_quick(tmp_path: Path) -> None:
     """The momentum grid: the same runs with ``sgd_momentum`` and 10x lower learning rates."""
-    pytest.importorskip("matplotlib")
-    out, cache = tmp_path / "m.md", tmp_path / "cache"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("GG_STABILITY_LIB", None)
-    cmd = [sys.executable, str(SCRIPT.with_name("stability_momentum.py")), "--quick",
-           "--cache", str(cache), "--out", str(out), "--png", str(tmp_path / "m.png"),
-           "--json", str(tmp_path / "m.json")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=110, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out, _, _, cache = _run_quick(SCRIPT.with_name("stability_momentum.py"), tmp_path)
     records = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
     assert len(records) == 6
     assert {r["lr"] for r in records} == {0.0003, 0.03}  # the quick LRs, 10x lower
