@@ -41,7 +41,7 @@ def test_example_config_parses_and_fits(cli_main: Any, tmp_path: Path) -> None:
                     f"--trainer.default_root_dir={tmp_path}"])
     guard = _guard(cli)
     assert isinstance(guard.settings.clip, ZScoreClip)
-    assert guard.settings.clip.z_threshold == 3.0
+    assert guard.settings.clip.z_threshold == 2.5
     assert guard.settings.halt_after == 25
     assert any(isinstance(cb, GradientMonitor) for cb in cli.trainer.callbacks)
     assert cli.trainer.global_step == 4

@@ -104,7 +104,8 @@ class GradGuardLogic:
             spike counts only if its update would move the weights by more than
             ``max_update_ratio / 10``, see :class:`~lightning_gradguard.core.GuardSettings`).
         spike_window: Window for ``spike_patience``.
-        growth_patience: Consecutive rising norms that trigger a backoff (0: off).
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off); with
+            ``torch.optim.SGD`` growth counts under the same condition as a spike.
         growth_min_rise: Minimum relative rise counted by ``growth_patience``.
         rollback: Keep a last-good snapshot (on CPU) and restore it when steps keep failing.
         snapshot_every: Steps between snapshots.

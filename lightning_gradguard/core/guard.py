@@ -113,7 +113,11 @@ class GuardSettings:
             reason to lower the LR. With other optimizers, or ``max_update_ratio=None``,
             every spike counts.
         spike_window: Window (in optimizer steps) for ``spike_patience``.
-        growth_patience: Consecutive rising norms that trigger a backoff (0: off).
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off). With
+            ``torch.optim.SGD`` and ``max_update_ratio`` set, growth counts under the same
+            condition as a spike (an update of more than ``max_update_ratio / 10`` of the
+            weights): a healthy run's norm may rise for a few steps while its updates are
+            tiny, an explosion's updates are not.
         growth_min_rise: Minimum relative rise that counts for ``growth_patience``.
         rollback: Keep a last-good snapshot and restore it when training cannot recover.
         snapshot_every: Steps between snapshots (with ``rollback``).
@@ -445,6 +449,10 @@ class GuardCore:
         # tenth of max_update_ratio (or not at all: LR 0) is clipped but is no sign of too
         # high an LR; without a cap every spike counts
         counts = sgd_lr is None or (sgd_lr > 0.0 and _TRUST_FAR * norm > cap)
+        # the same for a rising norm: at a comfortable LR a healthy run's norm may rise for a
+        # few steps in a row (leaving a plateau); growth is an explosion only once its
+        # updates are large
+        grew = grew and counts
         counted = False
         if spike:
             c.spikes += 1

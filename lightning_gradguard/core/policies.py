@@ -149,6 +149,8 @@ class ZScoreClip(ClipPolicy):
 
     Args:
         z_threshold: :math:`z > 0`; how many standard deviations above the mean is a spike.
+            The default 2.5 is ZClip's; on the stability grid it clips the rare outliers of
+            noisy, healthy runs that 3.0 lets through (see the README's defaults section).
         ema_decay: Decay :math:`\beta \in [0, 1)` of the EMA (the ZClip paper's ``alpha``).
         warmup_steps: Observations before the pure z-score threshold is used.
         warmup_factor: :math:`f \geq 1`; the warmup threshold is at least :math:`f\mu`.
@@ -171,7 +173,7 @@ class ZScoreClip(ClipPolicy):
 
     def __init__(
         self,
-        z_threshold: float = 3.0,
+        z_threshold: float = 2.5,
         ema_decay: float = 0.97,
         warmup_steps: int = 25,
         warmup_factor: float = 10.0,

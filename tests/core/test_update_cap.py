@@ -163,3 +163,46 @@ def test_the_largest_group_lr_sets_the_cap() -> None:
         w2.grad = torch.zeros(N)
         r = guard.step()
     assert r.grad_norm_clipped == pytest.approx(0.1 * math.sqrt(200.0) / 0.5)
+
+
+def _rising(run: CapRun, start: float, steps: int = 6, rise: float = 1.2) -> list[StepReport]:
+    """``steps`` norms rising by ``rise`` each step (the default growth detector fires on
+    the 5th consecutive rise of >= 5 %); no clip policy, so only growth can back off."""
+    return [run.step(start * rise**i) for i in range(steps)]
+
+
+def test_slow_growth_with_small_sgd_updates_is_no_backoff() -> None:
+    """lr 0.01: cap 100; norms 0.5 .. 1.24 move the weights by at most 0.12 % (< 1 %):
+    a healthy run's norm rising for a few steps (leaving a plateau) is left alone."""
+    run = CapRun(lr=0.01)
+    reports = _rising(run, 0.5)
+    assert not any(r.growth or r.backoff for r in reports)
+    assert all(r.action is Action.NONE for r in reports)
+    assert run.guard.backoff.scale == 1.0
+    assert run.guard.counters.growth_events == 0
+
+
+def test_growth_with_large_sgd_updates_backs_off() -> None:
+    """lr 1: cap 1; norms 0.15 .. 0.37 move the weights by 1.5-3.7 % (> 1 %): the 5th
+    rise backs off exactly once."""
+    run = CapRun(lr=1.0)
+    reports = _rising(run, 0.15)
+    assert [r.growth for r in reports] == [False] * 5 + [True]
+    assert [r.backoff for r in reports] == [False] * 5 + [True]
+    assert run.guard.backoff.scale == 0.5
+    assert run.guard.counters.growth_events == 1
+
+
+def test_growth_always_counts_without_a_cap() -> None:
+    """The slow rise of the first test backs off with Adam, and with SGD when
+    ``max_update_ratio=None``."""
+    run = CapRun(lr=0.01, max_update_ratio=None)
+    assert [r.backoff for r in _rising(run, 0.5)] == [False] * 5 + [True]
+    w = torch.nn.Parameter(torch.ones(N))
+    guard = GuardCore([w], torch.optim.Adam([w], lr=0.01), clip=NoClip())
+    out = []
+    for i in range(6):
+        w.grad = torch.full((N,), 0.5 * 1.2**i / math.sqrt(N))
+        out.append(guard.step())
+    assert [r.backoff for r in out] == [False] * 5 + [True]
+    assert guard.backoff.scale == 0.5
