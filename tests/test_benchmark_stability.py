@@ -85,8 +85,15 @@ def test_stability_helpers() -> None:
     slug = stability.method_slug("gradguard(recovery_steps=100)")
     assert slug.startswith("gradguard_recovery_steps_100_")
     assert "(" not in slug
-    cbs, kw = stability.build_method("gradguard(clip=ZScoreClip(z_threshold=2.5))")
+    cbs, kw = stability.build_method("gradguard(clip=ZScoreClip(z_threshold=3.0))")
     assert len(cbs) == 1
+    assert cbs[0].settings.clip.z_threshold == 3.0  # not the default (2.5)
+    # cached GradGuard runs are grouped by the library sources they ran with; baselines not
+    recs = {("LSTM", 1.0, 0, "gradguard"): {"library": "/a sha1:aaa"},
+            ("LSTM", 1.0, 1, "gradguard"): {"library": "/b sha1:aaa"},
+            ("LSTM", 1.0, 0, "gradguard(recovery_steps=100)"): {"library": "/a sha1:bbb"},
+            ("LSTM", 1.0, 0, "none"): {"library": "/a sha1:ccc"}}
+    assert stability.gradguard_libraries(recs) == {"aaa": 2, "bbb": 1}
     assert kw == {}
     with pytest.raises(ValueError, match="unknown method"):
         stability.build_method("sgd_magic")

@@ -105,7 +105,8 @@ class GradGuardLogic:
             ``max_update_ratio / 10``, see :class:`~lightning_gradguard.core.GuardSettings`).
         spike_window: Window for ``spike_patience``.
         growth_patience: Consecutive rising norms that trigger a backoff (0: off); with
-            ``torch.optim.SGD`` growth counts under the same condition as a spike.
+            ``torch.optim.SGD`` and ``max_update_ratio`` set, growth counts under the same
+            condition as a spike.
         growth_min_rise: Minimum relative rise counted by ``growth_patience``.
         rollback: Keep a last-good snapshot (on CPU) and restore it when steps keep failing.
         snapshot_every: Steps between snapshots.

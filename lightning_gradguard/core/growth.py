@@ -60,3 +60,20 @@ class GrowthDetector(Stateful):
             self.streak = 0
             return True
         return False
+
+    def hold(self) -> None:
+        """Ignore the fire just reported but stay armed: the next rise fires again.
+
+        For a caller that acts on growth only under a further condition (the guard, with
+        plain SGD: only once the updates are large); without it a rise that keeps going
+        would need ``patience`` new rises before it is looked at again.
+
+        Example:
+            >>> d = GrowthDetector(patience=2, min_rise=0.0)
+            >>> [d.update(x) for x in [1.0, 2.0, 3.0]]
+            [False, False, True]
+            >>> d.hold()
+            >>> d.update(4.0), d.update(3.0), d.update(5.0)
+            (True, False, False)
+        """
+        self.streak = self.patience - 1

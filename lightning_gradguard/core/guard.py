@@ -35,7 +35,8 @@ Per step (one fused read of the gradients, one host synchronisation):
    ``spike_window`` steps        ``max_update_ratio / 10``: a smaller one is clipped but
                                  is no sign of too high an LR)
    sustained growth              LR backoff (:class:`~lightning_gradguard.core.growth.
-                                 GrowthDetector`)
+                                 GrowthDetector`; with SGD, only once the update would
+                                 move the weights by more than ``max_update_ratio / 10``)
    clean step                    LR scale recovers toward 1
    ============================  =========================================================
 """
@@ -116,8 +117,10 @@ class GuardSettings:
         growth_patience: Consecutive rising norms that trigger a backoff (0: off). With
             ``torch.optim.SGD`` and ``max_update_ratio`` set, growth counts under the same
             condition as a spike (an update of more than ``max_update_ratio / 10`` of the
-            weights): a healthy run's norm may rise for a few steps while its updates are
-            tiny, an explosion's updates are not.
+            weights, momentum not counted): a healthy run's norm may rise for a few steps
+            while its updates are tiny, an explosion's updates are not. Until it counts the
+            detector stays armed (a rise that goes on counts at its first large update) and
+            nothing is recorded (``growth_events``, ``StepReport.growth``).
         growth_min_rise: Minimum relative rise that counts for ``growth_patience``.
         rollback: Keep a last-good snapshot and restore it when training cannot recover.
         snapshot_every: Steps between snapshots (with ``rollback``).
@@ -211,7 +214,9 @@ class StepReport:
         finite: Whether gradients (and loss, if given) were finite.
         action: :class:`Action` taken.
         spike: ``grad_norm > threshold``.
-        growth: Sustained growth detected at this step.
+        growth: Sustained growth detected at this step (with SGD and ``max_update_ratio``:
+            only growth whose update would move the weights by more than
+            ``max_update_ratio / 10``, the growth that counts; see ``growth_patience``).
         backoff: An LR backoff happened at this step.
         lr_scale: LR scale applied to this step's update.
         rollback: The last-good snapshot was restored at this step.
@@ -451,8 +456,11 @@ class GuardCore:
         counts = sgd_lr is None or (sgd_lr > 0.0 and _TRUST_FAR * norm > cap)
         # the same for a rising norm: at a comfortable LR a healthy run's norm may rise for a
         # few steps in a row (leaving a plateau); growth is an explosion only once its
-        # updates are large
-        grew = grew and counts
+        # updates are large. Until then the detector stays armed, so a rise that goes on
+        # counts at its first large update
+        if grew and not counts:
+            self.growth.hold()
+            grew = False
         counted = False
         if spike:
             c.spikes += 1

@@ -65,6 +65,16 @@ def test_drop_breaks_streak_and_fire_restarts_count() -> None:
     assert _fires(d, [1.0, 2.0, 3.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]) == [6, 9]
 
 
+def test_hold_stays_armed_until_the_streak_breaks() -> None:
+    d = GrowthDetector(patience=3, min_rise=0.05)
+    assert [d.update(2.0**i) for i in range(4)] == [False, False, False, True]
+    d.hold()
+    assert d.update(16.0) is True  # the very next rise fires again
+    d.hold()
+    assert d.update(16.0) is False  # no rise: the streak breaks
+    assert [d.update(x) for x in [32.0, 64.0, 128.0]] == [False, False, True]
+
+
 def test_nonfinite_neither_extends_nor_breaks_a_streak() -> None:
     d = GrowthDetector(patience=4, min_rise=0.05)
     xs = [1.0, 2.0, NAN, 4.0, INF, -INF, 8.0, NAN, 16.0]

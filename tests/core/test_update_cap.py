@@ -167,7 +167,7 @@ def test_the_largest_group_lr_sets_the_cap() -> None:
 
 def _rising(run: CapRun, start: float, steps: int = 6, rise: float = 1.2) -> list[StepReport]:
     """``steps`` norms rising by ``rise`` each step (the default growth detector fires on
-    the 5th consecutive rise of >= 5 %); no clip policy, so only growth can back off."""
+    the 5th consecutive rise of > 5 %); no clip policy, so only growth can back off."""
     return [run.step(start * rise**i) for i in range(steps)]
 
 
@@ -206,3 +206,15 @@ def test_growth_always_counts_without_a_cap() -> None:
         out.append(guard.step())
     assert [r.backoff for r in out] == [False] * 5 + [True]
     assert guard.backoff.scale == 0.5
+
+
+def test_growth_counts_at_its_first_large_update() -> None:
+    """lr 0.01: cap 100, the 1 % line at norm 10. Norms 4 * 1.2**i: the detector fires at
+    the 6th step (9.95, 0.995 %: held, not counted) and, staying armed, fires again at the
+    next rise (11.9, 1.19 %), which counts: the backoff comes there, not 5 rises later."""
+    run = CapRun(lr=0.01)
+    reports = _rising(run, 4.0, steps=8)
+    assert [r.backoff for r in reports] == [False] * 6 + [True, False]
+    assert [r.growth for r in reports] == [False] * 6 + [True, False]
+    assert run.guard.counters.growth_events == 1
+    assert reports[6].lr_scale == 0.5  # the backed-off update of that step
