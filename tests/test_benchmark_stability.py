@@ -57,6 +57,9 @@ def test_stability_quick(tmp_path: Path) -> None:
         assert heading in md
     table_rows = [line for line in md.splitlines() if line.startswith("| `gradguard` |")]
     assert table_rows, md
+    # the 2% target names GradGuard's closest cell (both quick LRs converge for clip1)
+    assert "highest ratio to the best other method: " in md
+    assert "GradGuard runs by `lightning_gradguard` source hash: `" in md
     assert png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -88,12 +91,12 @@ def test_stability_helpers() -> None:
     cbs, kw = stability.build_method("gradguard(clip=ZScoreClip(z_threshold=3.0))")
     assert len(cbs) == 1
     assert cbs[0].settings.clip.z_threshold == 3.0  # not the default (2.5)
+    assert kw == {}
     # cached GradGuard runs are grouped by the library sources they ran with; baselines not
     recs = {("LSTM", 1.0, 0, "gradguard"): {"library": "/a sha1:aaa"},
             ("LSTM", 1.0, 1, "gradguard"): {"library": "/b sha1:aaa"},
             ("LSTM", 1.0, 0, "gradguard(recovery_steps=100)"): {"library": "/a sha1:bbb"},
             ("LSTM", 1.0, 0, "none"): {"library": "/a sha1:ccc"}}
     assert stability.gradguard_libraries(recs) == {"aaa": 2, "bbb": 1}
-    assert kw == {}
     with pytest.raises(ValueError, match="unknown method"):
         stability.build_method("sgd_magic")
