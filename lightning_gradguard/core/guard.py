@@ -432,10 +432,8 @@ class GuardCore:
         if measure_w:
             wv = next(it)
             self._weight_norm = wv if math.isfinite(wv) and wv > 0.0 else None
-        # statistics on host floats, from the history before this step
+        # judged by the statistics of the history before this step
         threshold = self.policy.threshold_value()
-        self.policy.observe_value(norm, threshold)
-        grew = self.growth.update(norm) if s.growth_patience > 0 else False
         finite = math.isfinite(norm) and (loss_v is None or math.isfinite(loss_v))
 
         if not finite:
@@ -445,6 +443,10 @@ class GuardCore:
         c.amp_streak = 0
         if not params_finite:
             return self._nonfinite_params(step, norm, threshold, loss_v, snapshot_extra)
+        # a skipped step (non-finite gradients, loss or weights) never enters the statistics,
+        # even when its gradient norm happens to be finite
+        self.policy.observe_value(norm, threshold)
+        grew = self.growth.update(norm) if s.growth_patience > 0 else False
         action = Action.NONE
         spike = norm > threshold
         backoff = False

@@ -551,6 +551,31 @@ def test_nonfinite_loss_with_finite_grads_is_skipped() -> None:
     assert rep2.loss == INF
 
 
+def test_nonfinite_loss_with_finite_grads_leaves_no_trace_in_statistics() -> None:
+    """Its gradient norm is finite, but the step is skipped: the clip statistics and the
+    growth detector are exactly those of a guard that never saw it."""
+    norms = [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 0.9, 1.2]  # rising (a growth streak), then not
+    bad = 4
+
+    def feed(skip_unseen: bool) -> GuardCore:
+        w = torch.nn.Parameter(torch.ones(4))
+        guard = GuardCore([w], torch.optim.Adam([w], lr=1e-3), lr_backoff=False)
+        for i, x in enumerate(norms):
+            w.grad = torch.full((4,), x / 2.0)  # norm x
+            if i == bad:
+                if skip_unseen:
+                    continue
+                assert guard.step(loss=NAN).action is Action.SKIP
+            else:
+                guard.step(loss=1.0)
+        return guard
+
+    seen, unseen = feed(False), feed(True)
+    assert seen.policy.state_dict() == unseen.policy.state_dict()
+    assert seen.growth.state_dict() == unseen.growth.state_dict()
+    assert seen.policy.threshold_value() == unseen.policy.threshold_value()
+
+
 # ----------------------------------------------------------------------------- AMP
 @pytest.mark.parametrize("bad", [INF, NAN])
 def test_amp_overflow_leaves_grads_to_the_scaler(bad: float) -> None:
