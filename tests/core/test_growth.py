@@ -75,6 +75,18 @@ def test_hold_stays_armed_until_the_streak_breaks() -> None:
     assert [d.update(x) for x in [32.0, 64.0, 128.0]] == [False, False, True]
 
 
+def test_hold_survives_nonfinite_steps_and_a_state_dict_round_trip() -> None:
+    d = GrowthDetector(patience=3, min_rise=0.05)
+    assert [d.update(2.0**i) for i in range(4)] == [False, False, False, True]
+    d.hold()
+    assert d.update(math.nan) is False  # neither fires nor disarms
+    assert d.update(math.inf) is False
+    resumed = GrowthDetector(patience=3, min_rise=0.05)
+    resumed.load_state_dict(d.state_dict())
+    assert resumed.update(16.0) is True  # still armed after the round trip
+    assert d.update(16.0) is True
+
+
 def test_nonfinite_neither_extends_nor_breaks_a_streak() -> None:
     d = GrowthDetector(patience=4, min_rise=0.05)
     xs = [1.0, 2.0, NAN, 4.0, INF, -INF, 8.0, NAN, 16.0]
