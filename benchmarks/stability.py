@@ -613,9 +613,14 @@ def gradguard_libraries(results: dict[tuple[str, float, int, str], dict[str, Any
     out: dict[str, int] = {}
     for (_, _, _, m), rec in results.items():
         if m == "gradguard" or is_variant(m):
-            sha = str(rec.get("library", "?")).rpartition("sha1:")[2] or "?"
+            sha = source_hash(str(rec.get("library", "")))
             out[sha] = out.get(sha, 0) + 1
     return out
+
+
+def source_hash(library: str) -> str:
+    """The hash part of a :func:`library_id` string (``"?"`` if there is none)."""
+    return library.rpartition("sha1:")[2] or "?"
 
 
 def write_report(results: dict[tuple[str, float, int, str], dict[str, Any]], grid: Grid,
@@ -982,7 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = Grid(models=models, lrs=lrs, seeds=seeds, methods=main_methods, variants=variants,
                 steps=steps)
     results = collect(cache, grid)
-    current = library_id().rpartition("sha1:")[2]
+    current = source_hash(library_id())
     stale = {sha: n for sha, n in gradguard_libraries(results).items() if sha != current}
     if stale:
         print(f"warning: {sum(stale.values())} cached GradGuard runs were made with other "

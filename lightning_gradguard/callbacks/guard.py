@@ -115,9 +115,9 @@ class GradGuardLogic:
             GradScaler, 40 consecutive steps it skipped with a finite loss halt too.
         max_update_ratio: With ``torch.optim.SGD``: largest relative weight change
             ``lr * ||g|| / ||w||`` of one update (momentum not counted; the gradient is
-            clipped to it, and the step
-            counts toward a backoff like a spike); protects the first steps from a far too
-            high learning rate. ``None`` disables it. Other optimizers are not affected.
+            clipped to it, and the step counts toward a backoff like a spike); protects the
+            first steps from a far too high learning rate. ``None`` disables it. Other
+            optimizers are not affected.
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
             (:class:`GradGuardHalt`).
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's

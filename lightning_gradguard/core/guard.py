@@ -602,9 +602,6 @@ class GuardCore:
             if halt:  # not an overflow any more: the scaler cannot fix it
                 c.halted = True
                 diagnosis = self._diagnose(step, per_tensor, loss)
-                if c.first_nonfinite_step is None:
-                    c.first_nonfinite_step = step
-                    self.first_diagnosis = diagnosis
             report = StepReport(step=step, grad_norm=norm, grad_norm_clipped=norm,
                                 threshold=threshold, finite=False, action=Action.AMP_SKIP,
                                 lr_scale=self.backoff.scale, halt=halt, loss=loss,
@@ -618,9 +615,6 @@ class GuardCore:
         diagnosis = None
         if c.first_nonfinite_step is None or c.nonfinite_streak >= s.halt_after > 0:
             diagnosis = self._diagnose(step, per_tensor, loss)
-            if c.first_nonfinite_step is None:
-                c.first_nonfinite_step = step
-                self.first_diagnosis = diagnosis
         action = Action.NONE
         if s.skip_nonfinite:
             skip_step_(self.params)
@@ -644,12 +638,19 @@ class GuardCore:
         return report
 
     def _diagnose(self, step: int, per_tensor: Tensor | None, loss: float | None) -> Diagnosis:
-        """Which parameters are non-finite (one more host read: first and last bad step)."""
+        """Which parameters are non-finite (one more host read: first and last bad step).
+
+        The first diagnosis of the run is also kept as :attr:`first_diagnosis`.
+        """
         norms = to_host(per_tensor) if per_tensor is not None else []
         names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
-        return diagnose(step, names, norms, loss=loss,
-                        growth_before=self.counters.growth_events > 0,
-                        lr_scale=self.backoff.scale)
+        diagnosis = diagnose(step, names, norms, loss=loss,
+                             growth_before=self.counters.growth_events > 0,
+                             lr_scale=self.backoff.scale)
+        if self.counters.first_nonfinite_step is None:
+            self.counters.first_nonfinite_step = step
+            self.first_diagnosis = diagnosis
+        return diagnosis
 
     # ------------------------------------------------------------------ reporting
     @property
