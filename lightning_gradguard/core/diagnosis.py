@@ -1,19 +1,76 @@
-"""Where a non-finite gradient comes from, and its likely cause.
+"""Why it exploded, and what to change: where a non-finite gradient comes from, and its cause.
 
-In backpropagation the gradient flows from the output back to the input, so a NaN/Inf born
-in one layer contaminates every layer before it. Of the parameters whose gradients are
-non-finite, the one registered *last* (closest to the output in the usual module order) is
-where the non-finite value most likely originates.
+Two layers of API:
+
+* :func:`diagnose` / :class:`Diagnosis` (the guard's first-non-finite message): in
+  backpropagation the gradient flows from the output back to the input, so a NaN/Inf born in
+  one layer contaminates every layer before it. Of the parameters whose gradients are
+  non-finite, the one registered *last* (closest to the output in the usual module order) is
+  where the non-finite value most likely originates.
+* :class:`Diagnostician`: ranked causes with stable ids (:data:`CAUSES`), each a
+  :class:`Cause` with its evidence in numbers and a concrete remedy, from evidence gathered
+  cheaply (see :mod:`~lightning_gradguard.core.evidence` and
+  :mod:`~lightning_gradguard.core.structure`). Which evidence each cause rests on:
+
+  ==================== ==========================================================================
+  cause                evidence
+  ==================== ==========================================================================
+  data_nonfinite       NaN/Inf in the batch (read only on a non-finite step)
+  loss_nonfinite       non-finite loss (or gradients) after steady finite losses and gradient
+                       norms, with a finite batch: a log(0) / division by zero in the loss
+  init_too_large       weight std far above He/Xavier for the layer's fan-in, and a depth
+                       profile (activations forward, gradients backward) growing geometrically
+  activation           an activation whose RMS derivative times sqrt(2) exceeds 1, and the
+                       depth profile growing with He-scaled weights
+  recurrent_weights    largest singular value of a recurrent weight block above 1.5
+  no_normalization     depth growth that init and activations do not explain, no norm layer
+  no_residual          depth growth in a deep normalised network without skip connections
+  lr_too_high          update-to-weight ratio lr·‖g‖/‖w‖ (Adam: lr·√n/‖w‖) per step, the loss
+                       rising step over step before the event, the schedule position
+  ==================== ==========================================================================
+
+  A cause is never suggested when its remedy is already in place (normalisation layers present,
+  skip connections detected, an adaptive optimizer, weights at He/Xavier scale).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import textwrap  # noqa: F401  (used in doctests)
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Final, Literal
 
-__all__ = ["Diagnosis", "diagnose"]
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard.core._host import to_host
+from lightning_gradguard.core._stateful import Stateful
+from lightning_gradguard.core._validation import check_bool, check_choice, check_int, check_number
+from lightning_gradguard.core.evidence import (
+    batch_nonfinite,
+    fit_growth,
+    loss_trend,
+    schedule_position,
+    update_ratio,
+)
+from lightning_gradguard.core.structure import (
+    ForwardProbe,
+    ModelStructure,
+    inspect_model,
+    is_adaptive,
+)
+
+__all__ = [
+    "CAUSES",
+    "EVENTS",
+    "Cause",
+    "DiagnosisThresholds",
+    "Diagnosis",
+    "Diagnostician",
+    "diagnose",
+]
 
 _USUAL_CAUSES = (
     "one of the usual ones: a learning rate that is too high; initialisation that is too large for "
@@ -98,3 +155,602 @@ def diagnose(
     if lr_scale < 1.0:
         cause += f" (the guard had already reduced the LR to {lr_scale:.3g}x)"
     return Diagnosis(step=step, nonfinite_params=bad, origin=origin, likely_cause=cause)
+
+
+CAUSES: Final[tuple[str, ...]] = (
+    "lr_too_high", "init_too_large", "no_normalization", "no_residual", "activation",
+    "recurrent_weights", "loss_nonfinite", "data_nonfinite",
+)
+"""The stable cause ids (public contract: dashboards and tests rely on them)."""
+
+Event = Literal["preflight", "spike", "backoff", "nonfinite", "halt", "on_demand"]
+EVENTS: Final[tuple[str, ...]] = ("preflight", "spike", "backoff", "nonfinite", "halt",
+                                  "on_demand")
+"""Why a diagnosis is asked for. ``spike``/``backoff``/``nonfinite``/``halt`` are explosion
+events (the run did blow up); ``preflight`` and ``on_demand`` report only what the evidence
+already shows on its own."""
+
+_EXPLOSIONS = ("spike", "backoff", "nonfinite", "halt")
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One ranked cause: its id, the evidence in numbers, and the remedy.
+
+    Attributes:
+        cause: One of :data:`CAUSES`.
+        evidence: What was measured, in words and numbers.
+        remedy: What to change, at code level.
+        score: Ranking score (higher first); comparable within one diagnosis only.
+
+    Example:
+        >>> c = Cause("lr_too_high", "one step moved the weights by 40 %", "lower the LR", 6.0)
+        >>> c.to_dict()["cause"]
+        'lr_too_high'
+    """
+
+    cause: str
+    evidence: str
+    remedy: str
+    score: float = 0.0
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"cause", "evidence", "remedy"}`` (the ``summary()["diagnosis"]`` entries)."""
+        return {"cause": self.cause, "evidence": self.evidence, "remedy": self.remedy}
+
+
+@dataclass(frozen=True)
+class DiagnosisThresholds:
+    """Where evidence starts to count. The defaults were set on the labelled set of
+    ``tests/core/test_diagnosis_cases.py`` (see the README, "Why did it explode?").
+
+    Attributes:
+        growth: Fitted per-layer factor of the depth profile that counts as growth.
+        amplification: ... and the total amplification over the profile that must come with
+            it (a factor of 1.15 over 8 layers is x2.7, over 32 layers it is x76).
+        stream_amplification: The same for the residual stream over its blocks (a stream
+            whose variance grows linearly, as with normalised branches, stays below it).
+        min_layers: Weight layers needed for a depth profile.
+        init_ratio: Median weight std over the He std that counts as too large.
+        activation_gain: ``sqrt(2)`` times the activation's RMS derivative that counts as
+            amplifying (ReLU gives 1.0).
+        recurrent_sigma: Largest singular value of a recurrent block that counts as amplifying.
+        update_ratio: Update-to-weight ratio per step that counts as a too-high LR on an
+            explosion event.
+        update_ratio_alone: The ratio that counts without an explosion (preflight, on demand).
+        target_ratio: The ratio the suggested LR aims for.
+    """
+
+    growth: float = 1.08
+    amplification: float = 10.0
+    stream_amplification: float = 3.0
+    min_layers: int = 4
+    init_ratio: float = 2.0
+    activation_gain: float = 1.3
+    recurrent_sigma: float = 1.5
+    update_ratio: float = 0.05
+    update_ratio_alone: float = 1.0
+    target_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("growth", "amplification", "stream_amplification", "init_ratio", "activation_gain",
+                     "recurrent_sigma"):
+            check_number(name, getattr(self, name), low=1.0, low_inclusive=False)
+        for name in ("update_ratio", "update_ratio_alone", "target_ratio"):
+            check_number(name, getattr(self, name), low=0.0, low_inclusive=False)
+        check_int("min_layers", self.min_layers, low=3)
+
+
+def _pct(ratio: float) -> str:
+    return f"{100 * ratio:.3g} %" if math.isfinite(ratio) else "an infinite amount"
+
+
+def _round_lr(lr: float) -> str:
+    if lr <= 0 or not math.isfinite(lr):
+        return f"{lr:g}"
+    return f"{float(f'{lr:.1g}'):g}"
+
+
+class Diagnostician(Stateful):
+    """Gathers cheap evidence about a run and turns it into ranked :class:`Cause` s.
+
+    The weights are inspected at construction (initial scales, norm layers, activations,
+    recurrent weights). Cost on a healthy step: :meth:`observe` appends host floats the guard
+    already has. Extra reads happen only at :meth:`preflight` (step 0/1: the per-tensor
+    gradient norms and the weight norms, one read each), on an explosion event and on demand
+    (:meth:`diagnose`: the same, plus the batch on a non-finite step).
+
+    Args:
+        model: The module being trained.
+        optimizer: Its optimizer (for the learning rate and whether it is adaptive).
+        preflight: Whether :meth:`preflight` reports causes (``False``: it still records the
+            step-0 evidence for later diagnoses, and returns ``[]``).
+        history: Steps of loss / gradient norm / LR history kept.
+        thresholds: A :class:`DiagnosisThresholds`.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> layers = []
+        >>> for _ in range(8):
+        ...     layers += [nn.Linear(64, 64), nn.ReLU()]
+        >>> net = nn.Sequential(*layers, nn.Linear(64, 1))
+        >>> for m in net:
+        ...     if isinstance(m, nn.Linear):
+        ...         _ = nn.init.normal_(m.weight, std=0.5)  # He would be 0.18
+        >>> opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+        >>> doc = Diagnostician(net, opt)
+        >>> probe = doc.watch_forward()
+        >>> loss = net(torch.randn(32, 64)).pow(2).mean()
+        >>> loss.backward()
+        >>> norms = [float(p.grad.norm()) for p in net.parameters()]
+        >>> causes = doc.preflight(norms, loss=float(loss))
+        >>> [c.cause for c in causes]
+        ['init_too_large']
+        >>> print(causes[0].remedy)
+        He init for ReLU-family activations: for each nn.Linear/nn.Conv layer m, nn.init.kaiming_normal_(m.weight, nonlinearity='relu') and nn.init.zeros_(m.bias)
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 preflight: bool = True, history: int = 32,
+                 thresholds: DiagnosisThresholds | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("`optimizer` must be a torch.optim.Optimizer or None, got "
+                            f"{type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.report_preflight = check_bool("preflight", preflight)
+        self.history = check_int("history", history, low=4)
+        if thresholds is not None and not isinstance(thresholds, DiagnosisThresholds):
+            raise TypeError("`thresholds` must be a DiagnosisThresholds or None, got "
+                            f"{type(thresholds).__name__}")
+        self.thresholds = thresholds or DiagnosisThresholds()
+        self.structure: ModelStructure = inspect_model(model)
+        self._probe: ForwardProbe | None = None
+        self._add_state("losses", [])
+        self._add_state("grad_norms", [])
+        self._add_state("lrs", [])
+        self._add_state("last_step", -1)
+        self._add_state("step0", {})
+        self._add_state("residual", None)
+        self._add_state("causes", [])
+
+    # ------------------------------------------------------------------ gathering
+    def watch_forward(self) -> ForwardProbe:
+        """Install one-shot forward hooks (call before the first forward pass).
+
+        They detect residual connections and the activation scale of each weight layer in the
+        first forward pass, then remove themselves.
+        """
+        if self._probe is not None:
+            self._probe.remove()
+        self._probe = ForwardProbe(self.model)
+        return self._probe
+
+    def _sync_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.apply_to(self.structure)
+            if self._probe.done:
+                self.residual = list(self._probe.residual)
+        if self.residual is not None and self.structure.residual is None:
+            self.structure.residual = tuple(self.residual)
+
+    def _lr(self) -> float | None:
+        if self.optimizer is None or not self.optimizer.param_groups:
+            return None
+        lr = self.optimizer.param_groups[0].get("lr")
+        return float(lr) if isinstance(lr, (int, float, Tensor)) else None
+
+    def observe(self, step: int, loss: float | None = None,
+                grad_norm: float | None = None) -> None:
+        """Record one step's host floats (the guard has them anyway): no device work.
+
+        Args:
+            step: The optimizer step.
+            loss: The step's loss, if known.
+            grad_norm: The step's total gradient norm, if known.
+        """
+        check_int("step", step)
+        self.last_step = step
+        lr = self._lr()
+        for name, value in (("losses", loss), ("grad_norms", grad_norm), ("lrs", lr)):
+            seq: list[float] = getattr(self, name)
+            seq.append(math.nan if value is None else float(value))
+            del seq[:-self.history]
+
+    def _names_with_grad(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if p.grad is not None]
+
+    def _norm_map(self, per_tensor_norms: Mapping[str, float] | Sequence[float] | Tensor | None,
+                  names: Sequence[str] | None) -> dict[str, float]:
+        if per_tensor_norms is None:
+            return {}
+        if isinstance(per_tensor_norms, Mapping):
+            return {str(k): float(v) for k, v in per_tensor_norms.items()}
+        values = (to_host(per_tensor_norms) if isinstance(per_tensor_norms, Tensor)
+                  else [float(v) for v in per_tensor_norms])
+        keys = list(names) if names is not None else self._names_with_grad()
+        if len(keys) != len(values):
+            raise ValueError(
+                f"`per_tensor_norms` must have one value per name ({len(keys)} names: "
+                f"{'the given `names`' if names is not None else 'parameters with a grad'}), "
+                f"got {len(values)} values")
+        return dict(zip(keys, values, strict=True))
+
+    @torch.no_grad()
+    def _weight_norms(self) -> dict[str, tuple[float, int]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.numel()]
+        if not named:
+            return {}
+        device = named[0][1].device
+        values = to_host(torch.stack([p.detach().float().norm().to(device) for _, p in named]))
+        return {n: (v, p.numel()) for (n, p), v in zip(named, values, strict=True)}
+
+    def _depth_profile(self, grads: dict[str, float]) -> dict[str, Any]:
+        s = self.structure
+        trunk = s.trunk()
+        out: dict[str, Any] = {"layers": len(trunk), "growth_back": None, "growth_fwd": None,
+                               "growth_stream": None, "blocks": len(s.stream_rms)}
+        if len(s.stream_rms) >= 3:
+            out["growth_stream"] = fit_growth(list(s.stream_rms))
+        if len(trunk) < self.thresholds.min_layers:
+            return out
+        back: list[float] = []
+        for layer in reversed(trunk):  # output -> input
+            g = grads.get(layer.param, math.nan)
+            inorm = s.in_norm.get(layer.name)
+            if inorm is not None and inorm > 0 and math.isfinite(inorm):
+                back.append(g / inorm)
+            else:
+                back.append(grads.get(f"{layer.name}.bias" if layer.name else "bias", g))
+        out["growth_back"] = fit_growth(back)
+        if len(s.out_rms) >= self.thresholds.min_layers:
+            out["growth_fwd"] = fit_growth(list(s.out_rms))
+        return out
+
+    def _update_ratios(self, grads: dict[str, float], weights: dict[str, tuple[float, int]],
+                       lr: float) -> tuple[float, str, float]:
+        """Total ratio, the tensor with the largest ratio, and that ratio."""
+        adaptive = is_adaptive(self.optimizer)
+        total_w = math.sqrt(sum(w * w for w, _ in weights.values()))
+        n_total = sum(n for _, n in weights.values())
+        g_total = math.sqrt(sum(v * v for v in grads.values())) if grads else math.nan
+        total = update_ratio(lr, g_total, total_w, adaptive=adaptive, numel=n_total)
+        worst, worst_r = "", 0.0
+        for name, g in grads.items():
+            if name not in weights or not name.endswith("weight"):
+                continue
+            w, n = weights[name]
+            r = update_ratio(lr, g, w, adaptive=adaptive, numel=n)
+            if r > worst_r:
+                worst, worst_r = name, r
+        return total, worst, worst_r
+
+    def _collect(self, grads: dict[str, float]) -> dict[str, Any]:
+        """Step-0 evidence (plain values, saved in the state)."""
+        self._sync_probe()
+        s = self.structure
+        ev: dict[str, Any] = self._depth_profile(grads)
+        trunk = s.trunk()
+        ratios = [layer.init_ratio for layer in trunk if math.isfinite(layer.init_ratio)]
+        ev["init_median"] = statistics.median(ratios) if ratios else None
+        if trunk:
+            worst = max(trunk, key=lambda layer: layer.init_ratio)
+            ev["init_worst"] = [worst.param, worst.std, worst.he_std, worst.fan_in]
+        lr = self._lr()
+        weights = self._weight_norms()
+        ev["weight_norm"] = math.sqrt(sum(w * w for w, _ in weights.values()))
+        ev["numel"] = sum(n for _, n in weights.values())
+        finite = {k: v for k, v in grads.items() if math.isfinite(v)}
+        if lr is not None and finite:
+            total, worst_t, worst_r = self._update_ratios(finite, weights, lr)
+            ev["update_ratio"] = total
+            ev["update_worst"] = [worst_t, worst_r]
+            ev["lr0"] = lr
+        return ev
+
+    # ------------------------------------------------------------------ entry points
+    def preflight(self, per_tensor_norms: Mapping[str, float] | Sequence[float] | Tensor,
+                  loss: float | None = None, *, names: Sequence[str] | None = None,
+                  step: int = 0) -> list[Cause]:
+        """Record the step-0 evidence and return the causes it already shows.
+
+        Call once after the first backward (before the update). Reads the per-tensor norms
+        and the weight norms once each.
+
+        Args:
+            per_tensor_norms: Per-parameter gradient norms: a mapping name -> norm, a tensor
+                or a sequence aligned with ``names``.
+            loss: The step's loss.
+            names: Names aligned with a sequence/tensor of norms (default: the model's
+                parameters that have a gradient, in registration order).
+            step: The step (0 normally).
+
+        Returns:
+            Ranked causes (empty when nothing is wrong, or when built with
+            ``preflight=False``).
+        """
+        grads = self._norm_map(per_tensor_norms, names)
+        self.step0 = self._collect(grads)
+        if loss is not None and step > self.last_step:
+            self.observe(step, loss, math.sqrt(sum(v * v for v in grads.values())))
+        if not self.report_preflight:
+            return []
+        return self._rank("preflight", grads, loss, None)
+
+    def diagnose(self, event: Event,
+                 per_tensor_norms: Mapping[str, float] | Sequence[float] | Tensor | None = None,
+                 loss: float | None = None, batch: Any = None, *,
+                 names: Sequence[str] | None = None) -> list[Cause]:
+        """Rank the causes for ``event`` (see :data:`EVENTS`).
+
+        Args:
+            event: ``"spike"``, ``"backoff"``, ``"nonfinite"``, ``"halt"``, ``"on_demand"``
+                or ``"preflight"``.
+            per_tensor_norms: This step's per-parameter gradient norms (as in
+                :meth:`preflight`), if at hand.
+            loss: This step's loss (also taken as the last entry of the loss history when
+                :meth:`observe` has not recorded it).
+            batch: The step's batch; read for NaN/Inf only on ``"nonfinite"``/``"halt"``.
+            names: Names aligned with a sequence/tensor of norms.
+
+        Returns:
+            Ranked causes, most likely first (also kept for :meth:`to_dicts`).
+        """
+        check_choice("event", event, EVENTS)
+        grads = self._norm_map(per_tensor_norms, names)
+        if not self.step0:
+            self.step0 = self._collect(grads if all(map(math.isfinite, grads.values())) else {})
+        causes = self._rank(event, grads, loss, batch)
+        self.causes = [c.to_dict() for c in causes]
+        return causes
+
+    def to_dicts(self) -> list[dict[str, str]]:
+        """The last diagnosis as ``[{"cause", "evidence", "remedy"}, ...]``."""
+        return [dict(c) for c in self.causes]
+
+    # ------------------------------------------------------------------ ranking
+    def _rank(self, event: str, grads: dict[str, float], loss: float | None,
+              batch: Any) -> list[Cause]:
+        self._sync_probe()
+        t = self.thresholds
+        s = self.structure
+        ev = self.step0
+        explosion = event in _EXPLOSIONS
+        causes: list[Cause] = []
+        losses = list(self.losses)
+        if loss is not None and (not losses or losses[-1] != loss):
+            if not (losses and math.isnan(losses[-1]) and math.isnan(loss)):
+                losses.append(float(loss))
+        trend = loss_trend(losses)
+        norms_hist = [v for v in self.grad_norms if math.isfinite(v)]
+        grads_bad = [n for n, v in grads.items() if not math.isfinite(v)]
+        loss_bad = loss is not None and not math.isfinite(loss)
+
+        # -- the batch (only read on a non-finite step)
+        if event in ("nonfinite", "halt") and batch is not None:
+            bad = batch_nonfinite(batch)
+            if bad:
+                where = "; ".join(f"{p} holds {c} NaN/Inf of {n} values" for p, c, n in bad[:3])
+                causes.append(Cause(
+                    "data_nonfinite", f"the batch of this step is not finite: {where}",
+                    "clean the data: drop or repair those samples in the Dataset (e.g. keep "
+                    "rows with torch.isfinite(x).all(dim=1), or torch.nan_to_num(x)); "
+                    "GradGuard skips such steps meanwhile", 100.0))
+
+        # -- a loss that broke by itself
+        growth_hist = (len(norms_hist) >= 3 and norms_hist[-1]
+                       > 10 * statistics.median(norms_hist[:-1]))
+        prior = [v for v in losses[:-1] if math.isfinite(v)]
+        steady = len(prior) >= 3 and prior[-1] <= 3 * statistics.median(prior)
+        if (event in ("nonfinite", "halt") and not causes and (loss_bad or grads_bad)
+                and trend.kind != "rise" and not growth_hist and steady
+                and not self._growth(ev)[1]):
+            lo, hi = min(norms_hist), max(norms_hist)
+            before = f"{trend.before:.4g}" if math.isfinite(trend.before) else "finite"
+            what = (f"the loss became {loss} right after {before}" if loss_bad else
+                    f"the loss is finite ({loss}) but {len(grads_bad)} gradient(s) are not "
+                    f"(first: {grads_bad[0]})")
+            causes.append(Cause(
+                "loss_nonfinite",
+                f"{what}, with no run-up: the gradient norms before were finite and steady "
+                f"({lo:.3g}..{hi:.3g}) and the batch is finite",
+                "make the loss numerically safe: clamp inside log/sqrt/division "
+                "(torch.log(p.clamp_min(1e-12)), x / (d + 1e-8)), or use the fused stable "
+                "forms (F.cross_entropy / F.binary_cross_entropy_with_logits on logits, "
+                "torch.logsumexp)", 50.0))
+
+        # -- amplification through depth (step-0 evidence)
+        growth, grows = self._growth(ev)
+        n_layers = int(ev.get("layers", 0))
+        amp_causes = self._amplification(ev, growth, grows, explosion)
+        causes += amp_causes
+        if grows and growth is not None and not amp_causes:
+            causes += self._structural(growth, n_layers, 10.0 + math.log(growth))
+        elif explosion and not grows and n_layers >= t.min_layers and not causes:
+            causes += self._structural(None, n_layers, 1.0)
+
+        # -- recurrent weights
+        for r in sorted(s.recurrent, key=lambda r: -r.sigma_max)[:1]:
+            if r.sigma_max >= t.recurrent_sigma:
+                gated = r.kind in ("LSTM", "GRU")
+                remedy = ("orthogonal init of the recurrent weights, per gate block: "
+                          f"for w in {r.module or 'rnn'}.{r.param.rsplit('.', 1)[-1]}.data"
+                          f".chunk({ {'LSTM': 4, 'GRU': 3}.get(r.kind, 1) }): "
+                          "nn.init.orthogonal_(w)")
+                if not gated:
+                    remedy += "; or a gated cell (nn.LSTM / nn.GRU) instead of nn.RNN"
+                causes.append(Cause(
+                    "recurrent_weights",
+                    f"largest singular value of {r.param} is {r.sigma_max:.3g} (> 1): a "
+                    f"gradient through T time steps can grow like {r.sigma_max:.3g}^T",
+                    remedy, 15.0 + math.log(r.sigma_max)))
+
+        # -- the learning rate
+        lr_cause = self._lr_cause(event, explosion, grads, trend)
+        if lr_cause is not None:
+            causes.append(lr_cause)
+
+        causes.sort(key=lambda c: -c.score)
+        seen: set[str] = set()
+        out = []
+        for c in causes:
+            if c.cause not in seen:
+                seen.add(c.cause)
+                out.append(c)
+        return out
+
+    def _growth(self, ev: Mapping[str, Any]) -> tuple[float | None, bool]:
+        """The strongest fitted per-layer factor, and whether it counts as growth."""
+        t = self.thresholds
+        n, blocks = int(ev.get("layers", 0)), int(ev.get("blocks", 0))
+        cands = [(float(ev[k]), float(ev[k]) ** span) if ev.get(k) is not None else (1.0, 1.0)
+                 for k, span in (("growth_back", n - 1), ("growth_fwd", n - 1),
+                                 ("growth_stream", blocks - 1))]
+        if all(ev.get(k) is None for k in ("growth_back", "growth_fwd", "growth_stream")):
+            return None, False
+        need = [t.amplification, t.amplification, t.stream_amplification]
+        grows = any(g >= t.growth and amp >= need[i] for i, (g, amp) in enumerate(cands))
+        return max(cands, key=lambda c: c[1])[0], grows
+
+    def _growth_words(self, ev: Mapping[str, Any]) -> str:
+        n, blocks = int(ev.get("layers", 0)), int(ev.get("blocks", 0))
+        parts = []
+        if ev.get("growth_fwd") is not None:
+            g = ev["growth_fwd"]
+            parts.append(f"activations grow x{g:.3g} per layer forward (x{g ** (n - 1):.3g} "
+                         f"over {n} weight layers)")
+        if ev.get("growth_back") is not None:
+            g = ev["growth_back"]
+            parts.append(f"gradients x{g:.3g} per layer from output to input "
+                         f"(x{g ** (n - 1):.3g})")
+        if ev.get("growth_stream") is not None:
+            g = ev["growth_stream"]
+            parts.append(f"the residual stream grows x{g:.3g} per block (x{g ** (blocks - 1):.3g}"
+                         f" over {blocks} blocks)")
+        return (", ".join(parts) + ", fitted at step 0") if parts else "no depth profile"
+
+    def _amplification(self, ev: Mapping[str, Any], growth: float | None, grows: bool,
+                       explosion: bool) -> list[Cause]:
+        t = self.thresholds
+        s = self.structure
+        out: list[Cause] = []
+        if not grows and not (explosion and growth is None):
+            return out
+        base = 20.0 if grows else 4.0
+        init = ev.get("init_median")
+        relu_like = not any(a.kind in ("Tanh", "Sigmoid", "Hardtanh", "Softsign")
+                            for a in s.activations)
+        if init is not None and init >= t.init_ratio:
+            name, std, he, fan_in = ev["init_worst"]
+            remedy = ("He init for ReLU-family activations: for each nn.Linear/nn.Conv layer m, "
+                      "nn.init.kaiming_normal_(m.weight, nonlinearity='relu') and "
+                      "nn.init.zeros_(m.bias)" if relu_like else
+                      "Xavier init for tanh/sigmoid: for each nn.Linear/nn.Conv layer m, "
+                      "nn.init.xavier_normal_(m.weight) and nn.init.zeros_(m.bias)")
+            out.append(Cause(
+                "init_too_large",
+                f"the weights are {init:.2g}x the He std for their fan-in (median over "
+                f"{len(s.trunk())} layers; {name}: std {std:.3g} vs {he:.3g} for fan_in "
+                f"{fan_in}); {self._growth_words(ev)}",
+                remedy, base + math.log(init)))
+        acts = [a for a in s.activations if math.sqrt(2) * a.rms_gain >= t.activation_gain]
+        if acts:
+            a = max(acts, key=lambda a: a.rms_gain)
+            gain = math.sqrt(2) * a.rms_gain
+            n = sum(1 for b in s.activations if b.kind == a.kind)
+            out.append(Cause(
+                "activation",
+                f"{a.kind} amplifies gradients: derivative up to {a.max_gain:.3g}, RMS "
+                f"{a.rms_gain:.3g} on N(0,1) inputs, i.e. x{gain:.2g} per layer with He-scaled "
+                f"weights ({n} of them); {self._growth_words(ev)}",
+                f"replace {a.kind} with nn.ReLU() or nn.GELU() (derivative <= 1.1), or "
+                f"divide its output by {a.max_gain:.2g}",
+                base + math.log(gain)))
+        return out
+
+    def _structural(self, growth: float | None, n_layers: int, score: float) -> list[Cause]:
+        s = self.structure
+        out: list[Cause] = []
+        words = self._growth_words(self.step0) if growth is not None else (
+            f"{n_layers} weight layers in a row")
+        conv = any(layer.kind.startswith("Conv") for layer in s.layers)
+        norm = ("nn.BatchNorm2d after each Conv2d" if conv else
+                "nn.BatchNorm1d after each Linear (nn.LayerNorm for sequences or small batches)")
+        if not s.has_norm:
+            if s.has_residual:
+                remedy = (f"add a normalisation layer in each residual branch ({norm}), or "
+                          "zero-init each branch's last layer (nn.init.zeros_(branch[-1].weight))"
+                          " so every block starts as the identity")
+                what = (f"residual blocks ({len(s.residual or ())}) without normalisation add "
+                        "their branch's variance to the stream at every block")
+            else:
+                remedy = f"add {norm}"
+                what = "a deep plain network without normalisation layers"
+            out.append(Cause("no_normalization", f"{what}: {words}", remedy, score))
+        if s.residual is not None and not s.has_residual:
+            what = ("a deep network with normalisation but no skip connections (normalised "
+                    "plain nets amplify gradients layer after layer)" if s.has_norm else
+                    "a deep network without skip connections")
+            out.append(Cause(
+                "no_residual", f"{what}: {words}",
+                "add skip connections: wrap each layer (or pair of layers) as "
+                "x = x + block(x), the ResNet pattern",
+                score - (0.0 if s.has_norm else 0.5)))
+        return out
+
+    def _lr_cause(self, event: str, explosion: bool, grads: dict[str, float],
+                  trend: Any) -> Cause | None:
+        t = self.thresholds
+        ev = self.step0
+        lr = self._lr()
+        if lr is None:
+            return None
+        adaptive = is_adaptive(self.optimizer)
+        w0 = ev.get("weight_norm")
+        ratios: list[float] = []
+        if ev.get("update_ratio") is not None:
+            ratios.append(float(ev["update_ratio"]) * lr / float(ev.get("lr0") or lr))
+        if w0:
+            for g, lr_t in zip(self.grad_norms, self.lrs, strict=False):
+                if math.isfinite(g) and math.isfinite(lr_t):
+                    ratios.append(update_ratio(lr_t, g, w0, adaptive=adaptive,
+                                               numel=int(ev.get("numel", 1))))
+        ratio = max(ratios) if ratios else 0.0
+        rising = explosion and trend.kind == "rise"
+        limit = t.update_ratio if explosion else t.update_ratio_alone
+        if ratio < limit and not rising:
+            return None
+        score = 5.0 + math.log10(max(ratio, 1e-12) / t.update_ratio) + (2.0 if rising else 0.0)
+        if ratio < t.update_ratio:
+            score = 3.0
+        words = [f"one {'Adam-like' if adaptive else 'SGD'} step moved the weights by up to "
+                 f"{_pct(ratio)} of their norm (lr {lr:.3g})"]
+        worst = ev.get("update_worst")
+        if worst and worst[0]:
+            words.append(f"most at step 0: {worst[0]} {_pct(float(worst[1]))}")
+        if rising:
+            words.append(f"the loss rose {trend.steps} steps in a row from {trend.before:.3g}"
+                         + (" to non-finite" if not math.isfinite(trend.factor)
+                            else f" (x{trend.factor:.3g})"))
+        sched = schedule_position(self.lrs)
+        if sched:
+            words.append(sched)
+        target = lr * min(1.0, t.target_ratio / ratio) if ratio > 0 else lr / 10
+        if target >= lr:
+            target = lr / 10
+        remedy = (f"lower the LR to ~{_round_lr(target)}: the update moved the weights by "
+                  f"{_pct(ratio)} in one step (aim for ~{_pct(t.target_ratio)})")
+        if sched and "warmup" in sched:
+            remedy += "; or a longer warmup to a lower peak"
+        if not adaptive:
+            remedy += "; or an adaptive optimizer: torch.optim.Adam(params, lr=1e-3)"
+        return Cause("lr_too_high", "; ".join(words), remedy, score)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load state from :meth:`state_dict` (the residual probe result included)."""
+        super().load_state_dict(state_dict)
+        if self.residual is not None:
+            self.structure.residual = tuple(self.residual)
