@@ -723,7 +723,9 @@ class Diagnostician(Stateful):
         limit = t.update_ratio if explosion else t.update_ratio_alone
         if ratio < limit and not rising:
             return None
-        score = 5.0 + math.log10(max(ratio, 1e-12) / t.update_ratio) + (2.0 if rising else 0.0)
+        # below every measured cause inside the model (>= 10): the LR exposes those
+        score = min(9.0, 5.0 + math.log10(max(ratio, 1e-12) / t.update_ratio)
+                    + (2.0 if rising else 0.0))
         if ratio < t.update_ratio:
             score = 3.0
         words = [f"one {'Adam-like' if adaptive else 'SGD'} step moved the weights by up to "

@@ -278,7 +278,7 @@ def run_case(case: Case) -> Result:
         per = torch.stack([g.norm() for _, g in named]).tolist()
         norms = {n: v for (n, _), v in zip(named, per)}
         total = math.sqrt(sum(v * v for v in per))
-        loss_f = float(loss)
+        loss_f = float(loss.detach())
         if step == 0:
             pre = doc.preflight(norms, loss_f)
         else:
@@ -308,14 +308,14 @@ def broken_cases() -> list[Case]:
         # init_too_large
         Case("mlp-relu-std1", "init_too_large", lambda: mlp(init="std1.0"), v(0), lr=1e-3),
         Case("mlp-tanh-std1", "init_too_large", lambda: mlp(act="tanh", init="std1.0"), v(1),
-             lr=1e-3),
+             lr=0.5),
         Case("cnn-relu-std1", "init_too_large", lambda: cnn(init="std1.0"), im(0), lr=1e-3),
         Case("resmlp-std0.5", "init_too_large", lambda: resmlp(depth=4, init="std0.5"), v(2),
              lr=1e-3, forbidden=RES),
         # activation
         Case("mlp-steep", "activation", lambda: mlp(act="steep"), v(3), lr=1e-3),
         Case("mlp-scaledtanh", "activation", lambda: mlp(act="stanh", init="he"), v(4),
-             lr=1e-3),
+             lr=0.1),
         Case("cnn-steep", "activation", lambda: cnn(act="steep"), im(1), lr=1e-3),
         # no_normalization: residual blocks without norm (He init: variance doubles per block)
         Case("resmlp-he", "no_normalization", lambda: resmlp(depth=8), v(5), lr=0.01,
@@ -323,17 +323,17 @@ def broken_cases() -> list[Case]:
         Case("rescnn-he", "no_normalization", lambda: cnn(depth=12, residual=True), im(2),
              lr=0.01, forbidden=RES),
         # no_residual: deep normalised plain nets
-        Case("mlp-bn-deep", "no_residual", lambda: mlp(depth=32, bn=True), v(6), lr=0.05,
+        Case("mlp-bn-deep", "no_residual", lambda: mlp(depth=32, bn=True), v(6), lr=0.5,
              forbidden=BN),
         Case("mlp-bn-tanh-deep", "no_residual", lambda: mlp(depth=32, act="tanh", bn=True),
-             v(13), lr=0.05, forbidden=BN),
-        Case("cnn-bn-deep", "no_residual", lambda: cnn(depth=24, bn=True), im(3), lr=0.05,
+             v(13), lr=0.5, forbidden=BN),
+        Case("cnn-bn-deep", "no_residual", lambda: cnn(depth=24, bn=True), im(3), lr=2.0,
              forbidden=BN),
         # recurrent_weights
         Case("rnn-relu-hh3", "recurrent_weights",
              lambda: Seq("rnn", hh_scale=3.0, nonlinearity="relu"), sq(0), lr=1e-3),
-        Case("lstm-hh4", "recurrent_weights", lambda: Seq("lstm", hh_scale=4.0), sq(1), lr=0.05),
-        Case("gru-hh4", "recurrent_weights", lambda: Seq("gru", hh_scale=4.0), sq(2), lr=0.05),
+        Case("lstm-hh4", "recurrent_weights", lambda: Seq("lstm", hh_scale=4.0), sq(1), lr=0.5),
+        Case("gru-hh4", "recurrent_weights", lambda: Seq("gru", hh_scale=4.0), sq(2), lr=0.1),
         # lr_too_high
         Case("mlp-he-lr", "lr_too_high", lambda: mlp(), v(7), lr=0.3),
         Case("lstm-sgd-lr", "lr_too_high", lambda: Seq("lstm"), sq(3), lr=3.0, steps=60),
