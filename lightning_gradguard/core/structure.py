@@ -311,20 +311,36 @@ def _first_tensor(value: Any) -> Tensor | None:
     return None
 
 
+def _is_target(node: Any, target: Any, target_tensor: Tensor) -> bool:
+    if target is not None:
+        return node is target
+    return getattr(node, "variable", None) is target_tensor
+
+
+def _param_only(node: Any, depth: int = 2) -> bool:
+    """Whether ``node`` only leads to parameters (e.g. the transpose of a Linear's weight)."""
+    if node is None or type(node).__name__ == "AccumulateGrad":
+        return True
+    if depth == 0:
+        return False
+    return all(_param_only(f, depth - 1) for f, _ in node.next_functions)
+
+
 def _reaches(node: Any, target: Any, target_tensor: Tensor, hops: int) -> bool:
-    """Whether ``node`` is (or reaches within ``hops`` nodes) the input's autograd node."""
-    frontier = [node]
+    """Whether ``node`` is the input's autograd node, or a chain of at most ``hops`` nodes
+    leads to it with nothing else feeding the chain but parameters (identity, or a
+    projection such as conv + norm)."""
     for _ in range(hops + 1):
-        nxt = []
-        for n in frontier:
-            if n is None:
-                continue
-            if target is not None and n is target:
-                return True
-            if target is None and getattr(n, "variable", None) is target_tensor:
-                return True
-            nxt.extend(f for f, _ in n.next_functions)
-        frontier = nxt
+        if node is None:
+            return False
+        if _is_target(node, target, target_tensor):
+            return True
+        preds = [f for f, _ in node.next_functions
+                 if f is not None and (_is_target(f, target, target_tensor)
+                                       or not _param_only(f))]
+        if len(preds) != 1:
+            return False
+        node = preds[0]
     return False
 
 
