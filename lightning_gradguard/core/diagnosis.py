@@ -201,8 +201,10 @@ class Cause:
 
 @dataclass(frozen=True)
 class DiagnosisThresholds:
-    """Where evidence starts to count. The defaults were set on the labelled set of
-    ``tests/core/test_diagnosis_cases.py`` (see the README, "Why did it explode?").
+    """Where evidence starts to count.
+
+    The defaults were set on the labelled set of ``tests/core/_diagnosis_cases.py`` (see the
+    README, "Why did it explode?").
 
     Attributes:
         growth: Fitted per-layer factor of the depth profile that counts as growth.
@@ -233,8 +235,8 @@ class DiagnosisThresholds:
     target_ratio: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("growth", "amplification", "stream_amplification", "init_ratio", "activation_gain",
-                     "recurrent_sigma"):
+        for name in ("growth", "amplification", "stream_amplification", "init_ratio",
+                     "activation_gain", "recurrent_sigma"):
             check_number(name, getattr(self, name), low=1.0, low_inclusive=False)
         for name in ("update_ratio", "update_ratio_alone", "target_ratio"):
             check_number(name, getattr(self, name), low=0.0, low_inclusive=False)
@@ -242,7 +244,9 @@ class DiagnosisThresholds:
 
 
 def _pct(ratio: float) -> str:
-    return f"{100 * ratio:.3g} %" if math.isfinite(ratio) else "an infinite amount"
+    if not math.isfinite(ratio):
+        return "an infinite amount"
+    return f"{100 * ratio:.0f} %" if ratio >= 1 else f"{100 * ratio:.2g} %"
 
 
 def _round_lr(lr: float) -> str:
@@ -283,12 +287,21 @@ class Diagnostician(Stateful):
         >>> loss = net(torch.randn(32, 64)).pow(2).mean()
         >>> loss.backward()
         >>> norms = [float(p.grad.norm()) for p in net.parameters()]
-        >>> causes = doc.preflight(norms, loss=float(loss))
-        >>> [c.cause for c in causes]
-        ['init_too_large']
-        >>> print(causes[0].remedy)
-        He init for ReLU-family activations: for each nn.Linear/nn.Conv layer m, nn.init.kaiming_normal_(m.weight, nonlinearity='relu') and nn.init.zeros_(m.bias)
+        >>> causes = doc.preflight(norms, loss=loss.item())
+        >>> [c.cause for c in causes], doc.structure.residual
+        (['init_too_large', 'lr_too_high'], ())
+        >>> print(textwrap.fill(causes[0].remedy, 88))
+        He init for ReLU-family activations: for each nn.Linear/nn.Conv layer m,
+        nn.init.kaiming_normal_(m.weight, nonlinearity='relu') and nn.init.zeros_(m.bias)
     """
+
+    losses: list[float]
+    grad_norms: list[float]
+    lrs: list[float]
+    last_step: int
+    step0: dict[str, Any]
+    residual: list[str] | None
+    causes: list[dict[str, str]]
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  preflight: bool = True, history: int = 32,
@@ -521,9 +534,10 @@ class Diagnostician(Stateful):
         explosion = event in _EXPLOSIONS
         causes: list[Cause] = []
         losses = list(self.losses)
-        if loss is not None and (not losses or losses[-1] != loss):
-            if not (losses and math.isnan(losses[-1]) and math.isnan(loss)):
-                losses.append(float(loss))
+        same = bool(losses) and (losses[-1] == loss or (
+            loss is not None and math.isnan(losses[-1]) and math.isnan(loss)))
+        if loss is not None and not same:
+            losses.append(float(loss))
         trend = loss_trend(losses)
         norms_hist = [v for v in self.grad_norms if math.isfinite(v)]
         grads_bad = [n for n, v in grads.items() if not math.isfinite(v)]
@@ -711,8 +725,11 @@ class Diagnostician(Stateful):
         adaptive = is_adaptive(self.optimizer)
         w0 = ev.get("weight_norm")
         ratios: list[float] = []
-        if ev.get("update_ratio") is not None:
-            ratios.append(float(ev["update_ratio"]) * lr / float(ev.get("lr0") or lr))
+        scale = lr / float(ev.get("lr0") or lr)
+        ratio0 = float(ev["update_ratio"]) * scale if ev.get("update_ratio") is not None \
+            else None
+        if ratio0 is not None:
+            ratios.append(ratio0)
         if w0:
             for g, lr_t in zip(self.grad_norms, self.lrs, strict=False):
                 if math.isfinite(g) and math.isfinite(lr_t):
@@ -728,11 +745,17 @@ class Diagnostician(Stateful):
                     + (2.0 if rising else 0.0))
         if ratio < t.update_ratio:
             score = 3.0
-        words = [f"one {'Adam-like' if adaptive else 'SGD'} step moved the weights by up to "
-                 f"{_pct(ratio)} of their norm (lr {lr:.3g})"]
-        worst = ev.get("update_worst")
-        if worst and worst[0]:
-            words.append(f"most at step 0: {worst[0]} {_pct(float(worst[1]))}")
+        kind = "Adam-like" if adaptive else "SGD"
+        worst: list[Any] = ev.get("update_worst") or ["", 0.0]
+        worst0 = float(worst[1]) * scale if worst[0] else None
+        words = []
+        if ratio0 is not None:
+            words.append(f"at step 0 one {kind} step moved the weights by {_pct(ratio0)} of "
+                         f"their norm (lr {lr:.3g}" + (f"; most: {worst[0]} {_pct(worst0)})"
+                                                       if worst0 is not None else ")"))
+        if ratio0 is None or ratio > 2 * ratio0:
+            words.append(f"{'later ' if ratio0 is not None else ''}up to {_pct(ratio)} in one "
+                         "step")
         if rising:
             words.append(f"the loss rose {trend.steps} steps in a row from {trend.before:.3g}"
                          + (" to non-finite" if not math.isfinite(trend.factor)
@@ -740,11 +763,15 @@ class Diagnostician(Stateful):
         sched = schedule_position(self.lrs)
         if sched:
             words.append(sched)
-        target = lr * min(1.0, t.target_ratio / ratio) if ratio > 0 else lr / 10
-        if target >= lr:
-            target = lr / 10
+        # the suggestion rests on the step before divergence, not on the diverging steps
+        base = ratio0 if ratio0 is not None and ratio0 >= t.target_ratio else ratio
+        factor = t.target_ratio / base if base > 0 else 0.1
+        if worst0:
+            factor = min(factor, 10 * t.target_ratio / worst0)
+        target = lr * factor if factor < 1 else lr / 10
         remedy = (f"lower the LR to ~{_round_lr(target)}: the update moved the weights by "
-                  f"{_pct(ratio)} in one step (aim for ~{_pct(t.target_ratio)})")
+                  f"{_pct(base)} in one step (aim for ~{_pct(t.target_ratio)}, and "
+                  f"~{_pct(10 * t.target_ratio)} for the most-moved tensor)")
         if sched and "warmup" in sched:
             remedy += "; or a longer warmup to a lower peak"
         if not adaptive:

@@ -220,7 +220,7 @@ def activation_gain(module: nn.Module) -> tuple[float, float] | None:
             if not isinstance(y, Tensor) or y.shape != x.shape or not y.requires_grad:
                 return None
             (d,) = torch.autograd.grad(y.sum(), x)
-    except Exception:  # noqa: BLE001 - an arbitrary module; not an activation then
+    except Exception:
         return None
     d = d.detach().double()
     if not bool(torch.isfinite(d).all()):
@@ -257,7 +257,7 @@ def inspect_model(model: nn.Module) -> ModelStructure:
         >>> _ = nn.init.normal_(net[0].weight, std=1.0)
         >>> s = inspect_model(net)
         >>> s.norm_layers, round(s.layers[0].init_ratio, 1), s.activations[0].kind
-        (('2',), 5.6, 'ReLU')
+        (('2',), 5.7, 'ReLU')
     """
     norms: list[str] = []
     layers: list[LayerInfo] = []
@@ -327,9 +327,11 @@ def _param_only(node: Any, depth: int = 2) -> bool:
 
 
 def _reaches(node: Any, target: Any, target_tensor: Tensor, hops: int) -> bool:
-    """Whether ``node`` is the input's autograd node, or a chain of at most ``hops`` nodes
-    leads to it with nothing else feeding the chain but parameters (identity, or a
-    projection such as conv + norm)."""
+    """Whether ``node`` leads to the input's autograd node through a parameter-fed chain.
+
+    The chain has at most ``hops`` nodes and nothing but parameters feeds it besides the
+    input: the identity, or a projection such as conv + norm.
+    """
     for _ in range(hops + 1):
         if node is None:
             return False

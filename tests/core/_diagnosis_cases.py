@@ -276,7 +276,7 @@ def run_case(case: Case) -> Result:
         loss.backward()
         named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         per = torch.stack([g.norm() for _, g in named]).tolist()
-        norms = {n: v for (n, _), v in zip(named, per)}
+        norms = {n: v for (n, _), v in zip(named, per, strict=False)}
         total = math.sqrt(sum(v * v for v in per))
         loss_f = float(loss.detach())
         if step == 0:

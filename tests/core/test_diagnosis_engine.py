@@ -13,8 +13,8 @@ from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.diagnosis import (
     CAUSES,
     Cause,
-    Diagnostician,
     DiagnosisThresholds,
+    Diagnostician,
 )
 from lightning_gradguard.core.structure import is_adaptive
 
@@ -106,7 +106,8 @@ def test_preflight_names_depth_causes_before_anything_explodes(broken: list[Resu
     for r in broken:
         if r.case.planted in ("init_too_large", "activation", "no_normalization",
                               "no_residual", "recurrent_weights"):
-            assert r.preflight and r.preflight[0].cause == r.case.planted, r.case.name
+            assert r.preflight, r.case.name
+            assert r.preflight[0].cause == r.case.planted, r.case.name
 
 
 def test_evidence_and_remedy_text(broken: list[Result]) -> None:
@@ -129,7 +130,8 @@ def test_evidence_and_remedy_text(broken: list[Result]) -> None:
     loss = by_name["mlp-normmse"].causes[0]
     assert loss.evidence.startswith("the loss became inf right after")
     lr = by_name["mlp-he-lr"].causes[0]
-    assert "the loss rose" in lr.evidence and "torch.optim.Adam" in lr.remedy
+    assert "the loss rose" in lr.evidence
+    assert "torch.optim.Adam" in lr.remedy
     assert "torch.optim.Adam" not in by_name["mlp-adam-lr"].causes[0].remedy
 
 
@@ -165,7 +167,7 @@ def test_preflight_can_be_switched_off() -> None:
 
 
 def test_schedule_position_in_lr_evidence() -> None:
-    layer, doc = _linear_doc(lr=0.01)
+    _layer, doc = _linear_doc(lr=0.01)
     opt = doc.optimizer
     assert opt is not None
     doc.preflight({"weight": 1.0, "bias": 0.0}, loss=1.0)
@@ -197,7 +199,7 @@ def test_probe_detects_residual_connections_and_removes_its_hooks() -> None:
 
 
 def test_observe_reads_nothing_from_the_device() -> None:
-    layer, doc = _linear_doc()
+    _layer, doc = _linear_doc()
     reset_host_reads()
     for step in range(10):
         doc.observe(step, loss=1.0, grad_norm=2.0)
@@ -224,12 +226,14 @@ def test_state_dict_round_trip() -> None:
     assert fresh.diagnose("spike", norms, loss=16.0) == expected
     assert fresh.state_dict() == doc.state_dict()
     fresh.reset()
-    assert fresh.losses == [] and fresh.step0 == {} and fresh.causes == []
+    assert fresh.losses == []
+    assert fresh.step0 == {}
+    assert fresh.causes == []
 
 
 def test_validation() -> None:
     layer = nn.Linear(2, 2)
-    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module"):
         Diagnostician([layer])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`optimizer` must be"):
         Diagnostician(layer, "sgd")  # type: ignore[arg-type]
@@ -237,10 +241,10 @@ def test_validation() -> None:
         Diagnostician(layer, preflight=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`history` must be an int in \\[4, inf\\], got 2"):
         Diagnostician(layer, history=2)
-    with pytest.raises(ValueError, match="`growth` must be a finite number > 1, got 0.9"):
+    with pytest.raises(ValueError, match=r"`growth` must be a finite number > 1, got 0\.9"):
         DiagnosisThresholds(growth=0.9)
     doc = Diagnostician(layer)
-    with pytest.raises(ValueError, match="`event` must be one of .*got 'boom'"):
+    with pytest.raises(ValueError, match=r"`event` must be one of .*got 'boom'"):
         doc.diagnose("boom")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`per_tensor_norms` must have one value per name"):
         doc.diagnose("on_demand", [1.0, 2.0, 3.0], names=["a", "b"])
@@ -251,7 +255,8 @@ def test_tensor_and_sequence_norms_are_accepted() -> None:
     layer(torch.ones(1, 4)).sum().backward()
     a = doc.diagnose("on_demand", torch.tensor([40.0, 0.0]))
     b = doc.diagnose("on_demand", [40.0, 0.0], names=["weight", "bias"])
-    assert a == b and a[0].cause == "lr_too_high"
+    assert a == b
+    assert a[0].cause == "lr_too_high"
 
 
 def test_cause_ids_and_adaptive_detection() -> None:
@@ -259,5 +264,7 @@ def test_cause_ids_and_adaptive_detection() -> None:
     c = Cause("activation", "e", "r", 1.0)
     assert c.to_dict() == {"cause": "activation", "evidence": "e", "remedy": "r"}
     p = [nn.Parameter(torch.ones(1))]
-    assert is_adaptive(torch.optim.AdamW(p)) and is_adaptive(torch.optim.RMSprop(p))
-    assert not is_adaptive(torch.optim.SGD(p, lr=0.1)) and not is_adaptive(None)
+    assert is_adaptive(torch.optim.AdamW(p))
+    assert is_adaptive(torch.optim.RMSprop(p))
+    assert not is_adaptive(torch.optim.SGD(p, lr=0.1))
+    assert not is_adaptive(None)

@@ -63,12 +63,15 @@ def test_batch_nonfinite_walks_nested_batches() -> None:
 
 def test_activation_gains() -> None:
     relu = activation_gain(nn.ReLU())
-    assert relu is not None and relu[0] == pytest.approx(math.sqrt(0.5), abs=0.01)
+    assert relu is not None
+    assert relu[0] == pytest.approx(math.sqrt(0.5), abs=0.01)
     steep = activation_gain(Steep())
-    assert steep is not None and steep[1] == pytest.approx(2.0)
+    assert steep is not None
+    assert steep[1] == pytest.approx(2.0)
     assert steep[0] == pytest.approx(math.sqrt(0.5 * 4 + 0.5 * 0.04), abs=0.02)
     stanh = activation_gain(ScaledTanh())
-    assert stanh is not None and stanh[1] == pytest.approx(3.0, abs=0.01)
+    assert stanh is not None
+    assert stanh[1] == pytest.approx(3.0, abs=0.01)
     assert activation_gain(nn.Dropout()) is None
     assert activation_gain(nn.Linear(2, 2)) is None
 
@@ -113,6 +116,7 @@ def test_probe_projection_shortcut_and_post_activation() -> None:
     probe = ForwardProbe(net)
     net(torch.randn(3, 4))
     assert probe.residual == ("1",)
-    assert probe.done and probe.batch_size == 3
+    assert probe.done
+    assert probe.batch_size == 3
     # 0, 1.short, 1.f twice, 2.a, 2.b, 2.a, 2.b: every call, in execution order
     assert len(probe.out_rms) == 8
