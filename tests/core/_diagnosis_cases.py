@@ -362,29 +362,30 @@ def broken_cases() -> list[Case]:
 def healthy_cases() -> list[Case]:
     v, im, sq = vec_data, img_data, seq_data
     out: list[Case] = []
+    steps = 20
     for seed in (0, 1):
         out += [
-            Case(f"mlp-he-sgd-s{seed}", None, lambda: mlp(), v(20 + seed), lr=0.01, seed=seed),
+            Case(f"mlp-he-sgd-s{seed}", None, lambda: mlp(), v(20 + seed), lr=0.01, seed=seed, steps=steps),
             Case(f"mlp-bn-sgd-s{seed}", None, lambda: mlp(bn=True), v(22 + seed), lr=0.1,
-                 seed=seed, forbidden=BN),
+                 seed=seed, steps=steps, forbidden=BN),
             Case(f"mlp-tanh-xavier-s{seed}", None, lambda: mlp(act="tanh", init="xavier"),
-                 v(24 + seed), lr=0.05, seed=seed),
+                 v(24 + seed), lr=0.05, seed=seed, steps=steps),
             Case(f"mlp-default-adam-s{seed}", None, lambda: mlp(init="default"), v(26 + seed),
-                 optimizer="adam", lr=1e-3, seed=seed, forbidden=ADAM),
+                 optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=ADAM),
             Case(f"resmlp-bn-s{seed}", None, lambda: resmlp(bn=True), v(28 + seed), lr=0.01,
-                 seed=seed, forbidden=BN + RES),
+                 seed=seed, steps=steps, forbidden=BN + RES),
             Case(f"resmlp-gelu-adam-s{seed}", None, lambda: resmlp(depth=4, act="gelu",
                                                                    init="default"),
-                 v(30 + seed), optimizer="adam", lr=1e-3, seed=seed, forbidden=RES + ADAM),
+                 v(30 + seed), optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=RES + ADAM),
             Case(f"cnn-bn-s{seed}", None, lambda: cnn(bn=True), im(20 + seed), lr=0.05,
-                 seed=seed, forbidden=BN),
+                 seed=seed, steps=steps, forbidden=BN),
             Case(f"rescnn-bn-s{seed}", None, lambda: cnn(depth=8, bn=True, residual=True),
-                 im(22 + seed), lr=0.02, seed=seed, forbidden=BN + RES),
+                 im(22 + seed), lr=0.02, seed=seed, steps=steps, forbidden=BN + RES),
             Case(f"lstm-adam-s{seed}", None, lambda: Seq("lstm"), sq(20 + seed),
-                 optimizer="adam", lr=0.01, seed=seed, forbidden=ADAM),
+                 optimizer="adam", lr=0.01, seed=seed, steps=steps, forbidden=ADAM),
             Case(f"gru-momentum-s{seed}", None, lambda: Seq("gru"), sq(22 + seed),
-                 optimizer="momentum", lr=0.01, seed=seed),
+                 optimizer="momentum", lr=0.01, seed=seed, steps=steps),
             Case(f"rnn-tanh-adam-s{seed}", None, lambda: Seq("rnn"), sq(24 + seed),
-                 optimizer="adam", lr=1e-3, seed=seed, forbidden=ADAM),
+                 optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=ADAM),
         ]
     return out
