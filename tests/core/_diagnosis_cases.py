@@ -365,7 +365,8 @@ def healthy_cases() -> list[Case]:
     steps = 20
     for seed in (0, 1):
         out += [
-            Case(f"mlp-he-sgd-s{seed}", None, lambda: mlp(), v(20 + seed), lr=0.01, seed=seed, steps=steps),
+            Case(f"mlp-he-sgd-s{seed}", None, lambda: mlp(), v(20 + seed), lr=0.01, seed=seed,
+                 steps=steps),
             Case(f"mlp-bn-sgd-s{seed}", None, lambda: mlp(bn=True), v(22 + seed), lr=0.1,
                  seed=seed, steps=steps, forbidden=BN),
             Case(f"mlp-tanh-xavier-s{seed}", None, lambda: mlp(act="tanh", init="xavier"),
@@ -376,7 +377,8 @@ def healthy_cases() -> list[Case]:
                  seed=seed, steps=steps, forbidden=BN + RES),
             Case(f"resmlp-gelu-adam-s{seed}", None, lambda: resmlp(depth=4, act="gelu",
                                                                    init="default"),
-                 v(30 + seed), optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=RES + ADAM),
+                 v(30 + seed), optimizer="adam", lr=1e-3, seed=seed, steps=steps,
+                 forbidden=RES + ADAM),
             Case(f"cnn-bn-s{seed}", None, lambda: cnn(bn=True), im(20 + seed), lr=0.05,
                  seed=seed, steps=steps, forbidden=BN),
             Case(f"rescnn-bn-s{seed}", None, lambda: cnn(depth=8, bn=True, residual=True),

@@ -17,7 +17,7 @@ from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.diagnosis import Cause, Diagnostician
 
 pytest.importorskip("lightning")
-from lightning_gradguard.demos import AddingProblemRNN, DeepMLP, ResidualMLP  # noqa: E402
+from lightning_gradguard.demos import AddingProblemRNN, DeepMLP, ResidualMLP
 
 
 @pytest.fixture(autouse=True)
