@@ -146,6 +146,21 @@ class Seq(nn.Module):
         return self.head(out[:, -1])
 
 
+class TinyTransformer(nn.Module):
+    """Pre-built ``nn.TransformerEncoder`` (post-norm, GELU): LayerNorm + residual inside."""
+
+    def __init__(self, layers: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(2, WIDTH)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(WIDTH, 4, 2 * WIDTH, dropout=0.0, batch_first=True,
+                                       activation="gelu"), layers)
+        self.head = nn.Linear(WIDTH, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.inp(x))[:, -1])
+
+
 Data = Callable[[int], tuple[Tensor, Tensor]]
 
 
@@ -387,6 +402,8 @@ def healthy_cases() -> list[Case]:
                  optimizer="adam", lr=0.01, seed=seed, steps=steps, forbidden=ADAM),
             Case(f"gru-momentum-s{seed}", None, lambda: Seq("gru"), sq(22 + seed),
                  optimizer="momentum", lr=0.01, seed=seed, steps=steps),
+            Case(f"transformer-adam-s{seed}", None, lambda: TinyTransformer(), sq(26 + seed),
+                 optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=BN + RES + ADAM),
             Case(f"rnn-tanh-adam-s{seed}", None, lambda: Seq("rnn"), sq(24 + seed),
                  optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=ADAM),
         ]
