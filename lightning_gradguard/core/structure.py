@@ -371,9 +371,10 @@ def _is_skip_add(out: Tensor, inp: Tensor) -> bool:
 class ForwardProbe:
     """One-shot forward hooks: residual connections and per-layer activation scales.
 
-    Installed on every submodule; the first forward pass records, for each module, whether
-    its output adds its input (see the module docstring), and for each weight layer the norm
-    of its input and the RMS of its output. The hooks remove themselves after that pass (or
+    Installed on every submodule; the first forward pass with autograd enabled (forwards
+    under ``torch.no_grad``, such as a validation sanity check, are ignored) records, for
+    each module, whether its output adds its input (see the module docstring), and for each
+    weight layer the norm of its input and the RMS of its output. The hooks remove themselves after that pass (or
     call :meth:`remove`), so later steps cost nothing.
 
     Args:
@@ -413,15 +414,15 @@ class ForwardProbe:
 
     def _hook_for(self, name: str) -> Any:
         def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            if self.done:
-                return
+            if self.done or not torch.is_grad_enabled():
+                return  # e.g. Lightning's sanity-check validation: wait for a training forward
             inp = _first_tensor(args)
             out = _first_tensor(output)
             if inp is None or out is None:
                 if mod is self._root:
                     self._finish()
                 return
-            if mod is not self._root and torch.is_grad_enabled() and _is_skip_add(out, inp):
+            if mod is not self._root and _is_skip_add(out, inp):
                 self._res.append(name)
                 self._res_rms.append(out.detach().float().pow(2).mean())
             if isinstance(mod, _WEIGHT_TYPES) and out.is_floating_point():

@@ -120,3 +120,19 @@ def test_probe_projection_shortcut_and_post_activation() -> None:
     assert probe.batch_size == 3
     # 0, 1.short, 1.f twice, 2.a, 2.b, 2.a, 2.b: every call, in execution order
     assert len(probe.out_rms) == 8
+
+
+def test_probe_waits_for_a_forward_with_autograd() -> None:
+    from ._diagnosis_cases import Block
+
+    net = nn.Sequential(Block("relu", False), nn.Linear(32, 1))
+    probe = ForwardProbe(net)
+    with torch.no_grad():
+        net(torch.randn(2, 32))  # a validation sanity check: no graph to read
+    assert not probe.done
+    with torch.inference_mode():
+        net(torch.randn(2, 32))
+    assert not probe.done
+    net(torch.randn(2, 32))
+    assert probe.done
+    assert probe.residual == ("0",)
