@@ -374,8 +374,8 @@ class ForwardProbe:
     Installed on every submodule; the first forward pass with autograd enabled (forwards
     under ``torch.no_grad``, such as a validation sanity check, are ignored) records, for
     each module, whether its output adds its input (see the module docstring), and for each
-    weight layer the norm of its input and the RMS of its output. The hooks remove themselves after that pass (or
-    call :meth:`remove`), so later steps cost nothing.
+    weight layer the norm of its input and the RMS of its output. The hooks remove
+    themselves after that pass (or call :meth:`remove`), so later steps cost nothing.
 
     Args:
         model: The module to watch.
