@@ -436,6 +436,8 @@ class Diagnostician(Stateful):
             if name not in weights or not name.endswith("weight"):
                 continue
             w, n = weights[name]
+            if w <= 0:  # a zero-initialised layer (e.g. a residual branch's last one)
+                continue
             r = update_ratio(lr, g, w, adaptive=adaptive, numel=n)
             if r > worst_r:
                 worst, worst_r = name, r

@@ -88,10 +88,18 @@ class Block(nn.Module):
         return x + self.branch(x)
 
 
-def resmlp(depth: int = 8, act: str = "relu", init: str = "he", bn: bool = False) -> nn.Module:
+def resmlp(depth: int = 8, act: str = "relu", init: str = "he", bn: bool = False,
+           zero_last: bool = False) -> nn.Module:
     net = nn.Sequential(nn.Linear(WIDTH, WIDTH), *(Block(act, bn) for _ in range(depth)),
                         _act(act), nn.Linear(WIDTH, 1))
     _init(net, init)
+    if zero_last:  # the remedy suggested for "resmlp-he": each block starts as the identity
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, Block):
+                    last = m.branch[-1]
+                    assert isinstance(last, nn.Linear)
+                    nn.init.zeros_(last.weight)
     return net
 
 
@@ -402,6 +410,8 @@ def healthy_cases() -> list[Case]:
                  optimizer="adam", lr=0.01, seed=seed, steps=steps, forbidden=ADAM),
             Case(f"gru-momentum-s{seed}", None, lambda: Seq("gru"), sq(22 + seed),
                  optimizer="momentum", lr=0.01, seed=seed, steps=steps),
+            Case(f"resmlp-zeroinit-s{seed}", None, lambda: resmlp(zero_last=True),
+                 v(32 + seed), lr=0.01, seed=seed, steps=steps, forbidden=RES),
             Case(f"transformer-adam-s{seed}", None, lambda: TinyTransformer(), sq(26 + seed),
                  optimizer="adam", lr=1e-3, seed=seed, steps=steps, forbidden=BN + RES + ADAM),
             Case(f"rnn-tanh-adam-s{seed}", None, lambda: Seq("rnn"), sq(24 + seed),
