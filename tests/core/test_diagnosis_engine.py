@@ -268,3 +268,20 @@ def test_cause_ids_and_adaptive_detection() -> None:
     assert is_adaptive(torch.optim.RMSprop(p))
     assert not is_adaptive(torch.optim.SGD(p, lr=0.1))
     assert not is_adaptive(None)
+
+
+@pytest.mark.slow
+def test_held_out_model_seeds(one_thread: None) -> None:
+    """The same configurations with model seeds the thresholds were not set on.
+
+    Measured when written: broken 74/78 first (94.9 %; misses: rescnn-he seed 1 did not
+    explode, mlp-bn-tanh-deep seeds 1 and 3 named lr_too_high first, resmlp-std0.5 seed 3
+    sits at the init threshold and named no_normalization first), healthy 39/39 clean.
+    """
+    from dataclasses import replace
+
+    broken = [run_case(replace(c, seed=s)) for s in (1, 2, 3) for c in broken_cases()]
+    assert sum(r.top == r.case.planted for r in broken) / len(broken) >= 0.9
+    healthy = [run_case(replace(c, seed=s)) for s in (2, 3, 4) for c in healthy_cases()
+               if c.name.endswith("-s0")]
+    assert sum(not r.causes and not r.preflight for r in healthy) / len(healthy) >= 0.95
