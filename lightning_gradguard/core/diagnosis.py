@@ -18,19 +18,26 @@ Two layers of API:
   data_nonfinite       NaN/Inf in the batch (read only on a non-finite step)
   loss_nonfinite       non-finite loss (or gradients) after steady finite losses and gradient
                        norms, with a finite batch: a log(0) / division by zero in the loss
-  init_too_large       weight std far above He/Xavier for the layer's fan-in, and a depth
-                       profile (activations forward, gradients backward) growing geometrically
-  activation           an activation whose RMS derivative times sqrt(2) exceeds 1, and the
-                       depth profile growing with He-scaled weights
-  recurrent_weights    largest singular value of a recurrent weight block above 1.5
-  no_normalization     depth growth that init and activations do not explain, no norm layer
-  no_residual          depth growth in a deep normalised network without skip connections
-  lr_too_high          update-to-weight ratio lr·‖g‖/‖w‖ (Adam: lr·√n/‖w‖) per step, the loss
-                       rising step over step before the event, the schedule position
+  init_too_large       median weight std >= 2x the He std for the layers' fan-in, and a depth
+                       profile at step 0 (activations forward, gradients backward) growing
+                       geometrically (fitted factor >= 1.08 per layer and >= x10 overall)
+  activation           an activation whose RMS derivative on N(0,1) times sqrt(2) is >= 1.3
+                       (ReLU: 1.0), and the same depth growth with He-scaled weights
+  recurrent_weights    largest singular value of a recurrent weight block (per gate) >= 1.5
+  no_normalization     depth growth (or a residual stream growing >= x3 over its blocks) that
+                       init and activations do not explain, and no norm layer
+  no_residual          depth growth in a deep normalised network with no skip connection
+                       found by the step-0 forward probe
+  lr_too_high          update-to-weight ratio lr·‖g‖/‖w‖ (Adam: lr·√n/‖w‖) per step (>= 5 % on
+                       an explosion, >= 100 % on its own), the loss rising step over step
+                       before the event, the schedule position (warmup just ended, peak LR)
   ==================== ==========================================================================
 
-  A cause is never suggested when its remedy is already in place (normalisation layers present,
-  skip connections detected, an adaptive optimizer, weights at He/Xavier scale).
+  Ranking: the batch, then a loss that broke on its own, then measured amplification inside
+  the model (init, activation, recurrent weights, then the structural causes), then the LR
+  (which exposes those). A cause is never suggested when its remedy is already in place
+  (normalisation layers present, skip connections detected, an adaptive optimizer, weights
+  at He/Xavier scale).
 """
 
 from __future__ import annotations
