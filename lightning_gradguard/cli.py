@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                       f"(default: {DEFAULT_MODEL})")
     demo.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
                       help=f"optimizer steps per run (default: {DEFAULT_STEPS})")
-    demo.add_argument("--logdir", default="gradguard_runs", help="TensorBoard log directory (default: gradguard_runs)")
+    demo.add_argument("--logdir", default="gradguard_runs",
+                      help="TensorBoard log directory (default: gradguard_runs)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide the progress bar (use it without a terminal: the bar "
                       "otherwise prints hundreds of lines)")

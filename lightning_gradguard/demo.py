@@ -22,6 +22,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,15 @@ def next_version_dir(root: str | os.PathLike[str]) -> Path:
     return base / f"version_{max(taken, default=-1) + 1}"
 
 
+def _validate(net: Any, data: Any) -> list[Mapping[str, float]]:
+    """Validation loss with a Trainer of its own: nothing logged, one event file per run."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False)
+    return trainer.validate(net, datamodule=data, verbose=False)
+
+
 def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
              progress: bool) -> DemoResult:
     import lightning.pytorch as pl
@@ -123,16 +133,13 @@ def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
         accelerator="cpu", devices=1, max_steps=steps, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
         log_every_n_steps=1, val_check_interval=None, check_val_every_n_epoch=1,
-        num_sanity_val_steps=0, inference_mode=False,  # validate before and after fit
+        num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        before = pl.Trainer(accelerator="cpu", devices=1, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            inference_mode=False).validate(net, datamodule=data, verbose=False)
+        before = _validate(net, data)
         trainer.fit(net, datamodule=data)
-        val = trainer.validate(net, datamodule=data, verbose=False)
-    logger.finalize("success")
+        val = _validate(net, data)
     val0 = float(before[0].get("val_loss", math.nan)) if before else math.nan
     val_loss = float(val[0].get("val_loss", math.nan)) if val else math.nan
     if guard is not None:

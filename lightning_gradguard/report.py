@@ -122,8 +122,16 @@ class RunData:
 
     @property
     def halted_at(self) -> int | None:
-        """The step GradGuard halted the run at (its ``**halt**`` text entry), else ``None``."""
-        return next((s for s, t in self.texts if t.lstrip().startswith("**halt**")), None)
+        """The last step before GradGuard halted the run, else ``None``.
+
+        Read from the ``**halt**`` text entry (written at the step counter after the
+        halted step): the last step the guard logged at or before it.
+        """
+        at = next((s for s, t in self.texts if t.lstrip().startswith("**halt**")), None)
+        if at is None:
+            return None
+        logged = [s for tag, _ in COUNTERS for s in self.series(tag)[0] if s <= at]
+        return max(logged, default=at)
 
 
 def counts(run: RunData) -> dict[str, int]:
@@ -329,7 +337,7 @@ def summarize(run: RunData) -> str:
     lines = [head]
     halted = run.halted_at
     if halted is not None:
-        lines.append(f"  HALTED at step {halted}")
+        lines.append(f"  HALTED after step {halted}")
     for tag, label in COUNTERS:
         key = tag.removeprefix(_PREFIX)
         if key not in c or (key in _SHOWN_IF_NONZERO and c[key] == 0):
@@ -461,7 +469,7 @@ def _marker_sets(run: RunData) -> dict[str, MarkerSet]:
         add("rollbacks", "rollback", c["rollbacks"], run.rises("gradguard/rollbacks"))
     halted = run.halted_at
     if halted is not None:
-        out["halt"] = MarkerSet(f"halted at step {halted}", [halted], None, True)
+        out["halt"] = MarkerSet(f"halted after step {halted}", [halted], None, True)
     return out
 
 
@@ -525,7 +533,7 @@ def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDr
     kind = "GradGuard" if run.guarded else "not guarded (GradientMonitor)"
     panel.title = f"{run.name} — {kind}"
     if panel.halted_at is not None:
-        panel.title += f" — HALTED at step {panel.halted_at}"
+        panel.title += f" — HALTED after step {panel.halted_at}"
     ax_norm.set_title(panel.title, fontsize=10,
                       color="red" if panel.halted_at is not None else "black")
 
