@@ -164,16 +164,16 @@ def format_table(results: list[DemoResult]) -> str:
     Example:
         >>> r = DemoResult("no guard", 10, float("nan"), float("nan"), 3, 0, 0, 0, "x", 1.31)
         >>> print(format_table([r]))
-                               no guard
-        steps                        10
-        val loss before training   1.31
-        final train loss            nan
-        final val loss              nan
-        non-finite steps              3
-        skipped steps                 0
-        clipped steps                 0
-        LR backoffs                   0
-        LR scale at the end           1
+                                   no guard
+        steps                            10
+        val loss before training       1.31
+        final train loss                nan
+        final val loss                  nan
+        non-finite steps                  3
+        skipped steps                     0
+        clipped steps                     0
+        LR backoffs                       0
+        LR scale at the end               1
     """
     rows = [
         ("", [r.name for r in results]),
