@@ -218,10 +218,10 @@ def _load_folder(folder: Path, name: str) -> tuple[RunData, list[Path]]:
         scalars, texts = _read_file(files[i])
         if not scalars:
             continue  # no scalars (e.g. hyperparameters only): neither a run nor a break
-        # an older file continues the newer ones (a resumed run, a validate before fit)
-        # only if every tag they share ends before the newer files start it (Lightning's
-        # "epoch" bookkeeping tag is logged at step 0 by a validate before fit: not counted)
-        if any(steps and tag in first and tag != "epoch" and max(steps) >= first[tag]
+        # an older file continues the newer ones (a resumed run, a validate before fit
+        # or a validate after fit at its last step) only if every tag they share ends at or
+        # before the step the newer files start it; a rerun starts again below that
+        if any(steps and tag in first and max(steps) > first[tag]
                for tag, (steps, _) in scalars.items()):
             ignored = files[: i + 1]  # an earlier run: it and everything older are left out
             break

@@ -343,3 +343,23 @@ def test_a_resumed_run_continues_in_a_new_file(tmp_path: Path) -> None:
     assert run.series("gradguard/grad_norm")[0] == list(range(20))
     assert run.events("gradguard/skipped_steps") == [12]
     assert scan.ignored_files == []
+
+
+def test_a_validate_after_fit_is_the_same_run(tmp_path: Path) -> None:
+    """``trainer.validate`` after ``fit`` with the same logger writes a second event file with
+    ``val_loss`` at the last step, which the fit's file also logged: still one run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step in range(10):
+        w.add_scalar("gradguard/grad_norm", 1.0, step)
+    w.add_scalar("val_loss", 0.5, 9)
+    w.close()
+    w = SummaryWriter(str(tmp_path / "run"))
+    w.add_scalar("val_loss", 0.4, 9)
+    w.close()
+    scan = scan_logdir(tmp_path)
+    (run,) = scan.runs
+    assert run.series("gradguard/grad_norm")[0] == list(range(10))
+    assert run.series("val_loss") == ([9, 9], [0.5, pytest.approx(0.4)])
+    assert scan.ignored_files == []
