@@ -474,14 +474,17 @@ def _marker_sets(run: RunData) -> dict[str, MarkerSet]:
 
 
 _MARKER_STYLE: dict[str, tuple[str, str, float]] = {  # marker, color, height (axes fraction)
-    "skipped": ("x", "tab:red", 0.96),
-    "nonfinite": ("x", "darkred", 0.96),
-    "spikes": ("v", "tab:orange", 0.90),
-    "other_clips": ("1", "tab:brown", 0.84),
-    "lr_backoffs": ("s", "tab:purple", 0.78),
-    "rollbacks": ("D", "black", 0.72),
-    "halt": ("X", "red", 0.60),
+    "skipped": ("x", "tab:red", 0.965),
+    "nonfinite": ("x", "darkred", 0.965),
+    "spikes": ("v", "tab:orange", 0.925),
+    "other_clips": ("1", "tab:brown", 0.885),
+    "lr_backoffs": ("s", "tab:purple", 0.845),
+    "rollbacks": ("D", "black", 0.805),
+    "halt": ("X", "red", 0.0),
 }
+#: The gradient-norm curves and the legend stay below this fraction of the axis height; the
+#: band above it holds the markers.
+_DATA_TOP = 0.76
 
 
 def _grid(n: int, ncols: int | None) -> tuple[int, int]:
@@ -512,6 +515,11 @@ def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDr
             ax_norm.plot(xs, ys, label=label, **style)
             panel.curves[label] = (xs, ys)
     ax_norm.set_yscale("log")
+    ys_all = [v for _, ys in panel.curves.values() for v in ys]
+    if ys_all:  # leave the top band of the axis to the markers
+        lo, hi = math.log10(min(ys_all)), math.log10(max(ys_all))
+        lo, hi = lo - 0.05 * max(hi - lo, 1.0), hi + 0.05 * max(hi - lo, 1.0)
+        ax_norm.set_ylim(10**lo, 10 ** (lo + (hi - lo) / _DATA_TOP))
     ax_norm.set_ylabel("gradient norm (log)")
     trans = ax_norm.get_xaxis_transform()  # x in steps, y in axes fraction: any y scale
     panel.markers = _marker_sets(run)
@@ -528,7 +536,8 @@ def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDr
         lo, hi = min(all_steps), max(all_steps)
         pad = max(1.0, 0.02 * (hi - lo))
         ax_norm.set_xlim(lo - pad, hi + pad)
-    ax_norm.legend(fontsize=7, loc="best")
+    ax_norm.legend(fontsize=7, loc="best", bbox_to_anchor=(0.0, 0.0, 1.0, _DATA_TOP),
+                   framealpha=0.8)
     ax_norm.grid(alpha=0.3, which="both")
     kind = "GradGuard" if run.guarded else "not guarded (GradientMonitor)"
     panel.title = f"{run.name} — {kind}"
@@ -609,14 +618,16 @@ def draw_report(runs: Sequence[RunData], notes: Sequence[str] = (),
     plt = _pyplot()
     nrows, cols = _grid(len(runs), ncols)
     fig = plt.figure(figsize=(7.0 * cols, 7.0 * nrows + 0.3 * len(notes)))
-    gs = fig.add_gridspec(3 * nrows, cols, height_ratios=[3.0, 1.1, 1.4] * nrows,
+    # four grid rows per panel row: norm, LR scale, loss, and a spacer that keeps the next
+    # panel's title clear of this one's step axis
+    gs = fig.add_gridspec(4 * nrows - 1, cols, height_ratios=([3.0, 1.1, 1.4, 0.5] * nrows)[:-1],
                           hspace=0.35, wspace=0.22)
     panels = []
     for i, run in enumerate(runs):
         r, col = divmod(i, cols)
-        ax_norm = fig.add_subplot(gs[3 * r, col])
-        ax_lr = fig.add_subplot(gs[3 * r + 1, col], sharex=ax_norm)
-        ax_loss = fig.add_subplot(gs[3 * r + 2, col], sharex=ax_norm)
+        ax_norm = fig.add_subplot(gs[4 * r, col])
+        ax_lr = fig.add_subplot(gs[4 * r + 1, col], sharex=ax_norm)
+        ax_loss = fig.add_subplot(gs[4 * r + 2, col], sharex=ax_norm)
         panels.append(_draw_panel(run, ax_norm, ax_lr, ax_loss))
     fig.suptitle("gradguard report: gradient norm, interventions, LR scale, loss", fontsize=13)
     for j, note in enumerate(notes):
