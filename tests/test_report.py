@@ -363,3 +363,17 @@ def test_a_validate_after_fit_is_the_same_run(tmp_path: Path) -> None:
     assert run.series("gradguard/grad_norm")[0] == list(range(10))
     assert run.series("val_loss") == ([9, 9], [0.5, pytest.approx(0.4)])
     assert scan.ignored_files == []
+
+
+def test_runs_without_tags_are_named_not_dropped(logdir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    root = tmp_path / "logs"
+    shutil.copytree(logdir / "guarded", root / "guarded")
+    _fit(root, "plain", [], steps=4)
+    assert main(["report", str(root), "-o", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "guarded: GradGuard, counters as of step" in out
+    assert "1 run has no gradguard/ tags (not drawn): plain" in out
+    assert [r.name for r in scan_logdir(root).runs] == ["guarded"]
