@@ -1,9 +1,11 @@
 """The ``gradguard`` command line (also ``python -m lightning_gradguard``).
 
-* ``gradguard demo [--model lstm] [--steps N] [--logdir gradguard_runs]`` — a model that
-  explodes, trained without and with ``GradGuard()``; prints a side-by-side table and the
-  ``tensorboard`` / ``gradguard report`` commands to look at it.
-* ``gradguard report LOGDIR [-o PNG]`` — a picture of what happened, from the event files.
+* ``gradguard demo [--model mlp] [--steps 300] [--logdir gradguard_runs] [--no-progress]`` —
+  a model that explodes, trained without and with ``GradGuard()`` into a new
+  ``LOGDIR/<model>/version_N`` folder; prints a side-by-side table and the ``tensorboard`` /
+  ``gradguard report`` commands to look at it.
+* ``gradguard report LOGDIR [-o PNG]`` — a picture of what happened, from the event files
+  (one panel per run folder under ``LOGDIR``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer ``>= 1`` (anything else is a usage error, no traceback).
+
+    Example:
+        >>> positive_int("3")
+        3
+        >>> positive_int("0")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be an integer >= 1, got '0'
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["demo", "--steps", "5"]).steps
         5
     """
-    from lightning_gradguard.demo import DEMO_MODELS
+    from lightning_gradguard.demo import DEFAULT_MODEL, DEFAULT_STEPS, DEMO_MODELS
 
     parser = argparse.ArgumentParser(
         prog="gradguard",
@@ -31,16 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="train a model that explodes, without and with GradGuard")
-    demo.add_argument("--model", choices=DEMO_MODELS, default="lstm",
-                      help="demo model (default: lstm, the adding problem)")
-    demo.add_argument("--steps", type=int, default=None,
-                      help="optimizer steps per run (default: the scenario's own)")
-    demo.add_argument("--logdir", default="gradguard_runs", help="TensorBoard log directory")
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    report = sub.add_parser("report", help="render a PNG of what happened from TensorBoard logs")
+    demo = sub.add_parser(
+        "demo", help="train a model that explodes, without and with GradGuard",
+        description="Train a model in a configuration that explodes, first without a guard "
+        "(with GradientMonitor, to see its gradients), then with GradGuard(); print a table "
+        "of both runs. Each call logs into a new LOGDIR/<model>/version_N folder.")
+    demo.add_argument("--model", choices=DEMO_MODELS, default=DEFAULT_MODEL,
+                      help="demo model: mlp = 8-layer MLP, SGD lr 0.1 (learns with the "
+                      "guard); lstm/rnn = the adding problem, SGD lr 1 (kept finite, ends at "
+                      "the trivial predictor); residual = residual MLP, SGD lr 0.01 "
+                      f"(default: {DEFAULT_MODEL})")
+    demo.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                      help=f"optimizer steps per run (default: {DEFAULT_STEPS})")
+    demo.add_argument("--logdir", default="gradguard_runs",
+                      help="TensorBoard log directory (default: gradguard_runs)")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide the progress bar (use it without a terminal: the bar "
+                      "otherwise prints hundreds of lines)")
+    report = sub.add_parser(
+        "report", help="render a PNG of what happened from TensorBoard logs",
+        description="Draw one panel per run (each folder with event files under LOGDIR; "
+        "the newest run per folder) and print each run's counters.")
     report.add_argument("logdir", help="directory with TensorBoard event files (searched "
-                        "recursively; one panel per run)")
+                        "recursively; one panel per run folder)")
     report.add_argument("-o", "--output", default=None,
                         help="PNG path (default: LOGDIR/gradguard_report.png)")
     return parser
@@ -52,27 +87,43 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"gradguard demo: training '{args.model}' in its exploding configuration, "
           "first without a guard, then with GradGuard() ...", flush=True)
     results = run_demo(args.model, args.steps, args.logdir, progress=not args.no_progress)
+    version_dir = Path(results[0].log_dir).parent
     print()
     print(format_table(results))
     print()
+    print(f"Logs: {version_dir}")
     print("Look at it:")
     print(f"  tensorboard --logdir {args.logdir}")
-    print(f"  gradguard report {args.logdir}")
+    print(f"  gradguard report {version_dir}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_gradguard.report import ReportError, load_runs, render_report, summarize
+    from lightning_gradguard.report import (
+        ReportError,
+        render_report,
+        scan_logdir,
+        scan_notes,
+        summarize,
+    )
 
     try:
-        runs = load_runs(args.logdir)
+        scan = scan_logdir(args.logdir)
+        notes = scan_notes(scan)
+        if not scan.runs:
+            raise ReportError(
+                f"found event files under {scan.root} but no run has gradguard tags "
+                f"({'; '.join(notes)}); train with GradGuard() or GradientMonitor() and a "
+                "TensorBoardLogger")
         output = args.output or str(Path(args.logdir) / "gradguard_report.png")
-        path = render_report(runs, output)
+        path = render_report(scan.runs, output, notes)
     except ReportError as err:
         print(f"gradguard report: error: {err}", file=sys.stderr)
         return 2
-    for run in runs:
+    for run in scan.runs:
         print(summarize(run))
+    for note in notes:
+        print(note)
     print(f"wrote {path}")
     return 0
 

@@ -3,26 +3,46 @@
 Both runs use the same seed, data and hyperparameters (a demo "explode" scenario from
 :mod:`lightning_gradguard.demos`). The run without the guard has a
 :class:`~lightning_gradguard.GradientMonitor` so its gradient norms are visible in
-TensorBoard too. Logs go to ``LOGDIR/<model>/no_guard`` and ``LOGDIR/<model>/gradguard``.
+TensorBoard too. Each call writes into a new versioned folder, as Lightning's
+``version_N``: ``LOGDIR/<model>/version_N/no_guard`` and ``.../gradguard``, so repeated demos
+never mix their event files. Every step is logged (``log_every_n_steps=1``): the report
+marks every event, and the last logged counters equal the table's counts.
+
+The default model, ``mlp`` (:class:`~lightning_gradguard.demos.DeepMLP`, 8 layers, plain SGD
+at ``lr=0.1``), goes non-finite within 20 steps without a guard and learns with one. The
+LSTM (``--model lstm``, SGD at ``lr=1.0``) is kept finite by the guard too, but in 300 steps
+it ends at the adding problem's trivial predictor (validation MSE about 1/6): it shows a
+rescue from NaN, not learning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_MODELS", "DemoResult", "format_table", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEMO_MODELS", "DemoResult", "format_table",
+           "next_version_dir", "run_demo"]
 
-DEMO_MODELS = ("lstm", "rnn", "mlp", "residual")
+DEMO_MODELS = ("mlp", "lstm", "rnn", "residual")
+DEFAULT_MODEL = "mlp"
+DEFAULT_STEPS = 300
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Outcome of one demo run."""
+    """Outcome of one demo run.
+
+    The counts are the guard's cumulative counters (``GradGuard.summary()``); for the run
+    without a guard, the ``GradientMonitor``'s ``gradguard/nonfinite_steps`` counter (steps
+    with NaN/Inf gradients) at the last step. ``gradguard report`` prints the same numbers.
+    """
 
     name: str
     steps: int
@@ -33,6 +53,8 @@ class DemoResult:
     clipped_steps: int
     lr_backoffs: int
     log_dir: str
+    initial_val_loss: float = math.nan
+    lr_scale: float = 1.0
 
 
 def _config(model: str) -> Any:
@@ -53,30 +75,56 @@ def _config(model: str) -> Any:
     raise ValueError(f"`model` must be one of {DEMO_MODELS!r}, got {model!r}")
 
 
-def _run_one(model: str, guarded: bool, steps: int, logdir: Path, progress: bool) -> DemoResult:
+def next_version_dir(root: str | os.PathLike[str]) -> Path:
+    """``root/version_N`` with ``N`` one more than the largest existing (as Lightning numbers).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> next_version_dir(root).name
+        'version_0'
+        >>> (root / "version_3").mkdir(); next_version_dir(root).name
+        'version_4'
+    """
+    base = Path(root)
+    taken = [int(m.group(1)) for p in base.glob("version_*")
+             if (m := re.fullmatch(r"version_(\d+)", p.name)) is not None]
+    return base / f"version_{max(taken, default=-1) + 1}"
+
+
+def _validate(net: Any, data: Any) -> list[Mapping[str, float]]:
+    """Validation loss with a Trainer of its own: nothing logged, one event file per run."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False)
+    return trainer.validate(net, datamodule=data, verbose=False)
+
+
+def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
+             progress: bool) -> DemoResult:
     import lightning.pytorch as pl
     import torch
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_gradguard.callbacks import GradGuard, GradientMonitor
+    from lightning_gradguard.report import counts, load_run
 
     class _LastLoss(Callback):
         def __init__(self) -> None:
             self.loss = math.nan
-            self.nonfinite = 0
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                outputs: Any, batch: Any, batch_idx: int) -> None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             if isinstance(loss, torch.Tensor):
                 self.loss = float(loss.detach())
-                self.nonfinite += int(not math.isfinite(self.loss))
 
     cfg = _config(model)
     net, data = cfg.build()
     name = "gradguard" if guarded else "no_guard"
-    logger = TensorBoardLogger(save_dir=str(logdir), name=model, version=name,
+    logger = TensorBoardLogger(save_dir=str(version_dir), name="", version=name,
                                default_hp_metric=False)
     last = _LastLoss()
     guard = GradGuard() if guarded else None
@@ -84,22 +132,29 @@ def _run_one(model: str, guarded: bool, steps: int, logdir: Path, progress: bool
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-        log_every_n_steps=10, val_check_interval=None, check_val_every_n_epoch=1,
+        log_every_n_steps=1, val_check_interval=None, check_val_every_n_epoch=1,
         num_sanity_val_steps=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        before = _validate(net, data)
         trainer.fit(net, datamodule=data)
-        val = trainer.validate(net, datamodule=data, verbose=False)
+        val = _validate(net, data)
+    val0 = float(before[0].get("val_loss", math.nan)) if before else math.nan
     val_loss = float(val[0].get("val_loss", math.nan)) if val else math.nan
-    summary = guard.summary() if guard is not None else {}
-    nonfinite = summary.get("nonfinite_steps", last.nonfinite) if guard else last.nonfinite
+    if guard is not None:
+        c = guard.summary()
+    else:  # the monitor's counter as logged at the last step: what the report reads
+        run = load_run(logger.log_dir)
+        c = counts(run)
     return DemoResult(
         name="GradGuard()" if guarded else "no guard", steps=trainer.global_step,
-        final_train_loss=last.loss, final_val_loss=val_loss, nonfinite_steps=int(nonfinite),
-        skipped_steps=int(summary.get("skipped_steps", 0)),
-        clipped_steps=int(summary.get("clipped_steps", 0)),
-        lr_backoffs=int(summary.get("lr_backoffs", 0)), log_dir=str(logger.log_dir),
+        final_train_loss=last.loss, final_val_loss=val_loss,
+        nonfinite_steps=int(c.get("nonfinite_steps", 0)),
+        skipped_steps=int(c.get("skipped_steps", 0)),
+        clipped_steps=int(c.get("clipped_steps", 0)),
+        lr_backoffs=int(c.get("lr_backoffs", 0)), log_dir=str(logger.log_dir),
+        initial_val_loss=val0, lr_scale=float(c.get("lr_scale", 1.0)),
     )
 
 
@@ -107,19 +162,30 @@ def format_table(results: list[DemoResult]) -> str:
     """Side-by-side table of demo results.
 
     Example:
-        >>> r = DemoResult("no guard", 10, float("nan"), float("nan"), 3, 0, 0, 0, "x")
-        >>> print(format_table([r]).splitlines()[2])
-        final train loss        nan
+        >>> r = DemoResult("no guard", 10, float("nan"), float("nan"), 3, 0, 0, 0, "x", 1.31)
+        >>> print(format_table([r]))
+                                   no guard
+        steps                            10
+        val loss before training       1.31
+        final train loss                nan
+        final val loss                  nan
+        non-finite steps                  3
+        skipped steps                     0
+        clipped steps                     0
+        LR backoffs                       0
+        LR scale at the end               1
     """
     rows = [
         ("", [r.name for r in results]),
         ("steps", [str(r.steps) for r in results]),
+        ("val loss before training", [f"{r.initial_val_loss:.4g}" for r in results]),
         ("final train loss", [f"{r.final_train_loss:.4g}" for r in results]),
         ("final val loss", [f"{r.final_val_loss:.4g}" for r in results]),
         ("non-finite steps", [str(r.nonfinite_steps) for r in results]),
         ("skipped steps", [str(r.skipped_steps) for r in results]),
         ("clipped steps", [str(r.clipped_steps) for r in results]),
         ("LR backoffs", [str(r.lr_backoffs) for r in results]),
+        ("LR scale at the end", [f"{r.lr_scale:.3g}" for r in results]),
     ]
     w0 = max(len(r[0]) for r in rows)
     widths = [max(len(r[1][i]) for r in rows) for i in range(len(results))]
@@ -129,31 +195,40 @@ def format_table(results: list[DemoResult]) -> str:
     )
 
 
-def run_demo(model: str = "lstm", steps: int | None = None,
+def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
              logdir: str | os.PathLike[str] = "gradguard_runs",
              progress: bool = True) -> list[DemoResult]:
     """Run the demo: the explode scenario of ``model`` without and with ``GradGuard()``.
 
     Args:
-        model: One of ``"lstm"``, ``"rnn"``, ``"mlp"``, ``"residual"``.
-        steps: Optimizer steps per run (default: 5x the scenario's explosion bound, 300 for
-            the LSTM: long enough to see the guarded run converge).
-        logdir: TensorBoard log directory.
+        model: One of ``"mlp"`` (default), ``"lstm"``, ``"rnn"``, ``"residual"``.
+        steps: Optimizer steps per run (default 300: long enough to see the guarded run
+            learn while the unguarded one is NaN).
+        logdir: TensorBoard log directory; this call writes into the next free
+            ``LOGDIR/<model>/version_N`` (see :func:`next_version_dir`).
         progress: Show Lightning's progress bar.
 
     Returns:
-        The two :class:`DemoResult` s (without, with the guard).
+        The two :class:`DemoResult` s (without, with the guard); their ``log_dir`` s share
+        the version folder.
+
+    Raises:
+        ValueError: Unknown ``model`` or ``steps < 1``.
     """
-    cfg = _config(model)
-    n = steps if steps is not None else cfg.max_steps * 5
-    if n < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps!r}")
-    out = Path(logdir)
+    _config(model)
+    n = DEFAULT_STEPS if steps is None else steps
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`steps` must be an int >= 1, got {steps!r}")
+    version_dir = next_version_dir(Path(logdir) / model)
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the demo models are tiny: one thread is several times faster
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # no "GPU available" / tips between the demo's lines
     try:
-        return [_run_one(model, guarded, n, out, progress) for guarded in (False, True)]
+        return [_run_one(model, guarded, n, version_dir, progress) for guarded in (False, True)]
     finally:
+        quiet.setLevel(level)
         torch.set_num_threads(threads)

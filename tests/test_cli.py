@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -44,33 +45,114 @@ def test_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> N
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_steps_zero_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("0", "-3", "ten"):
+        with pytest.raises(SystemExit) as exc:
+            main(["demo", "--steps", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --steps: must be an integer >= 1, got '{bad}'" in err
+        assert "Traceback" not in err
+
+
+def test_demo_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "TensorBoard log directory (default: gradguard_runs)" in out
+    assert "optimizer steps per run (default: 300)" in out
+    assert "(default: mlp)" in out
+    assert "--no-progress" in out
+
+
+def _table(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        label = line.split("  ")[0].strip()
+        if label:
+            rows[label] = line.split()
+    return rows
+
+
+def _demo(logdir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["demo", "--steps", "12", "--logdir", str(logdir), "--no-progress"]) == 0
+    return capsys.readouterr().out
+
+
 def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
               capsys: pytest.CaptureFixture[str]) -> None:
+    """Two demos into one log directory: two version folders, a report that does not merge
+    them (the old layout wrote both demos' event files into the same two folders), and the
+    same counts in the demo's table, the report's text and the report's picture."""
     pytest.importorskip("lightning_gradguard.demos")
+    from lightning_gradguard.report import counts, draw_report, scan_logdir
+
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     logdir = tmp_path / "runs"
-    assert main(["demo", "--steps", "12", "--logdir", str(logdir), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
-    header = next(line for line in lines if "no guard" in line)
-    assert "GradGuard()" in header
-    assert header.index("no guard") < header.index("GradGuard()")
-    rows = {line.split("  ")[0].strip(): line.split() for line in lines}
-    assert rows["steps"][-2:] == ["12", "12"]
-    for label in ("final train loss", "final val loss", "non-finite steps", "skipped steps",
-                  "clipped steps", "LR backoffs"):
-        assert label in rows, label
-    assert f"tensorboard --logdir {logdir}" in out
-    assert f"gradguard report {logdir}" in out
-    for run in ("no_guard", "gradguard"):
-        d = logdir / "lstm" / run
-        assert list(d.glob("events.out.tfevents.*")), f"no event file in {d}"
+    outs = [_demo(logdir, capsys), _demo(logdir, capsys)]
+    for version, out in enumerate(outs):
+        lines = out.splitlines()
+        header = next(line for line in lines if "no guard" in line)
+        assert "GradGuard()" in header
+        assert header.index("no guard") < header.index("GradGuard()")
+        rows = _table(out)
+        assert rows["steps"][-2:] == ["12", "12"]
+        for label in ("val loss before training", "final train loss", "final val loss",
+                      "non-finite steps", "skipped steps", "clipped steps", "LR backoffs",
+                      "LR scale at the end"):
+            assert label in rows, label
+        vdir = logdir / "mlp" / f"version_{version}"
+        assert f"tensorboard --logdir {logdir}" in out
+        assert f"gradguard report {vdir}" in out
+        for run in ("no_guard", "gradguard"):
+            files = list((vdir / run).glob("events.out.tfevents.*"))
+            assert len(files) == 1, f"{vdir / run}: {files}"
+    assert outs[0].split("Logs:")[0] == outs[1].split("Logs:")[0]  # same seed, same table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
-    # the printed follow-up command works on what the demo wrote
+    # the report over both demos: four runs, none merged, nothing left out
+    scan = scan_logdir(logdir)
+    assert [r.name for r in scan.runs] == [
+        f"mlp/version_{v}/{run}" for v in (0, 1) for run in ("gradguard", "no_guard")]
+    assert scan.untagged == []
+    assert scan.ignored_files == []
+    for run in scan.runs:
+        steps, _ = run.series("gradguard/nonfinite_steps")
+        assert steps == list(range(12)), run.name  # every step logged once, in order
+
+    # one source of truth: the table, the report's text and the picture's legend agree
     png = tmp_path / "demo.png"
-    assert main(["report", str(logdir), "-o", str(png)]) == 0
+    vdir = logdir / "mlp" / "version_1"
+    assert main(["report", str(vdir), "-o", str(png)]) == 0
     report = capsys.readouterr().out
-    assert "lstm/no_guard:" in report
-    assert "lstm/gradguard:" in report
     assert png.stat().st_size > 20_000
+    rows = _table(outs[1])
+    table = {"no_guard": {k: int(rows[label][-2]) for k, label in (
+                 ("nonfinite_steps", "non-finite steps"),)},
+             "gradguard": {k: int(rows[label][-1]) for k, label in (
+                 ("nonfinite_steps", "non-finite steps"), ("skipped_steps", "skipped steps"),
+                 ("clipped_steps", "clipped steps"), ("lr_backoffs", "LR backoffs"))}}
+    assert table["no_guard"]["nonfinite_steps"] > 0  # it did explode
+    runs = {r.name.split("/")[-1]: r for r in scan_logdir(vdir).runs}
+    drawing = draw_report(list(runs.values()))
+    import matplotlib.pyplot as plt
+
+    plt.close(drawing.figure)
+    panels = {p.name.split("/")[-1]: p for p in drawing.panels}
+    words = {"nonfinite_steps": "non-finite steps", "skipped_steps": "skipped steps",
+             "clipped_steps": "clipped steps", "lr_backoffs": "LR backoffs"}
+    for name, expected in table.items():
+        assert {k: counts(runs[name])[k] for k in expected} == expected, name
+        assert {k: panels[name].counts[k] for k in expected} == expected, name
+        after = ("\n" + report).split(f"\n{name}: ")[1].splitlines()[1:]
+        section = "\n".join(line for line in itertools.takewhile(
+            lambda line: line.startswith("  "), after))
+        for key, value in expected.items():
+            assert f"  {words[key]}: {value}" in section, (name, key)
+    nonfinite = panels["no_guard"].markers["nonfinite"]
+    assert nonfinite.label == (f"non-finite gradients: {table['no_guard']['nonfinite_steps']} "
+                               "(each marked)")
+    assert len(nonfinite.steps) == table["no_guard"]["nonfinite_steps"]
+    legend = [t.get_text() for t in panels["no_guard"].axes[0].get_legend().get_texts()]
+    assert nonfinite.label in legend

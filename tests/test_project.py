@@ -22,3 +22,23 @@ def test_version_matches_pyproject() -> None:
 
     text = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{lightning_gradguard.__version__}"' in text
+
+
+def test_readme_quickstart_installs_and_runs_the_demo() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)
+    quickstart = blocks[0]
+    assert "pip install torch==2.13.0 && " in quickstart
+    assert 'pip install -e ".[report]"' in quickstart
+    assert quickstart.endswith("&& gradguard demo")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    pages = [ROOT / "README.md", ROOT / "docs" / "guide.md",
+             ROOT / "benchmarks" / "results" / "history.md"]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: {target}"

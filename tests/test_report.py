@@ -14,7 +14,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.callbacks import GradGuard, GradientMonitor
 from lightning_gradguard.cli import main
-from lightning_gradguard.report import load_runs
+from lightning_gradguard.report import (
+    PanelDrawing,
+    RunData,
+    counts,
+    draw_report,
+    load_runs,
+    scan_logdir,
+    scan_notes,
+    summarize,
+)
 from lightning_gradguard.testing import Fault, FaultInjector
 
 pytestmark = [
@@ -143,7 +152,8 @@ def test_event_files_without_gradguard_tags(tmp_path: Path,
     assert list((tmp_path / "plain").glob("events.out.tfevents.*"))
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.png")]) == 2
     err = capsys.readouterr().err
-    assert "gradguard tags" in err
+    assert "no run has gradguard tags" in err
+    assert "1 run has no gradguard/ tags (not drawn): plain" in err
     assert not (tmp_path / "r.png").exists()
 
 
@@ -152,17 +162,18 @@ def test_nonfinite_loss_markers_are_inside_a_log_scaled_loss_panel() -> None:
     where y = 0 does not exist; the NaN markers must still be drawn inside the panel."""
     import matplotlib.pyplot as plt
 
-    from lightning_gradguard.report import RunData, _draw
-
     steps = list(range(10))
     loss = [1e3 * 10.0**s for s in range(4)] + [float("nan")] * 6
     run = RunData("diverged", {"train_loss": (steps, loss),
                                "gradguard/grad_norm": (steps, [1.0] * 10)})
-    fig = _draw([run])
+    drawing = draw_report([run])
+    fig = drawing.figure
     try:
-        ax = fig.axes[2]
+        ax = drawing.panels[0].axes[2]
         assert ax.get_yscale() == "log"
-        (markers,) = [c for c in ax.collections if c.get_label() == "non-finite loss (6)"]
+        assert drawing.panels[0].markers["loss_nonfinite"].steps == [4, 5, 6, 7, 8, 9]
+        (markers,) = [c for c in ax.collections
+                      if c.get_label() == "loss NaN/Inf (at logged steps)"]
         fig.canvas.draw()
         pts = markers.get_offset_transform().transform(markers.get_offsets())
         box = ax.get_window_extent()
@@ -170,3 +181,199 @@ def test_nonfinite_loss_markers_are_inside_a_log_scaled_loss_panel() -> None:
         assert all(box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1 for x, y in pts)
     finally:
         plt.close(fig)
+
+
+# ------------------------------------------------------------------ what the report draws
+def _artists_agree(panel: PanelDrawing) -> None:
+    """The record and the figure agree: every recorded curve and marker set is on the axes,
+    with the same data, and the legend lists exactly those labels."""
+    ax = panel.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    for label, (xs, ys) in panel.curves.items():
+        assert list(lines[label].get_xdata()) == xs
+        assert list(lines[label].get_ydata()) == ys
+    scatters = {c.get_label(): c for c in ax.collections}
+    for key, ms in panel.markers.items():
+        if key in ("halt", "loss_nonfinite"):
+            continue
+        offsets = scatters[ms.label].get_offsets()
+        assert [int(x) for x, _ in offsets] == ms.steps
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    expected = list(panel.curves) + [m.label for k, m in panel.markers.items()
+                                     if k != "loss_nonfinite"]
+    assert sorted(legend) == sorted(expected)
+
+
+def test_draw_report_records_curves_and_markers() -> None:
+    """Every step logged: one mark per event; spikes told apart from update-cap clips."""
+    import matplotlib.pyplot as plt
+
+    steps = list(range(8))
+    run = RunData("r", {
+        "gradguard/grad_norm": (steps, [1.0, 2.0, 50.0, 1.5, 9.0, 1.0, 1.0, 1.0]),
+        "gradguard/grad_norm_clipped": (steps, [1.0, 2.0, 5.0, 1.5, 3.0, 1.0, 1.0, 1.0]),
+        "gradguard/clip_threshold": (steps, [10.0, 10.0, 5.0, 6.0, 3.0, 6.0, 6.0, 6.0]),
+        "gradguard/lr_scale": (steps, [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.6, 0.6]),
+        "gradguard/spikes": (steps, [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        "gradguard/clipped_steps": (steps, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]),
+        "gradguard/skipped_steps": (steps, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0]),
+        "gradguard/nonfinite_steps": (steps, [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 2.0]),
+        "gradguard/lr_backoffs": (steps, [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    })
+    drawing = draw_report([run])
+    try:
+        (panel,) = drawing.panels
+        assert panel.curves["grad norm (before clipping)"] == (steps, run.series(
+            "gradguard/grad_norm")[1])
+        assert panel.curves["clip threshold"][1][2] == 5.0
+        assert panel.curves["grad norm after clipping"][1][4] == 3.0
+        m = panel.markers
+        assert m["spikes"].steps == [2]
+        assert m["spikes"].label == "spike, clipped to the threshold: 1 (each marked)"
+        assert m["other_clips"].steps == [4]  # clipped, no spike: the update cap
+        assert m["other_clips"].label == "clipped by the update cap / per unit: 1 (each marked)"
+        assert m["skipped"].steps == [5, 6]
+        assert m["skipped"].count == 2
+        assert "nonfinite" not in m  # every non-finite step was skipped
+        assert m["lr_backoffs"].steps == [3]
+        assert panel.lr_scale == (steps, run.series("gradguard/lr_scale")[1])
+        assert panel.counts == {"nonfinite_steps": 2, "skipped_steps": 2, "spikes": 1,
+                                "clipped_steps": 2, "lr_backoffs": 1, "other_clips": 1}
+        assert panel.halted_at is None
+        assert panel.title == "r — GradGuard"
+        _artists_agree(panel)
+    finally:
+        plt.close(drawing.figure)
+
+
+def test_markers_at_a_logging_interval_say_so() -> None:
+    """A counter logged every 10 steps: the count is its last value, the marks are the
+    logged steps where it rose, and the label says exactly that."""
+    import matplotlib.pyplot as plt
+
+    steps = [0, 10, 20, 30]
+    run = RunData("monitored", {
+        "gradguard/grad_norm": (steps, [1.0, 2.0, 3.0, 4.0]),
+        "gradguard/nonfinite_steps": (steps, [0.0, 4.0, 4.0, 13.0]),
+    })
+    drawing = draw_report([run])
+    try:
+        ms = drawing.panels[0].markers["nonfinite"]
+        assert ms.steps == [10, 30]
+        assert ms.count == 13
+        assert not ms.every_event
+        assert ms.label == ("non-finite gradients: 13 (marked: the 2 logged steps where the "
+                            "count rose)")
+        assert drawing.panels[0].title == "monitored — not guarded (GradientMonitor)"
+        _artists_agree(drawing.panels[0])
+    finally:
+        plt.close(drawing.figure)
+    assert "  non-finite steps: 13 (first at step 10)" in summarize(run).splitlines()
+
+
+def test_panels_in_a_grid() -> None:
+    import matplotlib.pyplot as plt
+
+    runs = [RunData(f"r{i}", {"gradguard/grad_norm": ([0, 1], [1.0, 2.0])}) for i in range(5)]
+    drawing = draw_report(runs)
+    try:
+        w, h = drawing.figure.get_size_inches()
+        assert (w, h) == (21.0, 14.0)  # 3 columns x 2 rows, not one long row
+        x0 = {round(p.axes[0].get_position().x0, 3) for p in drawing.panels}
+        y0 = {round(p.axes[0].get_position().y0, 3) for p in drawing.panels}
+        assert len(x0) == 3
+        assert len(y0) == 2
+    finally:
+        plt.close(drawing.figure)
+    with pytest.raises(ValueError, match="`runs` must hold at least one run"):
+        draw_report([])
+
+
+def test_halted_run_is_marked_halted(tmp_path: Path) -> None:
+    """A real halt (NaN from step 5 on, halt_after=3): read from GradGuard's text entry."""
+    faults = FaultInjector([Fault(step=s, kind="nan") for s in range(5, 30)])
+    _fit(tmp_path, "halted", [faults, GradGuard(halt_after=3)], steps=20)
+    (run,) = load_runs(tmp_path)
+    assert run.halted_at == 7
+    assert counts(run)["skipped_steps"] == 3
+    assert "  HALTED after step 7" in summarize(run).splitlines()
+    import matplotlib.pyplot as plt
+
+    drawing = draw_report([run])
+    try:
+        panel = drawing.panels[0]
+        assert panel.title == "halted — GradGuard — HALTED after step 7"
+        assert panel.markers["halt"].steps == [7]
+        assert panel.markers["skipped"].steps == [5, 6, 7]
+        assert panel.axes[0].get_title() == panel.title
+        _artists_agree(panel)
+    finally:
+        plt.close(drawing.figure)
+
+
+def test_a_rerun_into_the_same_folder_is_not_merged(tmp_path: Path) -> None:
+    """Two runs into one fixed version folder: only the newest is read (the old code merged
+    both: steps went back to 0 and the counts doubled); the older file is named."""
+    _fit(tmp_path, "v", [FaultInjector([Fault(step=NAN_STEP, kind="nan")]), GradGuard()])
+    first = sorted((tmp_path / "v").glob("events.out.tfevents.*"))
+    _fit(tmp_path, "v", [FaultInjector([Fault(step=3, kind="nan")]), GradGuard()], steps=12)
+    scan = scan_logdir(tmp_path)
+    (run,) = scan.runs
+    steps, _ = run.series("gradguard/grad_norm")
+    assert steps == sorted(steps)
+    assert steps[-1] == 10  # logged every 2 steps
+    assert run.events("gradguard/skipped_steps") == [3]
+    assert counts(run)["skipped_steps"] == 1
+    assert scan.ignored_files == [f"v/{first[0].name}"]
+    assert "1 older event file of earlier runs in the same folder not read" in scan_notes(scan)[0]
+
+
+def test_a_resumed_run_continues_in_a_new_file(tmp_path: Path) -> None:
+    """Event files that continue each other (a resume) are one run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for start in (0, 10):
+        w = SummaryWriter(str(tmp_path / "run"))
+        for step in range(start, start + 10):
+            w.add_scalar("gradguard/grad_norm", 1.0 + step, step)
+            w.add_scalar("gradguard/skipped_steps", float(step >= 12), step)
+        w.close()
+    scan = scan_logdir(tmp_path)
+    (run,) = scan.runs
+    assert run.series("gradguard/grad_norm")[0] == list(range(20))
+    assert run.events("gradguard/skipped_steps") == [12]
+    assert scan.ignored_files == []
+
+
+def test_a_validate_after_fit_is_the_same_run(tmp_path: Path) -> None:
+    """``trainer.validate`` after ``fit`` with the same logger writes a second event file with
+    ``val_loss`` at the last step, which the fit's file also logged: still one run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step in range(10):
+        w.add_scalar("gradguard/grad_norm", 1.0, step)
+    w.add_scalar("val_loss", 0.5, 9)
+    w.close()
+    w = SummaryWriter(str(tmp_path / "run"))
+    w.add_scalar("val_loss", 0.4, 9)
+    w.close()
+    scan = scan_logdir(tmp_path)
+    (run,) = scan.runs
+    assert run.series("gradguard/grad_norm")[0] == list(range(10))
+    assert run.series("val_loss") == ([9, 9], [0.5, pytest.approx(0.4)])
+    assert scan.ignored_files == []
+
+
+def test_runs_without_tags_are_named_not_dropped(logdir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    root = tmp_path / "logs"
+    shutil.copytree(logdir / "guarded", root / "guarded")
+    _fit(root, "plain", [], steps=4)
+    assert main(["report", str(root), "-o", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "guarded: GradGuard, counters as of step" in out
+    assert "1 run has no gradguard/ tags (not drawn): plain" in out
+    assert [r.name for r in scan_logdir(root).runs] == ["guarded"]
