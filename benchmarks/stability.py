@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradbench import cli  # noqa: E402
-from gradbench.workloads import STABILITY  # noqa: E402
+from gradbench import cli
+from gradbench.workloads import STABILITY
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gradbench import cli  # noqa: E402
-from gradbench.workloads import STABILITY_MOMENTUM  # noqa: E402
+from gradbench import cli
+from gradbench.workloads import STABILITY_MOMENTUM
 
 
 def main(argv: Sequence[str] | None = None) -> int:
