@@ -131,7 +131,8 @@ def test_variant_values() -> None:
     cb = guard.build().callbacks[0]
     assert cb.settings.clip.max_norm == 2.5
     assert cb.settings.recovery_steps == 7
-    assert guard.gradguard and guard.library
+    assert guard.gradguard
+    assert guard.library
     assert gradguard_variant(recovery_steps=7).name == "gradguard(recovery_steps=7)"
 
 

@@ -158,7 +158,7 @@ class AutoClipCallback(Callback):
 def output_layer(model: torch.nn.Module) -> str:
     """Name of the last ``nn.Linear`` of ``model`` (the output layer AGC leaves alone)."""
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return names[-1]
+    return str(names[-1])
 
 
 class AGCCallback(Callback):

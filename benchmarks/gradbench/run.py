@@ -110,7 +110,7 @@ class Monitor(Callback):
 
 
 @torch.no_grad()
-def evaluate(model: pl.LightningModule, datamodule: Any) -> dict[str, float]:
+def evaluate(model: Any, datamodule: Any) -> dict[str, float]:
     """Validation loss (sample-weighted mean) and the model's validation metrics."""
     was_training = model.training
     model.eval()

@@ -176,7 +176,7 @@ def e2e_standalone(spec: DemoSpec, args: argparse.Namespace) -> dict[str, float]
     (gradients of a real training batch, rescaled to total norm ``CLEAN_NORM``)."""
     torch.manual_seed(0)
     model, dm = build_demo(spec, 1)
-    demo_loss(model, dm).backward()
+    demo_loss(model, dm).backward()  # type: ignore[no-untyped-call]
     params = [p for p in model.parameters() if p.grad is not None]
     grads = grads_of(params)
     base = [g.clone() for g in grads]

@@ -167,7 +167,7 @@ def run_memory(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
         model, dm = build_demo(spec, 1)
         opt = build_optimizer(model.parameters(), opt_name, spec.model_kwargs["lr"])
         core = GuardCore(model, opt, rollback=True)
-        demo_loss(model, dm).backward()
+        demo_loss(model, dm).backward()  # type: ignore[no-untyped-call]
         t0 = time.perf_counter()
         core.step()  # step 1 captures the snapshot (before the optimizer step of step 1)
         t_capture_step = time.perf_counter() - t0

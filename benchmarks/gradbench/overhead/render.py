@@ -197,7 +197,8 @@ def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) 
          "others, so wall clock is used; on a shared machine it is noisy.") + "\n")
 
     def pick(row: dict[str, Any]) -> dict[str, float]:
-        return row["median_s"] if cpu_clock else row["wall_s"]
+        out: dict[str, float] = row["median_s"] if cpu_clock else row["wall_s"]
+        return out
 
     if "micro" in res:
         m = res["micro"]

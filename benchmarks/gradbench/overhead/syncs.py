@@ -71,7 +71,7 @@ def run_syncs(args: argparse.Namespace, have_zclip: bool) -> dict[str, Any]:
     def backward(scale: float = 1.0) -> torch.Tensor:
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y) * scale
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
     def one(label: str, loss: torch.Tensor | None, **kw: Any) -> None:
