@@ -34,7 +34,7 @@ from .common import json_float, library_id, source_hash
 from .methods import Method, get_method, method_slug
 from .workloads import Workload
 
-__all__ = ["CACHE_VERSION", "Monitor", "RunCache", "evaluate", "run_one", "total_norm"]
+__all__ = ["CACHE_VERSION", "Monitor", "RunCache", "run_one", "total_norm"]
 
 #: Bump when the run protocol or the record changes: older cache files are then ignored.
 CACHE_VERSION = 3
@@ -109,25 +109,6 @@ class Monitor(Callback):
             trainer.should_stop = True
 
 
-@torch.no_grad()
-def evaluate(model: Any, datamodule: Any) -> dict[str, float]:
-    """Validation loss (sample-weighted mean) and the model's validation metrics."""
-    was_training = model.training
-    model.eval()
-    metrics = model.val_metrics.clone()
-    metrics.reset()
-    total, n = 0.0, 0
-    for inputs, target in datamodule.val_dataloader():
-        preds = model(inputs)
-        total += float(model.compute_loss(preds, target)) * len(target)
-        n += len(target)
-        metrics.update(preds, target)
-    out = {"val_loss": total / n}
-    out.update({k: float(v) for k, v in metrics.compute().items()})
-    model.train(was_training)
-    return out
-
-
 def _config(workload: Workload, lr: float, seed: int, method: str,
             steps: int) -> dict[str, Any]:
     """The part of a record that identifies its configuration (the cache key)."""
@@ -143,7 +124,7 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
     lightning.seed_everything(seed, verbose=False)
     model, datamodule = workload.build(lr, seed)
     datamodule.setup("fit")
-    initial = evaluate(model, datamodule)
+    initial = workload.evaluate(model, datamodule)
     setup = method.build()
     monitor = Monitor()
     tmp = tempfile.mkdtemp(prefix="gg_stability_")
@@ -160,7 +141,7 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
-    final = evaluate(model, datamodule)
+    final = workload.evaluate(model, datamodule)
     nonfinite = monitor.nonfinite_steps
     if monitor.params_nonfinite_at is not None:
         nonfinite += steps - steps_run  # every remaining step would be non-finite too

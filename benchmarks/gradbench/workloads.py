@@ -1,9 +1,11 @@
 """Workloads (model + data + learning rates + run length) and the suites built from them.
 
 A :class:`Workload` builds a fresh ``(LightningModule, LightningDataModule)`` pair for one
-learning rate and seed; a :class:`Suite` is a grid (workloads x learning rates x seeds x
-methods) with its report paths. The momentum grid is the stability grid with another
-optimizer (:meth:`Suite.with_optimizer`), not a patched copy.
+learning rate and seed, and evaluates a model on its validation data (a workload of another
+kind of model overrides :meth:`Workload.build` and :meth:`Workload.evaluate`). A
+:class:`Suite` is a grid (workloads x learning rates x seeds x methods) with its report paths.
+The momentum grid is the stability grid with another optimizer
+(:meth:`Suite.with_optimizer`), not a patched copy.
 
 The overhead benchmark's end-to-end models (:class:`DemoSpec`) are pinned here too.
 """
@@ -16,13 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightning_gradguard.demos import AddingProblemRNN, DeepMLP, DemoConfig, ResidualMLP
 
 from .common import BENCH_ROOT
 
 __all__ = [
     "E2E_BATCH", "E2E_MODELS", "STABILITY", "STABILITY_MOMENTUM", "DemoSpec", "QuickGrid",
-    "Suite", "Workload", "build_demo", "deep_mlp_spec", "e2e_spec", "half_decades",
+    "Suite", "Workload", "build_demo", "deep_mlp_spec", "e2e_spec", "evaluate_demo",
+    "half_decades",
 ]
 
 
@@ -38,6 +43,29 @@ def half_decades(low: float, n: int = 6) -> tuple[float, ...]:
 
 def _scaled(lrs: tuple[float, ...], factor: float) -> tuple[float, ...]:
     return tuple(float(f"{lr * factor:.3g}") for lr in lrs)
+
+
+@torch.no_grad()
+def evaluate_demo(model: Any, datamodule: Any) -> dict[str, float]:
+    """Validation loss (sample-weighted mean) and the metrics of a demo model.
+
+    Uses the demo modules' ``compute_loss`` and ``val_metrics`` over the whole validation set;
+    the model is in eval mode meanwhile and gets its previous mode back.
+    """
+    was_training = model.training
+    model.eval()
+    metrics = model.val_metrics.clone()
+    metrics.reset()
+    total, n = 0.0, 0
+    for inputs, target in datamodule.val_dataloader():
+        preds = model(inputs)
+        total += float(model.compute_loss(preds, target)) * len(target)
+        n += len(target)
+        metrics.update(preds, target)
+    out = {"val_loss": total / n}
+    out.update({k: float(v) for k, v in metrics.compute().items()})
+    model.train(was_training)
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,10 @@ class Workload:
         model = cfg.model_cls(**self.model_kwargs(lr))
         datamodule = cfg.datamodule_cls(**{**cfg.datamodule_kwargs, "seed": seed})
         return model, datamodule
+
+    def evaluate(self, model: Any, datamodule: Any) -> dict[str, float]:
+        """``val_loss`` and the model's validation metrics (override for other models)."""
+        return evaluate_demo(model, datamodule)
 
     def with_optimizer(self, optimizer: str, label: str, lr_factor: float) -> Workload:
         """The same workload with model kwarg ``optimizer`` and every LR times ``lr_factor``."""
