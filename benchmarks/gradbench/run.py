@@ -112,10 +112,8 @@ class Monitor(Callback):
 def _config(workload: Workload, lr: float, seed: int, method: str,
             steps: int) -> dict[str, Any]:
     """The part of a record that identifies its configuration (the cache key)."""
-    cfg = workload.config()
     return {"version": CACHE_VERSION, "model": workload.name, "lr": lr, "seed": seed,
-            "method": method, "steps": steps, "model_kwargs": workload.model_kwargs(lr),
-            "datamodule_kwargs": {**cfg.datamodule_kwargs, "seed": seed}}
+            "method": method, "steps": steps, **workload.cache_key(lr, seed)}
 
 
 def run_one(workload: Workload, lr: float, seed: int, method: Method,
@@ -134,7 +132,8 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
             accelerator="cpu", devices=1, max_steps=steps, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp,
-            callbacks=[monitor, *setup.callbacks], **setup.trainer_kwargs,
+            callbacks=[monitor, *setup.callbacks],
+            **{**workload.trainer_kwargs, **setup.trainer_kwargs},
         )
         trainer.fit(model, datamodule=datamodule)
         steps_run = trainer.global_step

@@ -81,6 +81,8 @@ class Workload:
         optimizer: The optimizer, for the report (``"plain SGD"``).
         explodes_at: The LR at which the scenario explodes without any method, if known.
         overrides: Model kwargs that replace the config's (e.g. ``{"optimizer": ...}``).
+        trainer_kwargs: Extra ``Trainer`` kwargs of every run of this workload (a method's
+            own ``Trainer`` kwargs are applied after these).
     """
 
     name: str
@@ -91,6 +93,7 @@ class Workload:
     optimizer: str = "plain SGD"
     explodes_at: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def note(self) -> str:
@@ -101,6 +104,11 @@ class Workload:
     def model_kwargs(self, lr: float) -> dict[str, Any]:
         """The model's constructor kwargs at learning rate ``lr``."""
         return {**self.config().model_kwargs, **self.overrides, "lr": lr}
+
+    def cache_key(self, lr: float, seed: int) -> dict[str, Any]:
+        """What identifies a run of this workload besides method and steps (JSON-ready)."""
+        return {"model_kwargs": self.model_kwargs(lr),
+                "datamodule_kwargs": {**self.config().datamodule_kwargs, "seed": seed}}
 
     def build(self, lr: float, seed: int) -> tuple[Any, Any]:
         """A fresh model and datamodule (call after seeding: the weights use the global RNG)."""
