@@ -14,7 +14,7 @@ from .e2e import FLOOR_CFG
 from .fixtures import CLEAN_NORM, SPIKE, WARM_NOISE
 from .timing import fmt_bytes, fmt_t
 
-__all__ = ["render", "render_e2e"]
+__all__ = ["render", "render_e2e", "render_memory", "render_micro", "render_syncs"]
 
 
 def fmt_r(ratio: float) -> str:
@@ -157,6 +157,219 @@ def render_e2e(a: Callable[[str], None], e: dict[str, Any], args: argparse.Names
         a("")
 
 
+def render_micro(a: Callable[[str], None], m: dict[str, Any], cpu_clock: bool) -> None:
+    """Section 1: the micro benchmark tables, scaling slopes and targets."""
+
+    def pick(row: dict[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = row["median_s"] if cpu_clock else row["wall_s"]
+        return out
+
+    a("## 1. Guard work per optimizer step (micro benchmark)\n")
+    a("Parameter sets are pairs of a square weight `(r, r)` and a bias `(r,)` (float32, "
+      "CPU). Gradients are re-set from a pristine copy before every call and every "
+      "stateful method is reset to the same warmed-up state (40 steps with norms "
+      f"{CLEAN_NORM} ± {WARM_NOISE:.0%}), untimed, so all methods see the same "
+      "gradients and do the same work every call (the decision of every call is "
+      "checked once: guard action, and whether the gradients were modified):\n")
+    a("- **guard**: `GuardCore(params, optimizer=None).step()` — one fused norm pass, "
+      "threshold, statistics update, growth detector, one host read, decision (and the "
+      "clip pass on a spike); default `ZScoreClip`.")
+    a("- **clip_grad_norm_**: `torch.nn.utils.clip_grad_norm_(params, 1.0)` (what "
+      "`gradient_clip_val=1.0` runs; it always multiplies the gradients, by 1.0 when "
+      "below the threshold, so it is two passes over the gradients every step).")
+    a("- **ZClip**: `ZClip().step(model)` of `zclip` 1.0.0 with its defaults, after its "
+      "warm-up (per-tensor Python loop of norms + `.item()`; clips with a per-tensor "
+      "Python loop of `mul_`).")
+    a("- **grad_norm**: `lightning.pytorch.utilities.grad_norm(module, norm_type=2)` "
+      "(per-tensor norms + one host conversion per tensor; never clips).")
+    a("- **floor**: `torch._foreach_norm(grads)` alone — one fused read of the "
+      "gradients, no total, no decision: what any norm-based method must pay.\n")
+    zc = any("zclip" in r["median_s"] for r in m["rows"])
+
+    def t(r: dict[str, Any], k: str, wall: bool = False) -> float:
+        d = r["wall_s"] if wall else pick(r)
+        return float(d.get(k, float("nan")))
+
+    for spike in (False, True):
+        sfx = "_spike" if spike else ""
+        if spike:
+            a(f"### Spike step (gradients ×{SPIKE:g}, total norm {CLEAN_NORM * SPIKE:g}: "
+              "every method clips)\n")
+        else:
+            a(f"### Clean step (total norm {CLEAN_NORM}: nothing clips)\n")
+        cols = ["tensors", "params", "grad MB", "floor", "**guard**", "clip_grad_norm_"]
+        cols += ["ZClip"] if zc else []
+        cols += [] if spike else ["grad_norm"]
+        cols += ["guard / clip_grad_norm_"] + (["guard / ZClip"] if zc else [])
+        if cpu_clock:
+            cols += ["(wall) guard / clip_grad_norm_"] + (["(wall) guard / ZClip"]
+                                                          if zc else [])
+        a("| " + " | ".join(cols) + " |")
+        a("|" + "---:|" * len(cols))
+        for r in m["rows"]:
+            g, c, z = t(r, "guard" + sfx), t(r, "clip_grad_norm_" + sfx), t(r, "zclip" + sfx)
+            cells = [str(r["tensors"]), f"{r['params'] / 1e6:.1f} M",
+                     f"{r['grad_bytes'] / 2**20:.0f}", fmt_t(t(r, "floor")),
+                     f"**{fmt_t(g)}**", fmt_t(c)]
+            cells += [fmt_t(z)] if zc else []
+            cells += [] if spike else [fmt_t(t(r, "lightning_grad_norm"))]
+            cells += [fmt_r(g / c)] + ([fmt_r(g / z)] if zc else [])
+            if cpu_clock:
+                gw = t(r, "guard" + sfx, True)
+                cells += [fmt_r(gw / t(r, "clip_grad_norm_" + sfx, True))]
+                cells += [fmt_r(gw / t(r, "zclip" + sfx, True))] if zc else []
+            a("| " + " | ".join(cells) + " |")
+        a("")
+    a("### Fixed cost: tiny tensors (16 elements each, bytes negligible)\n")
+    keys = ["floor", "guard", "guard_spike", "clip_grad_norm_", "lightning_grad_norm"]
+    keys += ["zclip", "zclip_spike"] if zc else []
+    a("| tensors | " + " | ".join(keys) + " |")
+    a("|---:|" + "---:|" * len(keys))
+    for r in m["tiny"]:
+        a(f"| {r['tensors']} | " + " | ".join(fmt_t(pick(r).get(k, math.nan))
+                                              for k in keys) + " |")
+    if len(m["tiny"]) >= 2:
+        lo, hi = m["tiny"][0], m["tiny"][-1]
+        dn = hi["tensors"] - lo["tensors"]
+        a("| **µs per extra tensor** | " + " | ".join(
+            f"**{(pick(hi).get(k, math.nan) - pick(lo).get(k, math.nan)) / dn * 1e6:.2f}**"
+            for k in keys) + " |")
+    a("")
+    a("### Scaling: cost per gradient byte and per tensor\n")
+    a("Per MB: slope between the smallest and the largest parameter count at a fixed "
+      "number of tensors (clean step; spike for the `_spike` columns). Per tensor: slope "
+      "over the tiny-tensor rows above. Equal per-MB slopes to the floor mean the cost "
+      "grows with the bytes read, plus a fixed per-step cost.\n")
+    keys = ["floor", "guard", "clip_grad_norm_", "guard_spike", "clip_grad_norm__spike"]
+    keys += ["zclip", "zclip_spike"] if zc else []
+    a("| slope | " + " | ".join(keys) + " |")
+    a("|---|" + "---:|" * len(keys))
+    for n in sorted({r["tensors"] for r in m["rows"]}):
+        rs = sorted((r for r in m["rows"] if r["tensors"] == n), key=lambda r: r["params"])
+        if len(rs) < 2:
+            continue
+        lo, hi = rs[0], rs[-1]
+        dmb = (hi["grad_bytes"] - lo["grad_bytes"]) / 2**20
+        a(f"| ms per MB, {n} tensors ({lo['params'] / 1e6:.0f}–{hi['params'] / 1e6:.0f} M) | "
+          + " | ".join(f"{(t(hi, k) - t(lo, k)) / dmb * 1e3:.3f}" for k in keys) + " |")
+    if len(m["tiny"]) >= 2:
+        lo, hi = m["tiny"][0], m["tiny"][-1]
+        dn = hi["tensors"] - lo["tensors"]
+        a(f"| µs per tensor ({lo['tensors']}–{hi['tensors']} tiny tensors) | " + " | ".join(
+            f"{(pick(hi).get(k, math.nan) - pick(lo).get(k, math.nan)) / dn * 1e6:.2f}"
+            for k in keys) + " |")
+        a(f"| fixed cost per step ({lo['tensors']} tiny tensors) | " + " | ".join(
+            fmt_t(pick(lo).get(k, math.nan)) for k in keys) + " |")
+    a("")
+    a("### Targets (micro)\n")
+    a("| target | measured | |\n|---|---|:-:|")
+    for r in m["rows"]:
+        if r["tensors"] < MICRO_MIN_TENSORS:
+            continue
+        for spike in (False, True):
+            sfx = "_spike" if spike else ""
+            q = t(r, "guard" + sfx) / t(r, "clip_grad_norm_" + sfx)
+            kind = "spike" if spike else "clean"
+            a(f"| guard ≤ {MICRO_MAX_VS_CLIP:g}× clip_grad_norm_, {kind}, "
+              f"{r['tensors']} tensors × {r['params'] / 1e6:.0f} M | {fmt_r(q)} | "
+              f"{check(q <= MICRO_MAX_VS_CLIP)} |")
+    if zc:
+        for spike in (False, True):
+            sfx = "_spike" if spike else ""
+            qs = [(t(r, "guard" + sfx) / t(r, "zclip" + sfx), r) for r in m["rows"]]
+            ok = [r for q, r in qs if q <= MICRO_MAX_VS_ZCLIP]
+            worst, wr = max(qs, key=lambda x: x[0])
+            best, br = min(qs, key=lambda x: x[0])
+            kind = "spike" if spike else "clean"
+            a(f"| guard ≤ {MICRO_MAX_VS_ZCLIP:g}× ZClip.step, {kind} | met in "
+              f"{len(ok)}/{len(qs)} grid cells; best {fmt_r(best)} ({br['tensors']} × "
+              f"{br['params'] / 1e6:.0f} M), worst {fmt_r(worst)} ({wr['tensors']} × "
+              f"{wr['params'] / 1e6:.0f} M) | {check(len(ok) == len(qs))} |")
+    a("")
+
+
+
+def render_memory(a: Callable[[str], None], mm: dict[str, Any],
+                  args: argparse.Namespace) -> None:
+    """Section 3: state, allocations, peak RSS and the rollback snapshot."""
+    a("## 3. Memory added by the guard\n")
+    a("Method: torch's CPU allocations are invisible to `tracemalloc`, so three views are "
+      "used. (a) *state*: bytes of all tensors in `GuardCore.state_dict()` (the "
+      "persistent state). (b) *allocated during step()*: sum of the bytes allocated by "
+      "torch ops inside one `step()` (`torch.profiler` with `profile_memory=True`; "
+      "an upper bound of the transient peak). (c) *peak RSS added*: "
+      "`VmHWM` reset through `/proc/self/clear_refs` before the call, minus `VmRSS` "
+      "before it (min of 3; a copy of the gradients would show up as about their "
+      "size, see the `clone` reference row).\n")
+    a("| tensors | params | grad bytes | guard state | allocated in step(), clean | "
+      "allocated in step(), spike | clip_grad_norm_ allocs | ZClip allocs |")
+    a("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in mm["rows"]:
+        a(f"| {r['tensors']} | {r['params'] / 1e6:.1f} M | {fmt_bytes(r['grad_bytes'])} | "
+          f"{fmt_bytes(r['state_bytes'])} | {fmt_bytes(r['alloc_clean'])} | "
+          f"{fmt_bytes(r['alloc_spike'])} | {fmt_bytes(r['alloc_clip_grad_norm_'])} | "
+          f"{fmt_bytes(r['alloc_zclip']) if 'alloc_zclip' in r else 'n/a'} |")
+    a("")
+    rss = mm["rss"]
+    a(f"Peak RSS added by one call, {rss['tensors']} tensors × {rss['params'] / 1e6:.0f} M "
+      f"params ({fmt_bytes(rss['grad_bytes'])} of gradients):\n")
+    a("| call | peak RSS added |\n|---|---:|")
+    for k, v in rss.items():
+        if k in ("tensors", "params", "grad_bytes"):
+            continue
+        a(f"| {k} | {fmt_bytes(v) if v is not None else 'n/a'} |")
+    a("")
+    a("### Opt-in rollback snapshot (`rollback=True`), separately\n")
+    a("A copy of `module.state_dict()` and of the optimizer's `state_dict()` on the "
+      "host, taken every `snapshot_every` (100) steps; `core.snapshot.nbytes`. "
+      f"`DeepMLP` width {args.width}, depth {args.depth}, BatchNorm.\n")
+    a("| optimizer | parameter bytes | model state | optimizer state | "
+      "snapshot.nbytes | snapshot / params | capture time |")
+    a("|---|---:|---:|---:|---:|---:|---:|")
+    for s in mm["snapshot"]:
+        a(f"| {s['optimizer']} | {fmt_bytes(s['param_bytes'])} | "
+          f"{fmt_bytes(s['model_state_bytes'])} | {fmt_bytes(s['optim_state_bytes'])} | "
+          f"{fmt_bytes(s['snapshot_bytes'])} | "
+          f"{s['snapshot_bytes'] / s['param_bytes']:.2f}× | {fmt_t(s['capture_s'])} |")
+    sc = mm.get("snapshot_callback")
+    if sc:
+        a(f"\n`GradGuard(rollback=True, snapshot_every=2)` in `Trainer.fit` (optimizer "
+          f"{sc['optimizer']}), snapshot of step {sc['step']}: `snapshot.nbytes` = "
+          f"{fmt_bytes(sc['snapshot_bytes'])} = "
+          f"{sc['snapshot_bytes'] / sc['param_bytes']:.2f}× the parameter bytes. (The "
+          "snapshot of step 1 is taken before the first update, when the optimizer has "
+          "no state yet: about 1× until the next snapshot.)")
+    a("")
+
+
+
+def render_syncs(a: Callable[[str], None], s: dict[str, Any]) -> None:
+    """Section 4: host reads and conversions per step, with the baselines."""
+    a("## 4. Host synchronisations per optimizer step\n")
+    a("*host reads*: `lightning_gradguard.core._host.host_reads()` (every tensor → "
+      "Python conversion of the core goes through `to_host`). *conversions*: calls of "
+      "`Tensor.item/tolist/__bool__/__float__/__int__/__index__/numpy/__complex__` "
+      "made during the guard's step (counted by monkeypatching `torch.Tensor`; "
+      "`to_host` itself is the one `tolist`).\n")
+    a("| case | host reads | conversions | action |\n|---|---:|---|---|")
+    for k, v in s.items():
+        if k.startswith("baseline") or k.startswith("GradGuard in"):
+            continue
+        a(f"| `GuardCore.step()`, {k} | {v['host_reads']} | "
+          f"{v['conversions'] or 'none'} | {v['action']} |")
+    g = s.get("GradGuard in Trainer.fit")
+    if g:
+        a(f"| `GradGuard` hook in `Trainer.fit`, {g['optimizer_steps']} optimizer steps "
+          f"({g['note']}) | {g['host_reads_per_step']} per step | "
+          f"{g['conversions_total']} in total | – |")
+    for k, v in s.items():
+        if k.startswith("baseline"):
+            note = f" ({v['note']})" if "note" in v else ""
+            a(f"| {k[len('baseline '):]} (reference) | – | "
+              f"{v['conversions'] or 'none'}{note} | – |")
+    a("")
+
+
 def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) -> str:
     L: list[str] = []
     a = L.append
@@ -196,213 +409,12 @@ def render(info: dict[str, Any], args: argparse.Namespace, res: dict[str, Any]) 
          "With several torch threads the calling thread's CPU time misses the work of the "
          "others, so wall clock is used; on a shared machine it is noisy.") + "\n")
 
-    def pick(row: dict[str, Any]) -> dict[str, float]:
-        out: dict[str, float] = row["median_s"] if cpu_clock else row["wall_s"]
-        return out
-
     if "micro" in res:
-        m = res["micro"]
-        a("## 1. Guard work per optimizer step (micro benchmark)\n")
-        a("Parameter sets are pairs of a square weight `(r, r)` and a bias `(r,)` (float32, "
-          "CPU). Gradients are re-set from a pristine copy before every call and every "
-          "stateful method is reset to the same warmed-up state (40 steps with norms "
-          f"{CLEAN_NORM} ± {WARM_NOISE:.0%}), untimed, so all methods see the same "
-          "gradients and do the same work every call (the decision of every call is "
-          "checked once: guard action, and whether the gradients were modified):\n")
-        a("- **guard**: `GuardCore(params, optimizer=None).step()` — one fused norm pass, "
-          "threshold, statistics update, growth detector, one host read, decision (and the "
-          "clip pass on a spike); default `ZScoreClip`.")
-        a("- **clip_grad_norm_**: `torch.nn.utils.clip_grad_norm_(params, 1.0)` (what "
-          "`gradient_clip_val=1.0` runs; it always multiplies the gradients, by 1.0 when "
-          "below the threshold, so it is two passes over the gradients every step).")
-        a("- **ZClip**: `ZClip().step(model)` of `zclip` 1.0.0 with its defaults, after its "
-          "warm-up (per-tensor Python loop of norms + `.item()`; clips with a per-tensor "
-          "Python loop of `mul_`).")
-        a("- **grad_norm**: `lightning.pytorch.utilities.grad_norm(module, norm_type=2)` "
-          "(per-tensor norms + one host conversion per tensor; never clips).")
-        a("- **floor**: `torch._foreach_norm(grads)` alone — one fused read of the "
-          "gradients, no total, no decision: what any norm-based method must pay.\n")
-        zc = any("zclip" in r["median_s"] for r in m["rows"])
-
-        def t(r: dict[str, Any], k: str, wall: bool = False) -> float:
-            d = r["wall_s"] if wall else pick(r)
-            return float(d.get(k, float("nan")))
-
-        for spike in (False, True):
-            sfx = "_spike" if spike else ""
-            if spike:
-                a(f"### Spike step (gradients ×{SPIKE:g}, total norm {CLEAN_NORM * SPIKE:g}: "
-                  "every method clips)\n")
-            else:
-                a(f"### Clean step (total norm {CLEAN_NORM}: nothing clips)\n")
-            cols = ["tensors", "params", "grad MB", "floor", "**guard**", "clip_grad_norm_"]
-            cols += ["ZClip"] if zc else []
-            cols += [] if spike else ["grad_norm"]
-            cols += ["guard / clip_grad_norm_"] + (["guard / ZClip"] if zc else [])
-            if cpu_clock:
-                cols += ["(wall) guard / clip_grad_norm_"] + (["(wall) guard / ZClip"]
-                                                              if zc else [])
-            a("| " + " | ".join(cols) + " |")
-            a("|" + "---:|" * len(cols))
-            for r in m["rows"]:
-                g, c, z = t(r, "guard" + sfx), t(r, "clip_grad_norm_" + sfx), t(r, "zclip" + sfx)
-                cells = [str(r["tensors"]), f"{r['params'] / 1e6:.1f} M",
-                         f"{r['grad_bytes'] / 2**20:.0f}", fmt_t(t(r, "floor")),
-                         f"**{fmt_t(g)}**", fmt_t(c)]
-                cells += [fmt_t(z)] if zc else []
-                cells += [] if spike else [fmt_t(t(r, "lightning_grad_norm"))]
-                cells += [fmt_r(g / c)] + ([fmt_r(g / z)] if zc else [])
-                if cpu_clock:
-                    gw = t(r, "guard" + sfx, True)
-                    cells += [fmt_r(gw / t(r, "clip_grad_norm_" + sfx, True))]
-                    cells += [fmt_r(gw / t(r, "zclip" + sfx, True))] if zc else []
-                a("| " + " | ".join(cells) + " |")
-            a("")
-        a("### Fixed cost: tiny tensors (16 elements each, bytes negligible)\n")
-        keys = ["floor", "guard", "guard_spike", "clip_grad_norm_", "lightning_grad_norm"]
-        keys += ["zclip", "zclip_spike"] if zc else []
-        a("| tensors | " + " | ".join(keys) + " |")
-        a("|---:|" + "---:|" * len(keys))
-        for r in m["tiny"]:
-            a(f"| {r['tensors']} | " + " | ".join(fmt_t(pick(r).get(k, math.nan))
-                                                  for k in keys) + " |")
-        if len(m["tiny"]) >= 2:
-            lo, hi = m["tiny"][0], m["tiny"][-1]
-            dn = hi["tensors"] - lo["tensors"]
-            a("| **µs per extra tensor** | " + " | ".join(
-                f"**{(pick(hi).get(k, math.nan) - pick(lo).get(k, math.nan)) / dn * 1e6:.2f}**"
-                for k in keys) + " |")
-        a("")
-        a("### Scaling: cost per gradient byte and per tensor\n")
-        a("Per MB: slope between the smallest and the largest parameter count at a fixed "
-          "number of tensors (clean step; spike for the `_spike` columns). Per tensor: slope "
-          "over the tiny-tensor rows above. Equal per-MB slopes to the floor mean the cost "
-          "grows with the bytes read, plus a fixed per-step cost.\n")
-        keys = ["floor", "guard", "clip_grad_norm_", "guard_spike", "clip_grad_norm__spike"]
-        keys += ["zclip", "zclip_spike"] if zc else []
-        a("| slope | " + " | ".join(keys) + " |")
-        a("|---|" + "---:|" * len(keys))
-        for n in sorted({r["tensors"] for r in m["rows"]}):
-            rs = sorted((r for r in m["rows"] if r["tensors"] == n), key=lambda r: r["params"])
-            if len(rs) < 2:
-                continue
-            lo, hi = rs[0], rs[-1]
-            dmb = (hi["grad_bytes"] - lo["grad_bytes"]) / 2**20
-            a(f"| ms per MB, {n} tensors ({lo['params'] / 1e6:.0f}–{hi['params'] / 1e6:.0f} M) | "
-              + " | ".join(f"{(t(hi, k) - t(lo, k)) / dmb * 1e3:.3f}" for k in keys) + " |")
-        if len(m["tiny"]) >= 2:
-            lo, hi = m["tiny"][0], m["tiny"][-1]
-            dn = hi["tensors"] - lo["tensors"]
-            a(f"| µs per tensor ({lo['tensors']}–{hi['tensors']} tiny tensors) | " + " | ".join(
-                f"{(pick(hi).get(k, math.nan) - pick(lo).get(k, math.nan)) / dn * 1e6:.2f}"
-                for k in keys) + " |")
-            a(f"| fixed cost per step ({lo['tensors']} tiny tensors) | " + " | ".join(
-                fmt_t(pick(lo).get(k, math.nan)) for k in keys) + " |")
-        a("")
-        a("### Targets (micro)\n")
-        a("| target | measured | |\n|---|---|:-:|")
-        for r in m["rows"]:
-            if r["tensors"] < MICRO_MIN_TENSORS:
-                continue
-            for spike in (False, True):
-                sfx = "_spike" if spike else ""
-                q = t(r, "guard" + sfx) / t(r, "clip_grad_norm_" + sfx)
-                kind = "spike" if spike else "clean"
-                a(f"| guard ≤ {MICRO_MAX_VS_CLIP:g}× clip_grad_norm_, {kind}, "
-                  f"{r['tensors']} tensors × {r['params'] / 1e6:.0f} M | {fmt_r(q)} | "
-                  f"{check(q <= MICRO_MAX_VS_CLIP)} |")
-        if zc:
-            for spike in (False, True):
-                sfx = "_spike" if spike else ""
-                qs = [(t(r, "guard" + sfx) / t(r, "zclip" + sfx), r) for r in m["rows"]]
-                ok = [r for q, r in qs if q <= MICRO_MAX_VS_ZCLIP]
-                worst, wr = max(qs, key=lambda x: x[0])
-                best, br = min(qs, key=lambda x: x[0])
-                kind = "spike" if spike else "clean"
-                a(f"| guard ≤ {MICRO_MAX_VS_ZCLIP:g}× ZClip.step, {kind} | met in "
-                  f"{len(ok)}/{len(qs)} grid cells; best {fmt_r(best)} ({br['tensors']} × "
-                  f"{br['params'] / 1e6:.0f} M), worst {fmt_r(worst)} ({wr['tensors']} × "
-                  f"{wr['params'] / 1e6:.0f} M) | {check(len(ok) == len(qs))} |")
-        a("")
-
+        render_micro(a, res["micro"], cpu_clock)
     if "e2e" in res:
         render_e2e(a, res["e2e"], args)
-
     if "memory" in res:
-        mm = res["memory"]
-        a("## 3. Memory added by the guard\n")
-        a("Method: torch's CPU allocations are invisible to `tracemalloc`, so three views are "
-          "used. (a) *state*: bytes of all tensors in `GuardCore.state_dict()` (the "
-          "persistent state). (b) *allocated during step()*: sum of the bytes allocated by "
-          "torch ops inside one `step()` (`torch.profiler` with `profile_memory=True`; "
-          "an upper bound of the transient peak). (c) *peak RSS added*: "
-          "`VmHWM` reset through `/proc/self/clear_refs` before the call, minus `VmRSS` "
-          "before it (min of 3; a copy of the gradients would show up as about their "
-          "size, see the `clone` reference row).\n")
-        a("| tensors | params | grad bytes | guard state | allocated in step(), clean | "
-          "allocated in step(), spike | clip_grad_norm_ allocs | ZClip allocs |")
-        a("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in mm["rows"]:
-            a(f"| {r['tensors']} | {r['params'] / 1e6:.1f} M | {fmt_bytes(r['grad_bytes'])} | "
-              f"{fmt_bytes(r['state_bytes'])} | {fmt_bytes(r['alloc_clean'])} | "
-              f"{fmt_bytes(r['alloc_spike'])} | {fmt_bytes(r['alloc_clip_grad_norm_'])} | "
-              f"{fmt_bytes(r['alloc_zclip']) if 'alloc_zclip' in r else 'n/a'} |")
-        a("")
-        rss = mm["rss"]
-        a(f"Peak RSS added by one call, {rss['tensors']} tensors × {rss['params'] / 1e6:.0f} M "
-          f"params ({fmt_bytes(rss['grad_bytes'])} of gradients):\n")
-        a("| call | peak RSS added |\n|---|---:|")
-        for k, v in rss.items():
-            if k in ("tensors", "params", "grad_bytes"):
-                continue
-            a(f"| {k} | {fmt_bytes(v) if v is not None else 'n/a'} |")
-        a("")
-        a("### Opt-in rollback snapshot (`rollback=True`), separately\n")
-        a("A copy of `module.state_dict()` and of the optimizer's `state_dict()` on the "
-          "host, taken every `snapshot_every` (100) steps; `core.snapshot.nbytes`. "
-          f"`DeepMLP` width {args.width}, depth {args.depth}, BatchNorm.\n")
-        a("| optimizer | parameter bytes | model state | optimizer state | "
-          "snapshot.nbytes | snapshot / params | capture time |")
-        a("|---|---:|---:|---:|---:|---:|---:|")
-        for s in mm["snapshot"]:
-            a(f"| {s['optimizer']} | {fmt_bytes(s['param_bytes'])} | "
-              f"{fmt_bytes(s['model_state_bytes'])} | {fmt_bytes(s['optim_state_bytes'])} | "
-              f"{fmt_bytes(s['snapshot_bytes'])} | "
-              f"{s['snapshot_bytes'] / s['param_bytes']:.2f}× | {fmt_t(s['capture_s'])} |")
-        sc = mm.get("snapshot_callback")
-        if sc:
-            a(f"\n`GradGuard(rollback=True, snapshot_every=2)` in `Trainer.fit` (optimizer "
-              f"{sc['optimizer']}), snapshot of step {sc['step']}: `snapshot.nbytes` = "
-              f"{fmt_bytes(sc['snapshot_bytes'])} = "
-              f"{sc['snapshot_bytes'] / sc['param_bytes']:.2f}× the parameter bytes. (The "
-              "snapshot of step 1 is taken before the first update, when the optimizer has "
-              "no state yet: about 1× until the next snapshot.)")
-        a("")
-
+        render_memory(a, res["memory"], args)
     if "syncs" in res:
-        s = res["syncs"]
-        a("## 4. Host synchronisations per optimizer step\n")
-        a("*host reads*: `lightning_gradguard.core._host.host_reads()` (every tensor → "
-          "Python conversion of the core goes through `to_host`). *conversions*: calls of "
-          "`Tensor.item/tolist/__bool__/__float__/__int__/__index__/numpy/__complex__` "
-          "made during the guard's step (counted by monkeypatching `torch.Tensor`; "
-          "`to_host` itself is the one `tolist`).\n")
-        a("| case | host reads | conversions | action |\n|---|---:|---|---|")
-        for k, v in s.items():
-            if k.startswith("baseline") or k.startswith("GradGuard in"):
-                continue
-            a(f"| `GuardCore.step()`, {k} | {v['host_reads']} | "
-              f"{v['conversions'] or 'none'} | {v['action']} |")
-        g = s.get("GradGuard in Trainer.fit")
-        if g:
-            a(f"| `GradGuard` hook in `Trainer.fit`, {g['optimizer_steps']} optimizer steps "
-              f"({g['note']}) | {g['host_reads_per_step']} per step | "
-              f"{g['conversions_total']} in total | – |")
-        for k, v in s.items():
-            if k.startswith("baseline"):
-                note = f" ({v['note']})" if "note" in v else ""
-                a(f"| {k[len('baseline '):]} (reference) | – | "
-                  f"{v['conversions'] or 'none'}{note} | – |")
-        a("")
+        render_syncs(a, res["syncs"])
     return "\n".join(L) + "\n"
-
