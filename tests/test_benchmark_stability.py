@@ -76,27 +76,104 @@ def test_stability_momentum_quick(tmp_path: Path) -> None:
     assert "benchmarks/stability_momentum.py" in out.read_text()
 
 
+def _gradbench() -> None:
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+
+
 def test_stability_helpers() -> None:
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import stability
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    _gradbench()
+    from gradbench.analysis import average_ranks, gradguard_libraries
+    from gradbench.methods import get_method, method_slug
+
     inf = float("inf")
-    assert stability.average_ranks([0.3, 0.1, inf, inf]) == [2.0, 1.0, 3.5, 3.5]
-    assert stability.method_slug("gradguard") == "gradguard"
-    slug = stability.method_slug("gradguard(recovery_steps=100)")
+    assert average_ranks([0.3, 0.1, inf, inf]) == [2.0, 1.0, 3.5, 3.5]
+    assert method_slug("gradguard") == "gradguard"
+    slug = method_slug("gradguard(recovery_steps=100)")
     assert slug.startswith("gradguard_recovery_steps_100_")
     assert "(" not in slug
-    cbs, kw = stability.build_method("gradguard(clip=ZScoreClip(z_threshold=3.0))")
-    assert len(cbs) == 1
-    assert cbs[0].settings.clip.z_threshold == 3.0  # not the default (2.5)
-    assert kw == {}
+    setup = get_method("gradguard(clip=ZScoreClip(z_threshold=3.0))").build()
+    assert len(setup.callbacks) == 1
+    assert setup.callbacks[0].settings.clip.z_threshold == 3.0  # not the default (2.5)
+    assert setup.trainer_kwargs == {}
+    assert get_method("clip1").build().trainer_kwargs == {"gradient_clip_val": 1.0}
     # cached GradGuard runs are grouped by the library sources they ran with; baselines not
     recs = {("LSTM", 1.0, 0, "gradguard"): {"library": "/a sha1:aaa"},
             ("LSTM", 1.0, 1, "gradguard"): {"library": "/b sha1:aaa"},
             ("LSTM", 1.0, 0, "gradguard(recovery_steps=100)"): {"library": "/a sha1:bbb"},
             ("LSTM", 1.0, 0, "none"): {"library": "/a sha1:ccc"}}
-    assert stability.gradguard_libraries(recs) == {"aaa": 2, "bbb": 1}
+    assert gradguard_libraries(recs) == {"aaa": 2, "bbb": 1}
     with pytest.raises(ValueError, match="unknown method"):
-        stability.build_method("sgd_magic")
+        get_method("sgd_magic")
+
+
+@pytest.mark.parametrize("text", [
+    "gradguard(recovery_steps=__import__('os').getpid())",  # not a literal or a policy
+    "gradguard(1.0)",  # positional
+    "gradguard(**{'a': 1})",
+    "gradguard(recovery_steps=100",  # syntax
+    "gradguard(no_such_argument=1)",  # GradGuard rejects it
+    "gradguard(clip=open('x'))",
+])
+def test_variants_are_parsed_not_evaluated(text: str) -> None:
+    _gradbench()
+    from gradbench.methods import get_method
+
+    with pytest.raises(ValueError, match="method"):
+        get_method(text)
+
+
+def test_variant_values() -> None:
+    _gradbench()
+    from gradbench.methods import get_method, gradguard_variant
+
+    guard = get_method("gradguard(clip=FixedNormClip(max_norm=2.5), recovery_steps=-(-7))")
+    cb = guard.build().callbacks[0]
+    assert cb.settings.clip.max_norm == 2.5
+    assert cb.settings.recovery_steps == 7
+    assert guard.gradguard
+    assert guard.library
+    assert gradguard_variant(recovery_steps=7).name == "gradguard(recovery_steps=7)"
+
+
+def test_momentum_suite_is_the_same_grid_with_another_optimizer() -> None:
+    _gradbench()
+    from gradbench.workloads import STABILITY, STABILITY_MOMENTUM
+
+    assert STABILITY_MOMENTUM.methods == STABILITY.methods
+    assert STABILITY_MOMENTUM.seeds == STABILITY.seeds
+    assert list(STABILITY_MOMENTUM.workloads) == list(STABILITY.workloads)
+    for name, w in STABILITY.workloads.items():
+        m = STABILITY_MOMENTUM.workloads[name]
+        assert m.lrs == tuple(float(f"{lr / 10:.3g}") for lr in w.lrs)
+        assert m.model_kwargs(0.1) == {**w.model_kwargs(0.1), "optimizer": "sgd_momentum"}
+        assert w.model_kwargs(0.1)["optimizer"] == "sgd"
+        assert m.steps == w.steps
+    assert STABILITY.workloads["DeepMLP"].note.endswith("plain SGD (explodes at lr=0.1)")
+    assert STABILITY_MOMENTUM.quick.lrs == (0.0003, 0.03)
+
+
+def test_run_cache_keys(tmp_path: Path) -> None:
+    """A record is reused only for the same configuration and, for library methods, sources."""
+    _gradbench()
+    from gradbench.common import library_id
+    from gradbench.run import CACHE_VERSION, RunCache, _config
+    from gradbench.workloads import STABILITY
+
+    w = STABILITY.workloads["DeepMLP"]
+    cache = RunCache(tmp_path)
+    for method in ("none", "gradguard"):
+        rec = {**_config(w, 0.1, 0, method, 300), "library": "/x sha1:000000000000"}
+        cache.save(rec)
+        assert rec["version"] == CACHE_VERSION
+        assert cache.load(w, 0.1, 1, method, 300) is None  # another seed
+        assert cache.load(w, 0.1, 0, method, 200) is None  # other steps
+    # a baseline does not depend on the library; GradGuard runs of other sources are rerun
+    assert cache.load(w, 0.1, 0, "none", 300) is not None
+    assert cache.load(w, 0.1, 0, "gradguard", 300) is None
+    assert RunCache(tmp_path, any_library=True).load(w, 0.1, 0, "gradguard", 300) is not None
+    cache.save({**_config(w, 0.1, 0, "gradguard", 300), "library": library_id()})
+    assert cache.load(w, 0.1, 0, "gradguard", 300) is not None
+    # another workload configuration (e.g. the momentum grid's optimizer) is not reused
+    m = w.with_optimizer("sgd_momentum", "SGD + momentum", 1.0)
+    assert cache.load(m, 0.1, 0, "none", 300) is None
