@@ -62,7 +62,8 @@ def test_meter_reads_every_named_value_once() -> None:
     assert m == Measurement(step=4, grad_norm=pytest.approx(5.0), threshold=1.0,
                             clipped_norm=pytest.approx(5.0), loss=0.25, params_finite=True,
                             limit=UpdateLimit(cap=7.0, far=10.0), amp_overflow=True)
-    assert grads is not None and len(grads.grads) == 2
+    assert grads is not None
+    assert len(grads.grads) == 2
     assert grads.per_tensor is not None
     assert grads.per_tensor.tolist() == pytest.approx([3.0, 4.0])
 
