@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -55,7 +55,7 @@ from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.streaks import Streaks
 from lightning_gradguard.core.update_cap import UpdateControl, UpdateLimit, make_update_control
 
-__all__ = ["Action", "GuardCore", "GuardCounters", "GuardSettings", "StepReport"]
+__all__ = ["Action", "GuardCore", "GuardCounters", "GuardSettings", "StepListener", "StepReport"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,8 @@ class StepReport:
         finite: Whether gradients (and loss, if given) were finite.
         action: :class:`Action` taken.
         spike: ``grad_norm > threshold``.
-        growth: Sustained growth detected at this step (with SGD and ``max_update_ratio``:
-            only growth whose update would move the weights by more than
-            ``max_update_ratio / 10``, the growth that counts; see ``growth_patience``).
+        growth: Sustained growth detected at this step that counts (the update control
+            may rule a rise with small updates out; see ``growth_patience``).
         backoff: An LR backoff happened at this step.
         lr_scale: LR scale applied to this step's update.
         rollback: The last-good snapshot was restored at this step.
@@ -156,6 +155,9 @@ class GuardCounters:
         owner: GuardCore | None = getattr(self, "_owner", None)
         return owner.streaks.nonfinite if owner is not None else 0
 
+
+#: ``listener(measurement, decision, report)``: see :attr:`GuardCore.listeners`
+StepListener = Callable[[Measurement, Decision, "StepReport"], None]
 
 #: keys of the counters of a state saved before the counters held only counts
 _LEGACY_STREAK_KEYS = {"nonfinite_streak": "nonfinite", "streak_start": "nonfinite_start",
@@ -243,6 +245,9 @@ class GuardCore(Stateful):
         self._add_child("update_control", self.update_control)
         self.snapshot = Snapshot() if s.rollback else None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
+        #: called after every step with its measurement, decision and report (e.g. a cause
+        #: diagnosis that looks at the first steps, the first spike or the first backoff)
+        self.listeners: list[StepListener] = []
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -351,6 +356,8 @@ class GuardCore(Stateful):
             growth=d.growth, backoff=d.backoff, lr_scale=lr_scale, rollback=rolled_back,
             params_finite=d.path != "nonfinite_weights", halt=d.halt, loss=m.loss,
             diagnosis=diagnosis)
+        for listener in self.listeners:
+            listener(m, d, self.last_report)
         return self.last_report
 
     # ------------------------------------------------------------------ LR and snapshots
