@@ -131,15 +131,24 @@ class GuardCounters:
 
     def record(self, d: Decision, rolled_back: bool) -> None:
         """Count what a step's decision did (``steps`` is counted when the step starts)."""
-        self.nonfinite_steps += int(d.path == "nonfinite")
-        self.amp_overflow_steps += int(d.path == "amp_overflow")
-        self.skipped_steps += int(d.skip)
-        self.spikes += int(d.spike)
-        self.clipped_steps += int(d.action is Action.CLIP)
-        self.growth_events += int(d.growth)
-        self.lr_backoffs += int(d.backoff)
-        self.rollbacks += int(rolled_back)
-        self.halted = self.halted or d.halt
+        if d.path == "nonfinite":
+            self.nonfinite_steps += 1
+        elif d.path == "amp_overflow":
+            self.amp_overflow_steps += 1
+        if d.skip:
+            self.skipped_steps += 1
+        if d.spike:
+            self.spikes += 1
+        if d.action is Action.CLIP:
+            self.clipped_steps += 1
+        if d.growth:
+            self.growth_events += 1
+        if d.backoff:
+            self.lr_backoffs += 1
+        if rolled_back:
+            self.rollbacks += 1
+        if d.halt:
+            self.halted = True
 
     # Read-only views of decision state that older code read from the counters (not counts,
     # not fields: never in summary() or state_dict()["counters"]).

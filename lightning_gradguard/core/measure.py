@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
 from lightning_gradguard.core.policies import ClipPolicy
-from lightning_gradguard.core.update_cap import UpdateLimit
+from lightning_gradguard.core.update_cap import NO_LIMIT, UpdateLimit
 
 __all__ = ["Gradients", "HostValues", "Measurement", "Meter"]
 
@@ -47,8 +47,13 @@ class HostValues:
         if name in self._names:
             raise ValueError(f"`name` must be new, got {name!r} a second time")
         self._names.append(name)
-        self._values.append(value.detach().reshape(()).to(device=self.device,
-                                                          dtype=torch.float32))
+        if value.requires_grad:
+            value = value.detach()
+        if value.dim():
+            value = value.reshape(())
+        if value.dtype != torch.float32 or value.device != self.device:
+            value = value.to(device=self.device, dtype=torch.float32)
+        self._values.append(value)
 
     def read(self) -> dict[str, float]:
         """All queued values as host floats: one synchronisation."""
@@ -56,7 +61,7 @@ class HostValues:
         return dict(zip(self._names, host, strict=True))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Measurement:
     """What one step measured: host floats only (the input of the decision).
 
@@ -83,7 +88,7 @@ class Measurement:
     clipped_norm: float
     loss: float | None = None
     params_finite: bool | None = None
-    limit: UpdateLimit = field(default_factory=UpdateLimit)
+    limit: UpdateLimit = NO_LIMIT
     amp_overflow: bool = False
     unitwise: bool = False
     empty: bool = False
@@ -94,7 +99,7 @@ class Measurement:
         return math.isfinite(self.grad_norm) and (self.loss is None or math.isfinite(self.loss))
 
 
-@dataclass
+@dataclass(slots=True)
 class Gradients:
     """The step's gradients in hand (device side), for the apply stage.
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 __all__ = ["Streaks"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Streaks:
     """Two streaks and the steps they started at.
 
@@ -37,6 +37,8 @@ class Streaks:
 
     def on_finite(self) -> Streaks:
         """A finite step ends both streaks (their start steps are kept for messages)."""
+        if self.nonfinite == 0 and self.amp == 0:
+            return self  # the usual case: nothing to change
         return replace(self, nonfinite=0, amp=0)
 
     def on_nonfinite(self, step: int) -> Streaks:

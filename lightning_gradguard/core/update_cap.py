@@ -29,13 +29,13 @@ from torch.optim import Optimizer
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 
-__all__ = ["NoUpdateControl", "SGDUpdateCap", "UpdateControl", "UpdateLimit",
+__all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "UpdateLimit",
            "make_update_control"]
 
 _INF = float("inf")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UpdateLimit:
     """What the update control allows at one step (host floats only).
 
@@ -57,6 +57,10 @@ class UpdateLimit:
         return self.far is None or self.far * norm > self.cap
 
 
+#: no cap, every spike counts (one shared instance: a limit is a value)
+NO_LIMIT = UpdateLimit()
+
+
 class UpdateControl(Stateful):
     """Base class: no cap (see :class:`NoUpdateControl`). Subclasses override the hooks.
 
@@ -74,7 +78,7 @@ class UpdateControl(Stateful):
 
     def limit(self, lr_scale: float) -> UpdateLimit:
         """This step's limit, under the LR backoff scale ``lr_scale``."""
-        return UpdateLimit()
+        return NO_LIMIT
 
 
 class NoUpdateControl(UpdateControl):
@@ -150,7 +154,7 @@ class SGDUpdateCap(UpdateControl):
         """The cap ``max_ratio * ||w|| / lr``; an LR of 0 moves nothing: no cap, never counts."""
         lr = self.lr(lr_scale)
         if lr is None:
-            return UpdateLimit()
+            return NO_LIMIT
         if lr == 0.0 or self.weight_norm is None:
             return UpdateLimit(cap=_INF, far=self.far)
         return UpdateLimit(cap=self.max_ratio * self.weight_norm / lr, far=self.far)
