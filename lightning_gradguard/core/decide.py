@@ -181,8 +181,10 @@ def _clip(m: Measurement, spike: bool) -> tuple[Action, tuple[float, ...], float
     Returns:
         ``(action, scales, clipped_norm, reported threshold, capped)``.
     """
-    action, scales = Action.NONE, []
     clipped, threshold = m.clipped_norm, m.threshold
+    if not (spike or m.unitwise or m.limit.cap < clipped):
+        return Action.NONE, (), clipped, threshold, False  # the usual step
+    action, scales = Action.NONE, []
     if spike:
         coef = clip_coef(m.grad_norm, threshold)
         if coef < 1.0:
@@ -215,8 +217,12 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     grew = fired and large
     spike = m.grad_norm > m.threshold
     action, scales, clipped, threshold, capped = _clip(m, spike)
-    counted = (m.step,) if (spike and large) or capped else ()
-    window = tuple(t for t in state.spike_steps + counted if t > m.step - s.spike_window)
+    window = state.spike_steps
+    if (spike and large) or capped:
+        window = (*window, m.step)
+    if window:  # forget counted steps that left the window
+        oldest = m.step - s.spike_window
+        window = tuple([t for t in window if t > oldest])
     backoff = _backoff_due(window, grew, s)
     return Decision(
         "finite", action, state.streaks.on_finite(), () if backoff else window, threshold,
