@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.core._validation import check_bool, check_choice
+from lightning_gradguard.core.amp import unscale_once_
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
 from lightning_gradguard.core.norms import grad_norms
 from lightning_gradguard.core.policies import ClipPolicy
@@ -100,24 +101,25 @@ class GradGuardLogic:
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (updates
-            clipped by ``max_update_ratio`` count like spikes; with ``torch.optim.SGD`` a
-            spike counts only if its update would move the weights by more than
-            ``max_update_ratio / 10``, see :class:`~lightning_gradguard.core.GuardSettings`).
+            clipped by ``max_update_ratio`` count like spikes; with ``torch.optim.SGD`` only
+            spikes with a large update count, see
+            :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`).
         spike_window: Window for ``spike_patience``.
-        growth_patience: Consecutive rising norms that trigger a backoff (0: off); with
-            ``torch.optim.SGD`` and ``max_update_ratio`` set, growth counts under the same
-            condition as a spike.
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off); growth
+            counts under the same condition as a spike.
         growth_min_rise: Minimum relative rise counted by ``growth_patience``.
         rollback: Keep a last-good snapshot (on CPU) and restore it when steps keep failing.
         snapshot_every: Steps between snapshots.
         rollback_after: Consecutive non-finite steps that trigger a rollback.
         halt_after: Consecutive non-finite steps that halt training (0: never); under a
-            GradScaler, 40 consecutive steps it skipped with a finite loss halt too.
-        max_update_ratio: With ``torch.optim.SGD``: largest relative weight change
-            ``lr * ||g|| / ||w||`` of one update (momentum not counted; the gradient is
-            clipped to it, and the step counts toward a backoff like a spike); protects the
-            first steps from a far too high learning rate. ``None`` disables it. Other
-            optimizers are not affected.
+            GradScaler, ``amp_halt_after`` consecutive steps it skipped with a finite loss
+            halt instead.
+        max_update_ratio: Largest relative weight change ``lr * ||g|| / ||w||`` of one
+            plain-SGD update (momentum not counted; the gradient is clipped to it, and the
+            step counts toward a backoff like a spike); protects the first steps from a far
+            too high learning rate. ``None`` disables it. Other optimizers are not affected.
+        amp_halt_after: Consecutive GradScaler-skipped steps with a finite loss after which
+            the gradients are non-finite at any loss scale: halt (unless ``halt_after`` is 0).
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
             (:class:`GradGuardHalt`).
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's
@@ -155,6 +157,7 @@ class GradGuardLogic:
         rollback_after: int = 3,
         halt_after: int = 25,
         max_update_ratio: float | None = 0.1,
+        amp_halt_after: int = 40,
         on_halt: Literal["stop", "raise"] = "stop",
         checkpoint_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
@@ -168,6 +171,7 @@ class GradGuardLogic:
             growth_patience=growth_patience, growth_min_rise=growth_min_rise,
             rollback=rollback, snapshot_every=snapshot_every, rollback_after=rollback_after,
             halt_after=halt_after, max_update_ratio=max_update_ratio,
+            amp_halt_after=amp_halt_after,
         )
         self.on_halt = check_choice("on_halt", on_halt, ("stop", "raise"))
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -297,9 +301,7 @@ class GradGuardLogic:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # fused optimizers unscale inside step(): unscale now so the guard sees true grads
-            state = scaler._per_optimizer_states[id(optimizer)]
-            if state["stage"].name == "READY":
-                scaler.unscale_(optimizer)
+            unscale_once_(scaler, optimizer)
         others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
         consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
         loss = self._loss if consensus is None else consensus.arm(self._loss)
@@ -313,7 +315,7 @@ class GradGuardLogic:
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
         self._show_progress(trainer, pl_module)
-        if report.diagnosis is not None and report.step == core.counters.first_nonfinite_step:
+        if report.diagnosis is not None and report.step == core.first_nonfinite_step:
             rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
             self._text(trainer, f"**first non-finite step** — {report.diagnosis.message()}")
         snap_step = core.snapshot.step if core.snapshot else "?"
@@ -327,7 +329,7 @@ class GradGuardLogic:
             self._text(trainer, msg)
         elif report.rollback:
             msg = (f"GradGuard: restored the last good snapshot (step {snap_step}) after "
-                   f"{core.counters.nonfinite_streak} consecutive non-finite steps")
+                   f"{core.streaks.nonfinite} consecutive non-finite steps")
             rank_zero_warn(msg)
             self._text(trainer, msg)
         if report.halt:
@@ -447,8 +449,7 @@ class GradGuardLogic:
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put scheduled learning rates back (nothing stays scaled after fit)."""
         for core in self._cores.values():
-            if core._lr is not None:
-                core._lr.restore()
+            core.restore_lr()
 
 
 class GradGuard(GradGuardLogic, Callback):  # noqa: D101

@@ -5,9 +5,11 @@ Imports only ``torch``; usable from a plain PyTorch loop, Fabric, or the Lightni
 
 from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
+from lightning_gradguard.core.decide import Decision, GuardState, decide
 from lightning_gradguard.core.diagnosis import Diagnosis, diagnose
 from lightning_gradguard.core.growth import GrowthDetector
-from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
+from lightning_gradguard.core.guard import Action, GuardCore, GuardCounters, StepReport
+from lightning_gradguard.core.measure import HostValues, Measurement
 from lightning_gradguard.core.norms import (
     GradNorms,
     NormReducer,
@@ -24,33 +26,54 @@ from lightning_gradguard.core.policies import (
     ZScoreClip,
     unitwise_norm,
 )
+from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.stats import RobustNormStats
+from lightning_gradguard.core.streaks import Streaks
+from lightning_gradguard.core.update_cap import (
+    NoUpdateControl,
+    SGDUpdateCap,
+    UpdateControl,
+    UpdateLimit,
+    make_update_control,
+)
 
 __all__ = [
     "Action",
     "AdaptiveGradClip",
     "ClipPolicy",
+    "Decision",
     "Diagnosis",
     "FixedNormClip",
     "GradNorms",
     "GrowthDetector",
     "GuardCore",
+    "GuardCounters",
     "GuardSettings",
+    "GuardState",
+    "HostValues",
     "LRBackoff",
     "LRScaler",
+    "Measurement",
     "NoClip",
+    "NoUpdateControl",
     "NormReducer",
     "PercentileClip",
     "RobustNormStats",
+    "SGDUpdateCap",
     "Snapshot",
     "StepReport",
+    "Streaks",
+    "UpdateControl",
+    "UpdateLimit",
     "ZScoreClip",
     "clip_coef",
     "collect_grads",
+    "decide",
     "diagnose",
     "grad_norms",
     "group_by_device_and_dtype",
+    "make_update_control",
     "scale_grads_",
     "skip_step_",
     "unitwise_norm",

@@ -48,12 +48,27 @@ class GrowthDetector(Stateful):
         self._add_state("prev", math.nan)
         self._add_state("streak", 0)
 
+    def _rising(self, v: float) -> bool:
+        return v > (1.0 + self.min_rise) * self.prev  # False while prev is NaN
+
+    def fires(self, x: float) -> bool:
+        """Whether :meth:`update` with ``x`` would fire (changes nothing).
+
+        Example:
+            >>> d = GrowthDetector(patience=1, min_rise=0.0)
+            >>> d.update(1.0), d.fires(2.0), d.fires(0.5), d.update(2.0)
+            (False, True, False, True)
+        """
+        if not math.isfinite(x):
+            return False
+        return (self.streak + 1 if self._rising(x) else 0) >= self.patience
+
     def update(self, x: float | Tensor) -> bool:
         """Feed one observation; returns ``True`` when sustained growth fired."""
         v = float(x)
         if not math.isfinite(v):
             return False
-        rising = v > (1.0 + self.min_rise) * self.prev  # False while prev is NaN
+        rising = self._rising(v)
         self.prev = v
         self.streak = self.streak + 1 if rising else 0
         if self.streak >= self.patience:

@@ -267,13 +267,7 @@ def grad_norms(
     """
     p = check_number("norm_type", norm_type, low=0, low_inclusive=False, allow_inf=True)
     if not grads:
-        dev = device if device is not None else torch.device("cpu")
-        zero = torch.zeros((), dtype=torch.float32, device=dev)
-        if reducer is not None:
-            zero = reducer(zero, "max" if math.isinf(p) else "sum")
-        empty = torch.zeros(0, dtype=torch.float32, device=dev) if per_tensor else None
-        return GradNorms(total=zero, per_tensor=empty, norm_type=p)
-
+        return _no_grads(p, per_tensor, reducer, device)
     if groups is None:
         local, shard_groups = _localize(grads)
         dense = [_dense(g) for g in local]
@@ -303,19 +297,34 @@ def grad_norms(
         inverse[torch.tensor(order)] = torch.arange(len(order))
         per = torch.cat(chunks).index_select(0, inverse.to(out_device))
 
+    total = _total(per, p, shard_groups, reducer)
+    return GradNorms(total=total, per_tensor=per if per_tensor else None, norm_type=p)
+
+
+def _no_grads(p: float, per_tensor: bool, reducer: NormReducer | None,
+              device: torch.device | None) -> GradNorms:
+    """The norms of no gradient at all (zero; still reduced: a collective on every rank)."""
+    dev = device if device is not None else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    if reducer is not None:
+        zero = reducer(zero, "max" if math.isinf(p) else "sum")
+    empty = torch.zeros(0, dtype=torch.float32, device=dev) if per_tensor else None
+    return GradNorms(total=zero, per_tensor=empty, norm_type=p)
+
+
+def _total(per: Tensor, p: float, shard_groups: list[tuple[Any, ...]] | None,
+           reducer: NormReducer | None) -> Tensor:
+    """The total norm from the per-tensor norms (of shards: their partial statistic)."""
     if shard_groups is not None:
         partial = _partial_statistic(per, p, shard_groups)
         if math.isinf(p):
-            total = partial if reducer is None else reducer(partial, "max")
-        else:
-            total = (partial if reducer is None else reducer(partial, "sum")).pow(1.0 / p)
-    elif math.isinf(p):
+            return partial if reducer is None else reducer(partial, "max")
+        return (partial if reducer is None else reducer(partial, "sum")).pow(1.0 / p)
+    if math.isinf(p):
         total = per.max()
-        if reducer is not None:
-            total = reducer(total, "max")
-    elif reducer is None:
-        total = torch.linalg.vector_norm(per, p)
-    else:
-        partial = torch.linalg.vector_norm(per, p).pow(p)
-        total = reducer(partial, "sum").pow(1.0 / p)
-    return GradNorms(total=total, per_tensor=per if per_tensor else None, norm_type=p)
+        return total if reducer is None else reducer(total, "max")
+    if reducer is None:
+        norm: Tensor = torch.linalg.vector_norm(per, p)
+        return norm
+    partial = torch.linalg.vector_norm(per, p).pow(p)
+    return reducer(partial, "sum").pow(1.0 / p)

@@ -59,6 +59,8 @@ BAD: list[tuple[str, Any, type[Exception]]] = [
     ("rollback_after", None, TypeError),
     ("halt_after", -1, ValueError),
     ("halt_after", 25.0, TypeError),
+    ("amp_halt_after", 0, ValueError),
+    ("amp_halt_after", 40.0, TypeError),
     ("max_update_ratio", -0.1, ValueError),
     ("max_update_ratio", NAN, ValueError),
     ("max_update_ratio", "0.1", TypeError),

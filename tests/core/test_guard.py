@@ -193,7 +193,7 @@ def test_nonfinite_grad_is_skipped_exactly(k: int, bad: float) -> None:
     assert c.nonfinite_steps == 1
     assert c.skipped_steps == 1
     assert c.lr_backoffs == 1
-    assert c.first_nonfinite_step == k
+    assert r.guard.first_nonfinite_step == k
     assert r.guard.summary()["lr_backoffs"] == 1
     d = r.guard.first_diagnosis
     assert d is not None
@@ -871,4 +871,4 @@ def test_sparse_gradient_falls_back_from_the_parameter_grouping() -> None:
     assert report.action is Action.CLIP  # the clip pass works on the sparse gradient too
     after = float(grad_norms([p.grad for p in model.parameters()]).total)
     assert after == pytest.approx(1e-3, rel=1e-4)
-    assert guard._groups is None  # general path from now on
+    assert guard.meter.groups is None  # general path from now on

@@ -133,7 +133,7 @@ def test_a_spike_over_the_cap_counts_once() -> None:
     assert first.spike
     assert first.action is Action.CLIP
     assert not first.backoff
-    assert run.guard.counters.spike_steps == [1]
+    assert run.guard.spike_steps == (1,)
     assert run.updates[-1] == pytest.approx(1.0)  # the smaller bound wins
     assert run.step(3.0).backoff
 

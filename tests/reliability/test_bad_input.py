@@ -56,6 +56,8 @@ _SETTINGS: list[tuple[str, Any, type[Exception]]] = [
     ("halt_after", 2.0, TypeError),
     ("max_update_ratio", 0.0, ValueError),
     ("max_update_ratio", "0.1", TypeError),
+    ("amp_halt_after", 0, ValueError),
+    ("amp_halt_after", 40.0, TypeError),
 ]
 
 BAD: list[tuple[str, Callable[..., Any], str, Any, type[Exception]]] = [

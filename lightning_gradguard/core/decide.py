@@ -1,0 +1,231 @@
+"""Stage 2 of a guarded step: **decide**, a pure function of host floats.
+
+:func:`decide` maps the step's :class:`~lightning_gradguard.core.measure.Measurement`, the
+guard's :class:`GuardState` and the :class:`~lightning_gradguard.core.settings.GuardSettings`
+to a :class:`Decision`; it touches no tensor and changes nothing (the apply stage,
+:meth:`GuardCore.step <lightning_gradguard.core.GuardCore.step>`, carries it out). Each row of
+the decision table is one function below:
+
+==============================  ======================================  ====================
+situation                       action                                  function
+==============================  ======================================  ====================
+no gradient at all              nothing (statistics untouched)          :func:`_empty`
+non-finite gradient or loss     **skip**, LR backoff, rollback every    :func:`_nonfinite`
+                                ``rollback_after`` in a row, halt at
+                                ``halt_after``
+non-finite under a GradScaler   nothing (the scaler skips it itself);   :func:`_amp_overflow`
+(finite loss)                   ``amp_halt_after`` in a row halt
+finite step, non-finite         **skip**, LR backoff, rollback          :func:`_nonfinite_weights`
+weights (snapshot steps)
+norm > threshold (spike)        **clip** to the threshold               :func:`_clip`
+update over the optimizer's     **clip** to the update cap; counts      :func:`_clip`
+update cap                      like a spike
+spikes or cap hits within       LR backoff (a spike counts only if      :func:`_backoff_due`
+``spike_window`` reach          the update control says it is large)
+``spike_patience``; growth
+clean step                      LR scale recovers toward 1              :func:`_finite`
+==============================  ======================================  ====================
+
+Example:
+    >>> from lightning_gradguard.core.measure import Measurement
+    >>> from lightning_gradguard.core.settings import GuardSettings
+    >>> m = Measurement(step=3, grad_norm=10.0, threshold=2.0, clipped_norm=10.0)
+    >>> d = decide(m, GuardState(), GuardSettings())
+    >>> d.action, d.spike, round(d.clipped_norm, 4), d.spike_steps
+    (<Action.CLIP: 'clip'>, True, 2.0, (3,))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+from lightning_gradguard.core.clip import clip_coef
+from lightning_gradguard.core.measure import Measurement
+from lightning_gradguard.core.settings import GuardSettings
+from lightning_gradguard.core.streaks import Streaks
+
+__all__ = ["Action", "Decision", "GuardState", "decide"]
+
+Path = Literal["empty", "finite", "nonfinite", "amp_overflow", "nonfinite_weights"]
+
+
+class Action(str, Enum):
+    """What the guard did to the step."""
+
+    NONE = "none"
+    CLIP = "clip"
+    SKIP = "skip"
+    AMP_SKIP = "amp_skip"
+
+
+@dataclass(slots=True)
+class GuardState:
+    """The guard's state as the decision sees it (host values only; a value, never changed).
+
+    Attributes:
+        streaks: The non-finite and GradScaler streaks before this step.
+        spike_steps: Steps of the spikes (and cap hits) that count toward a backoff, in the
+            window.
+        diagnosed: The run's first non-finite step has been diagnosed already.
+        growth_fires: The growth detector fires on this step's norm.
+    """
+
+    streaks: Streaks = field(default_factory=Streaks)
+    spike_steps: tuple[int, ...] = ()
+    diagnosed: bool = False
+    growth_fires: bool = False
+
+
+@dataclass(slots=True)
+class Decision:
+    """What to do at one step; the apply stage carries it out in a fixed order.
+
+    A value (not frozen only because a frozen dataclass of this size costs microseconds to
+    build, every step): nothing changes it after :func:`decide` returns it.
+
+    Attributes:
+        path: Which row of the table the step took.
+        action: :class:`Action` for the report.
+        streaks: The streaks after this step.
+        spike_steps: The backoff window after this step.
+        threshold: The threshold to report (lowered to the update cap when that clipped).
+        clipped_norm: The total norm after clipping.
+        scales: Multiply the gradients by each of these, in order (clipping).
+        observe: Feed the norm to the clip statistics and the growth detector.
+        spike: ``grad_norm > threshold``.
+        growth: Sustained growth that counts (an event).
+        hold_growth: Growth fired but does not count: keep the detector armed.
+        skip: Clear the gradients (a true skip of the update).
+        backoff: Back the LR scale off.
+        recover: Let the LR scale recover one step.
+        rollback: Restore the last-good snapshot, if there is one.
+        snapshot: Capture a last-good snapshot.
+        halt: Training cannot recover: stop.
+        diagnose: Diagnose where the non-finite values came from.
+    """
+
+    path: Path
+    action: Action
+    streaks: Streaks
+    spike_steps: tuple[int, ...]
+    threshold: float
+    clipped_norm: float
+    scales: tuple[float, ...] = ()
+    observe: bool = False
+    spike: bool = False
+    growth: bool = False
+    hold_growth: bool = False
+    skip: bool = False
+    backoff: bool = False
+    recover: bool = False
+    rollback: bool = False
+    snapshot: bool = False
+    halt: bool = False
+    diagnose: bool = False
+
+
+def decide(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
+    """The decision for one step (pure: host floats in, a :class:`Decision` out)."""
+    if m.empty:
+        return _empty(m, state)
+    if not m.finite:
+        if m.amp_overflow and (m.loss is None or math.isfinite(m.loss)):
+            return _amp_overflow(m, state, s)
+        return _nonfinite(m, state, s)
+    if m.params_finite is False:
+        return _nonfinite_weights(m, state, s)
+    return _finite(m, state, s)
+
+
+
+def _empty(m: Measurement, state: GuardState) -> Decision:
+    """No gradient to measure (e.g. every one cleared by another guard): change nothing."""
+    return Decision("empty", Action.NONE, state.streaks, state.spike_steps, m.threshold,
+                    m.clipped_norm)
+
+
+def _nonfinite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
+    """Non-finite gradient or loss: skip, back off, roll back / halt on a long streak."""
+    streaks = state.streaks.on_nonfinite(m.step)
+    n = streaks.nonfinite
+    return Decision(
+        "nonfinite", Action.SKIP if s.skip_nonfinite else Action.NONE, streaks,
+        state.spike_steps, m.threshold, m.grad_norm, skip=s.skip_nonfinite,
+        backoff=s.lr_backoff, rollback=n % s.rollback_after == 0,
+        halt=s.halt_after > 0 and n >= s.halt_after,
+        diagnose=not state.diagnosed or n >= s.halt_after > 0)
+
+
+def _amp_overflow(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
+    """Left to the GradScaler (its calibration); a streak of ``amp_halt_after`` halts."""
+    streaks = state.streaks.on_amp_overflow(m.step)
+    # not an overflow any more at the halt: the scaler cannot fix it
+    halt = s.halt_after > 0 and streaks.amp >= s.amp_halt_after
+    return Decision("amp_overflow", Action.AMP_SKIP, streaks, state.spike_steps, m.threshold,
+                    m.grad_norm, halt=halt, diagnose=halt)
+
+
+def _nonfinite_weights(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
+    """Finite gradients and loss, but non-finite weights: skip, back off, restore."""
+    return Decision("nonfinite_weights", Action.SKIP, state.streaks.on_finite(),
+                    state.spike_steps, m.threshold, m.grad_norm, skip=True,
+                    backoff=s.lr_backoff, rollback=True)
+
+
+def _clip(m: Measurement, spike: bool) -> tuple[Action, tuple[float, ...], float, float, bool]:
+    """Clip a spike to the threshold, then an update over the cap to the cap.
+
+    Returns:
+        ``(action, scales, clipped_norm, reported threshold, capped)``.
+    """
+    clipped, threshold = m.clipped_norm, m.threshold
+    if not (spike or m.unitwise or m.limit.cap < clipped):
+        return Action.NONE, (), clipped, threshold, False  # the usual step
+    action, scales = Action.NONE, []
+    if spike:
+        coef = clip_coef(m.grad_norm, threshold)
+        if coef < 1.0:
+            scales.append(coef)
+            clipped = m.grad_norm * coef
+            action = Action.CLIP
+    elif m.unitwise and clipped < m.grad_norm * (1 - 1e-6):
+        action = Action.CLIP  # the unit-wise policy clipped (during the measurement)
+    capped = m.limit.cap < clipped
+    if capped:
+        coef = clip_coef(clipped, m.limit.cap)
+        scales.append(coef)
+        clipped = clipped * coef
+        action = Action.CLIP
+        threshold = min(threshold, m.limit.cap)
+    return action, tuple(scales), clipped, threshold, capped
+
+
+def _backoff_due(window: tuple[int, ...], grew: bool, s: GuardSettings) -> bool:
+    """Sustained growth, or ``spike_patience`` counted spikes within the window."""
+    return s.lr_backoff and (grew or (s.spike_patience > 0 and len(window) >= s.spike_patience))
+
+
+def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
+    """A finite step: clip spikes and oversized updates, back off on repeated ones."""
+    # a spike or a rise whose update is small (update control) is clipped but is no sign of
+    # too high an LR; a rise that does not count keeps the detector armed
+    large = m.limit.counts(m.grad_norm)
+    fired = s.growth_patience > 0 and state.growth_fires
+    grew = fired and large
+    spike = m.grad_norm > m.threshold
+    action, scales, clipped, threshold, capped = _clip(m, spike)
+    window = state.spike_steps
+    if (spike and large) or capped:
+        window = (*window, m.step)
+    if window:  # forget counted steps that left the window
+        oldest = m.step - s.spike_window
+        window = tuple([t for t in window if t > oldest])
+    backoff = _backoff_due(window, grew, s)
+    return Decision(
+        "finite", action, state.streaks.on_finite(), () if backoff else window, threshold,
+        clipped, scales=scales, observe=True, spike=spike, growth=grew,
+        hold_growth=fired and not large, backoff=backoff, recover=not (spike or backoff),
+        snapshot=m.params_finite is True)

@@ -1,0 +1,211 @@
+"""Stage 1 of a guarded step: **measure** (one fused read of the gradients, one host transfer).
+
+:class:`HostValues` gathers device scalars by name and reads them all back in a single
+:func:`~lightning_gradguard.core._host.to_host` call; :class:`Meter` builds the step's
+:class:`Measurement` (named host floats, frozen) and keeps the gradients in hand
+(:class:`Gradients`) for the apply stage. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_gradguard.core._host import to_host
+from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
+from lightning_gradguard.core.policies import ClipPolicy
+from lightning_gradguard.core.update_cap import NO_LIMIT, UpdateLimit
+
+__all__ = ["Gradients", "HostValues", "Measurement", "Meter"]
+
+_PLAIN = (torch.nn.Parameter, torch.Tensor)
+Groups = dict[tuple[torch.device, torch.dtype], list[int]]
+
+
+class HostValues:
+    """Device scalars gathered by name, read to the host in one transfer.
+
+    Example:
+        >>> values = HostValues(torch.device("cpu"))
+        >>> values.add("norm", torch.tensor(3.0))
+        >>> values.add("loss", torch.tensor([0.5]))
+        >>> values.read()
+        {'norm': 3.0, 'loss': 0.5}
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._names: list[str] = []
+        self._values: list[Tensor] = []
+
+    def add(self, name: str, value: Tensor) -> None:
+        """Queue a one-element tensor under ``name`` (as float32 on this device)."""
+        if name in self._names:
+            raise ValueError(f"`name` must be new, got {name!r} a second time")
+        self._names.append(name)
+        if value.requires_grad:
+            value = value.detach()
+        if value.dim():
+            value = value.reshape(())
+        if value.dtype != torch.float32 or value.device != self.device:
+            value = value.to(device=self.device, dtype=torch.float32)
+        self._values.append(value)
+
+    def read(self) -> dict[str, float]:
+        """All queued values as host floats: one synchronisation."""
+        host = to_host(torch.stack(self._values))
+        return dict(zip(self._names, host, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What one step measured: host floats only (the input of the decision).
+
+    Attributes:
+        step: The step number for reports (the caller's, or the guard's 1-based count).
+        grad_norm: Total gradient norm before any clipping (NaN/Inf when non-finite).
+        threshold: The clip policy's threshold from the history *before* this step.
+        clipped_norm: Total norm after the policy's unit-wise clipping (``grad_norm`` when
+            the policy is not unit-wise).
+        loss: The step's loss (``None`` if not given).
+        params_finite: Whether the weights are finite (``None``: not measured this step;
+            they are measured on rollback-snapshot steps).
+        limit: The optimizer's update limit for this step
+            (:mod:`~lightning_gradguard.core.update_cap`).
+        amp_overflow: The caller's GradScaler skips the step itself if it is non-finite.
+        unitwise: The clip policy clips per unit (``clipped_norm`` may be below
+            ``grad_norm``).
+        empty: No parameter had a gradient: nothing was measured.
+    """
+
+    step: int
+    grad_norm: float
+    threshold: float
+    clipped_norm: float
+    loss: float | None = None
+    params_finite: bool | None = None
+    limit: UpdateLimit = NO_LIMIT
+    amp_overflow: bool = False
+    unitwise: bool = False
+    empty: bool = False
+
+    @property
+    def finite(self) -> bool:
+        """Gradients, and the loss if given, are finite."""
+        return math.isfinite(self.grad_norm) and (self.loss is None or math.isfinite(self.loss))
+
+
+@dataclass(slots=True)
+class Gradients:
+    """The step's gradients in hand (device side), for the apply stage.
+
+    Attributes:
+        grads: The gradients that exist, in parameter order.
+        groups: Their ``(device, dtype)`` grouping when known (dense, every parameter has one).
+        per_tensor: Per-tensor norms (for a diagnosis), on the device.
+    """
+
+    grads: list[Tensor]
+    groups: Groups | None
+    per_tensor: Tensor | None
+
+
+class Meter:
+    """Measures the gradients (and the weights when asked) of a fixed list of parameters.
+
+    Args:
+        params: The parameters watched.
+        norm_type: The norm of detection and clipping.
+        reducer: All-reduce hook for sharded tensors.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], norm_type: float,
+                 reducer: NormReducer | None = None) -> None:
+        self.params = list(params)
+        self.norm_type = norm_type
+        self.reducer = reducer
+        #: the parameters' (device, dtype) grouping, shared by their dense gradients; None for
+        #: parameters that are not plain tensors (DTensor, FSDP1's FlatParameter), or after a
+        #: sparse gradient was seen
+        self.groups: Groups | None = (group_by_device_and_dtype(self.params)
+                                      if all(type(p) in _PLAIN for p in self.params) else None)
+
+    def gradients(self) -> tuple[Gradients, Tensor] | None:
+        """The gradients and their total norm (device tensor); ``None`` when there are none."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return None
+        device = grads[0].device
+        # every parameter has a gradient (the usual case): reuse the parameters' grouping
+        groups = self.groups if len(grads) == len(self.params) else None
+        try:
+            norms = grad_norms(grads, self.norm_type, reducer=self.reducer, device=device,
+                               groups=groups)
+        except NotImplementedError:  # a sparse gradient: the general path from now on
+            if groups is None:
+                raise
+            self.groups = groups = None
+            norms = grad_norms(grads, self.norm_type, reducer=self.reducer, device=device)
+        return Gradients(grads, groups, norms.per_tensor), norms.total
+
+    def total(self, tensors: Sequence[Tensor], device: torch.device, *,
+              norm_type: float | None = None, groups: Groups | None = None) -> Tensor:
+        """The reduced total norm of ``tensors`` (e.g. the weights), on ``device``."""
+        kwargs = {} if norm_type is None else {"norm_type": norm_type}
+        return grad_norms(list(tensors), per_tensor=False, groups=groups, reducer=self.reducer,
+                          device=device, **kwargs).total
+
+    def measure(self, step: int, loss: Tensor | float | None, policy: ClipPolicy,
+                names: Sequence[str], *, amp_overflow: bool,
+                weights_of: torch.nn.Module | None, weight_norm: bool,
+                limit: Callable[[dict[str, float]], UpdateLimit],
+                ) -> tuple[Measurement, Gradients | None]:
+        """One step's :class:`Measurement` (one host read) and the gradients in hand.
+
+        Args:
+            step: The step number for the report.
+            loss: The step's loss.
+            policy: The clip policy: its threshold (before this step) is read, and a unit-wise
+                policy clips here, before the read (its clipped total is part of it).
+            names: The parameters' names (for the unit-wise policy).
+            amp_overflow: Passed through to the measurement.
+            weights_of: Measure whether this module's weights are finite (snapshot steps).
+            weight_norm: Measure the watched weights' norm (for the update control).
+            limit: Called with the values read; returns the step's update limit.
+        """
+        found = self.gradients()
+        if found is None:
+            return Measurement(step=step, grad_norm=0.0, threshold=float("inf"),
+                               clipped_norm=0.0, empty=True), None
+        grads, total = found
+        values = HostValues(total.device)
+        values.add("grad_norm", total)
+        if policy.unitwise:
+            policy.clip_unitwise_(self.params, names)
+            values.add("clipped_norm", grad_norms(grads.grads, self.norm_type,
+                                                  reducer=self.reducer).total)
+        if isinstance(loss, Tensor):
+            values.add("loss", loss)
+        if weights_of is not None:
+            # reduced like the gradients: every rank must agree on "the weights are finite"
+            values.add("params_norm", self.total([p.detach() for p in weights_of.parameters()],
+                                                 total.device))
+        if weight_norm:
+            values.add("weight_norm", self.total([p.detach() for p in self.params],
+                                                 total.device, norm_type=self.norm_type,
+                                                 groups=self.groups))
+        host = values.read()  # the one host synchronisation of the step
+        norm = host["grad_norm"]
+        loss_v = host.get("loss", None if loss is None or isinstance(loss, Tensor)
+                          else float(loss))
+        params_finite = (math.isfinite(host["params_norm"]) if "params_norm" in host else None)
+        measurement = Measurement(
+            step=step, grad_norm=norm, threshold=policy.threshold_value(),
+            clipped_norm=host.get("clipped_norm", norm), loss=loss_v,
+            params_finite=params_finite, limit=limit(host), amp_overflow=amp_overflow,
+            unitwise=policy.unitwise)
+        return measurement, grads

@@ -1,0 +1,176 @@
+r"""Optimizer-specific update control: how large may one update be?
+
+Gradient statistics alone cannot protect the very first steps of a run whose learning rate is
+far too high: there is no history yet. Where the optimizer's update is a known function of the
+gradient, the guard can bound the *update* instead. This module is the one place that knows
+optimizers: :func:`make_update_control` picks the control once, from the optimizer, and the
+guard's decision (:func:`~lightning_gradguard.core.decide.decide`) only sees the
+:class:`UpdateLimit` it returns each step.
+
+* :class:`SGDUpdateCap` (``torch.optim.SGD``, ``max_update_ratio`` set): the update of plain
+  SGD is :math:`\eta\,g`, so :math:`\eta\,\|g\| \le r\,\|w\|` caps the relative weight change
+  at :math:`r`: the gradient is clipped to :math:`r\,\|w\| / \eta`. A spike or sustained
+  growth counts toward an LR backoff only when its update would move the weights by more
+  than :math:`r / \text{far}` (default ``far=10``): at a comfortable LR a gradient spike is
+  clipped but is no sign of too high an LR.
+* :class:`NoUpdateControl` (every other optimizer, or ``max_update_ratio=None``): no cap,
+  every spike counts. Adam-family optimizers normalise their updates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_gradguard.core._stateful import Stateful
+from lightning_gradguard.core._validation import check_int, check_number
+
+__all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "UpdateLimit",
+           "make_update_control"]
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateLimit:
+    """What the update control allows at one step (host floats only).
+
+    Attributes:
+        cap: Largest total gradient norm the update may have (``inf``: no cap).
+        far: A spike or growth counts toward an LR backoff only when ``far * norm > cap``;
+            ``None``: always.
+
+    Example:
+        >>> UpdateLimit().counts(1e9), UpdateLimit(cap=1.0, far=10.0).counts(0.05)
+        (True, False)
+    """
+
+    cap: float = _INF
+    far: float | None = None
+
+    def counts(self, norm: float) -> bool:
+        """Whether a spike/growth at ``norm`` is large enough to count toward a backoff."""
+        return self.far is None or self.far * norm > self.cap
+
+
+#: no cap, every spike counts (one shared instance: a limit is a value)
+NO_LIMIT = UpdateLimit()
+
+
+class UpdateControl(Stateful):
+    """Base class: no cap (see :class:`NoUpdateControl`). Subclasses override the hooks.
+
+    The guard calls :meth:`wants_weight_norm` when it builds the step's measurement (the
+    weight norm is then read in the step's single host transfer), :meth:`observe_weight_norm`
+    with the value read, and :meth:`limit` for the step's :class:`UpdateLimit`.
+    """
+
+    def wants_weight_norm(self, finite_steps: int) -> bool:
+        """Whether to measure the weight norm at this step (``finite_steps``: 1-based)."""
+        return False
+
+    def observe_weight_norm(self, value: float) -> None:
+        """Take the weight norm measured at this step."""
+
+    def limit(self, lr_scale: float) -> UpdateLimit:
+        """This step's limit, under the LR backoff scale ``lr_scale``."""
+        return NO_LIMIT
+
+
+class NoUpdateControl(UpdateControl):
+    """No update cap: every spike and every growth counts toward a backoff.
+
+    Example:
+        >>> NoUpdateControl().limit(1.0)
+        UpdateLimit(cap=inf, far=None)
+    """
+
+
+class SGDUpdateCap(UpdateControl):
+    """Plain-SGD update cap: ``lr * ||g|| <= max_ratio * ||w||`` (momentum not counted).
+
+    Args:
+        optimizer: The ``torch.optim.SGD`` whose group LRs are read (largest one; a tensor LR
+            on an accelerator disables the cap, reading it would cost a host sync).
+        max_ratio: :math:`r`, the largest relative weight change of one update (> 0).
+        every_step_until: The weight norm is measured on every finite step up to this one...
+        every: ... and on every this-many-th finite step after it (a skipped step does not
+            shift the schedule).
+        far: A spike or growth counts toward a backoff only if its update would move the
+            weights by more than ``max_ratio / far`` of their norm.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(100))
+        >>> cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
+        >>> cap.wants_weight_norm(1), cap.wants_weight_norm(17), cap.wants_weight_norm(24)
+        (True, False, True)
+        >>> cap.observe_weight_norm(10.0)
+        >>> cap.limit(lr_scale=0.5)
+        UpdateLimit(cap=2.0, far=10.0)
+    """
+
+    weight_norm: float | None
+
+    def __init__(self, optimizer: Optimizer, max_ratio: float, *, every_step_until: int = 16,
+                 every: int = 8, far: float = 10.0) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.max_ratio = check_number("max_ratio", max_ratio, low=0.0, low_inclusive=False)
+        self.every_step_until = check_int("every_step_until", every_step_until, low=0)
+        self.every = check_int("every", every, low=1)
+        self.far = check_number("far", far, low=0.0, low_inclusive=False)
+        self._add_state("weight_norm", None)  # the last measurement (None: none usable)
+
+    def wants_weight_norm(self, finite_steps: int) -> bool:
+        """Every step up to ``every_step_until``, then every ``every``-th (finite steps)."""
+        return finite_steps <= self.every_step_until or finite_steps % self.every == 0
+
+    def observe_weight_norm(self, value: float) -> None:
+        """Keep a finite, positive weight norm; anything else disables the cap until the next."""
+        self.weight_norm = value if math.isfinite(value) and value > 0.0 else None
+
+    def lr(self, lr_scale: float) -> float | None:
+        """The update's LR: the largest group LR times ``lr_scale``.
+
+        ``None`` when there is no cap: no weight norm yet, a non-finite or negative LR, or a
+        tensor LR on an accelerator (reading it would add a host synchronisation every step).
+        """
+        if self.weight_norm is None:
+            return None
+        lr = 0.0
+        for g in self.optimizer.param_groups:
+            glr = g.get("lr", 0.0)
+            if isinstance(glr, Tensor) and glr.device.type != "cpu":
+                return None
+            lr = max(lr, float(glr))
+        lr *= lr_scale
+        return lr if math.isfinite(lr) and lr >= 0.0 else None
+
+    def limit(self, lr_scale: float) -> UpdateLimit:
+        """The cap ``max_ratio * ||w|| / lr``; an LR of 0 moves nothing: no cap, never counts."""
+        lr = self.lr(lr_scale)
+        if lr is None:
+            return NO_LIMIT
+        if lr == 0.0 or self.weight_norm is None:
+            return UpdateLimit(cap=_INF, far=self.far)
+        return UpdateLimit(cap=self.max_ratio * self.weight_norm / lr, far=self.far)
+
+
+def make_update_control(optimizer: Optimizer | None, max_update_ratio: float | None,
+                        has_params: bool = True) -> UpdateControl:
+    """The update control for ``optimizer``: the one place that looks at its type.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(1))
+        >>> type(make_update_control(torch.optim.SGD([w], lr=0.1), 0.1)).__name__
+        'SGDUpdateCap'
+        >>> type(make_update_control(torch.optim.Adam([w]), 0.1)).__name__
+        'NoUpdateControl'
+    """
+    if max_update_ratio is not None and isinstance(optimizer, torch.optim.SGD) and has_params:
+        return SGDUpdateCap(optimizer, max_update_ratio)
+    return NoUpdateControl()

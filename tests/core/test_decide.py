@@ -1,0 +1,159 @@
+"""The decision as a table: :func:`decide` on hand-made measurements, no model, no tensor.
+
+Each case names the row of the decision table (``core/decide.py``) it exercises and the
+exact decision expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+
+from lightning_gradguard.core.clip import clip_coef
+from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
+from lightning_gradguard.core.measure import Measurement
+from lightning_gradguard.core.settings import GuardSettings
+from lightning_gradguard.core.streaks import Streaks
+from lightning_gradguard.core.update_cap import UpdateLimit
+
+NAN, INF = math.nan, math.inf
+STEP = 10
+
+
+def meas(**kw: Any) -> Measurement:
+    kw.setdefault("step", STEP)
+    kw.setdefault("grad_norm", 1.0)
+    kw.setdefault("threshold", 2.0)
+    kw.setdefault("clipped_norm", kw["grad_norm"])
+    return Measurement(**kw)
+
+
+def run(m: Measurement, state: GuardState | None = None, **settings: Any) -> Decision:
+    return decide(m, state or GuardState(), GuardSettings(**settings))
+
+
+# (id, measurement, state, settings, expected fields of the decision)
+CASES: list[tuple[str, Measurement, GuardState, dict[str, Any], dict[str, Any]]] = [
+    ("empty: nothing", meas(grad_norm=0.0, threshold=INF, empty=True),
+     GuardState(streaks=Streaks(nonfinite=2)), {},
+     dict(path="empty", action=Action.NONE, observe=False, recover=False, skip=False,
+          streaks=Streaks(nonfinite=2))),
+    ("clean step: observe, recover, streaks end", meas(),
+     GuardState(streaks=Streaks(nonfinite=2, nonfinite_start=3, amp=4, amp_start=1)), {},
+     dict(path="finite", action=Action.NONE, observe=True, recover=True, backoff=False,
+          spike=False, scales=(), streaks=Streaks(0, 3, 0, 1), clipped_norm=1.0)),
+    ("non-finite gradient: skip, back off, diagnose the first", meas(grad_norm=NAN),
+     GuardState(), {},
+     dict(path="nonfinite", action=Action.SKIP, skip=True, backoff=True, rollback=False,
+          halt=False, diagnose=True, observe=False, recover=False,
+          streaks=Streaks(nonfinite=1, nonfinite_start=STEP))),
+    ("non-finite loss, finite gradient: the same", meas(loss=INF), GuardState(), {},
+     dict(path="nonfinite", action=Action.SKIP, skip=True, backoff=True)),
+    ("non-finite, skip_nonfinite=False: gradients kept", meas(grad_norm=INF), GuardState(),
+     {"skip_nonfinite": False},
+     dict(path="nonfinite", action=Action.NONE, skip=False, backoff=True)),
+    ("non-finite, lr_backoff=False: no backoff", meas(grad_norm=INF), GuardState(),
+     {"lr_backoff": False}, dict(path="nonfinite", backoff=False)),
+    ("non-finite, not the first: no diagnosis", meas(grad_norm=NAN),
+     GuardState(diagnosed=True), {}, dict(diagnose=False)),
+    ("rollback_after-th non-finite in a row: roll back", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(nonfinite=2, nonfinite_start=8), diagnosed=True), {},
+     dict(rollback=True, halt=False, streaks=Streaks(nonfinite=3, nonfinite_start=8))),
+    ("halt_after-th non-finite in a row: halt and diagnose", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(nonfinite=4), diagnosed=True), {"halt_after": 5},
+     dict(halt=True, diagnose=True, rollback=False)),
+    ("halt_after=0: never halt", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(nonfinite=99), diagnosed=True), {"halt_after": 0},
+     dict(halt=False, diagnose=False)),
+    ("GradScaler overflow: left to the scaler", meas(grad_norm=INF, amp_overflow=True),
+     GuardState(streaks=Streaks(nonfinite=2)), {},
+     dict(path="amp_overflow", action=Action.AMP_SKIP, skip=False, backoff=False,
+          halt=False, diagnose=False, streaks=Streaks(nonfinite=2, amp=1, amp_start=STEP))),
+    ("GradScaler overflow with a non-finite loss: a real non-finite step",
+     meas(grad_norm=INF, loss=NAN, amp_overflow=True), GuardState(), {},
+     dict(path="nonfinite", action=Action.SKIP)),
+    ("amp_halt_after-th overflow in a row: halt", meas(grad_norm=INF, amp_overflow=True),
+     GuardState(streaks=Streaks(amp=6, amp_start=1)), {"amp_halt_after": 7},
+     dict(path="amp_overflow", halt=True, diagnose=True)),
+    ("overflow streak with halt_after=0: no halt", meas(grad_norm=INF, amp_overflow=True),
+     GuardState(streaks=Streaks(amp=60)), {"halt_after": 0}, dict(halt=False)),
+    ("non-finite weights: skip, back off, restore", meas(params_finite=False),
+     GuardState(streaks=Streaks(nonfinite=1)), {},
+     dict(path="nonfinite_weights", action=Action.SKIP, skip=True, backoff=True,
+          rollback=True, observe=False, snapshot=False, streaks=Streaks(nonfinite=0))),
+    ("finite weights measured: snapshot", meas(params_finite=True), GuardState(), {},
+     dict(path="finite", snapshot=True)),
+    ("spike: clip to the threshold, counted", meas(grad_norm=8.0), GuardState(), {},
+     dict(action=Action.CLIP, spike=True, scales=(clip_coef(8.0, 2.0),),
+          clipped_norm=8.0 * clip_coef(8.0, 2.0), threshold=2.0, spike_steps=(STEP,),
+          recover=False, backoff=False)),
+    ("small SGD spike: clipped, not counted",
+     meas(grad_norm=8.0, limit=UpdateLimit(cap=100.0, far=10.0)), GuardState(), {},
+     dict(action=Action.CLIP, spike=True, spike_steps=())),
+    ("LR 0: a spike never counts", meas(grad_norm=8.0, limit=UpdateLimit(cap=INF, far=10.0)),
+     GuardState(), {}, dict(spike=True, spike_steps=())),
+    ("update over the cap: clip to the cap, counted like a spike",
+     meas(grad_norm=3.0, threshold=INF, limit=UpdateLimit(cap=1.0, far=10.0)),
+     GuardState(), {},
+     dict(action=Action.CLIP, spike=False, scales=(clip_coef(3.0, 1.0),), threshold=1.0,
+          clipped_norm=3.0 * clip_coef(3.0, 1.0), spike_steps=(STEP,), recover=True)),
+    ("spike and cap: two clips, counted once",
+     meas(grad_norm=8.0, threshold=4.0, limit=UpdateLimit(cap=1.0, far=10.0)),
+     GuardState(), {},
+     dict(scales=(clip_coef(8.0, 4.0), clip_coef(8.0 * clip_coef(8.0, 4.0), 1.0)),
+          threshold=1.0, spike_steps=(STEP,))),
+    ("spike_patience-th spike in the window: back off, window cleared",
+     meas(grad_norm=8.0), GuardState(spike_steps=(5, 9)), {"spike_patience": 3},
+     dict(backoff=True, spike_steps=(), recover=False)),
+    ("spikes out of the window do not count", meas(grad_norm=8.0),
+     GuardState(spike_steps=(STEP - 50, 9)), {"spike_patience": 3, "spike_window": 50},
+     dict(backoff=False, spike_steps=(9, STEP))),
+    ("spike_patience=0: never back off on spikes", meas(grad_norm=8.0),
+     GuardState(spike_steps=(8, 9)), {"spike_patience": 0}, dict(backoff=False)),
+    ("lr_backoff=False: no backoff", meas(grad_norm=8.0), GuardState(spike_steps=(8, 9)),
+     {"lr_backoff": False}, dict(backoff=False, spike_steps=(8, 9, STEP))),
+    ("sustained growth: back off", meas(), GuardState(growth_fires=True), {},
+     dict(growth=True, hold_growth=False, backoff=True, recover=False)),
+    ("growth with small SGD updates: held, no backoff",
+     meas(limit=UpdateLimit(cap=100.0, far=10.0)), GuardState(growth_fires=True), {},
+     dict(growth=False, hold_growth=True, backoff=False, recover=True)),
+    ("growth_patience=0: growth ignored", meas(), GuardState(growth_fires=True),
+     {"growth_patience": 0}, dict(growth=False, hold_growth=False, backoff=False)),
+    ("unit-wise policy clipped during the measurement: a clip without scales",
+     meas(grad_norm=4.0, threshold=INF, clipped_norm=2.0, unitwise=True), GuardState(), {},
+     dict(action=Action.CLIP, scales=(), clipped_norm=2.0, spike=False)),
+]
+
+
+@pytest.mark.parametrize(("m", "state", "settings", "expected"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_decision_table(m: Measurement, state: GuardState, settings: dict[str, Any],
+                        expected: dict[str, Any]) -> None:
+    d = run(m, state, **settings)
+    got = {k: getattr(d, k) for k in expected}
+    assert got == expected
+
+
+def test_every_path_of_the_table_is_covered() -> None:
+    paths = {run(c[1], c[2], **c[3]).path for c in CASES}
+    assert paths == {"empty", "finite", "nonfinite", "amp_overflow", "nonfinite_weights"}
+
+
+def test_decide_is_pure() -> None:
+    m, state, s = meas(grad_norm=8.0), GuardState(spike_steps=(9,)), GuardSettings()
+    before = (dataclasses.asdict(m), dataclasses.asdict(state), repr(s), s.policy.state_dict())
+    assert decide(m, state, s) == decide(m, state, s)
+    assert (dataclasses.asdict(m), dataclasses.asdict(state), repr(s),
+            s.policy.state_dict()) == before
+
+
+def test_streaks_state_machine() -> None:
+    s = Streaks()
+    s = s.on_nonfinite(3).on_nonfinite(4).on_amp_overflow(5)
+    assert s == Streaks(nonfinite=2, nonfinite_start=3, amp=1, amp_start=5)
+    s = s.on_finite()
+    assert s == Streaks(nonfinite=0, nonfinite_start=3, amp=0, amp_start=5)
+    assert s.on_nonfinite(9).nonfinite_start == 9

@@ -1,0 +1,107 @@
+"""GuardCore's state: counters, streaks and the backoff window; earlier checkpoints; listeners."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lightning_gradguard.core import GuardCore, Streaks
+from lightning_gradguard.core.decide import Decision
+from lightning_gradguard.core.guard import StepReport
+from lightning_gradguard.core.measure import Measurement
+
+
+def _sgd_guard(**settings: Any) -> tuple[torch.nn.Linear, GuardCore]:
+    model = torch.nn.Linear(3, 1)
+    return model, GuardCore(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+
+
+def _grads(model: torch.nn.Module, value: float) -> None:
+    for p in model.parameters():
+        p.grad = torch.full_like(p, value)
+
+
+def _old_layout(halted: bool) -> dict[str, Any]:
+    """A state as saved before the counters held only counts (flat, with the streaks)."""
+    _, guard = _sgd_guard()
+    state = guard.state_dict()
+    for key in ("streaks", "spike_steps", "first_nonfinite_step", "update_control"):
+        state.pop(key)
+    state["weight_norm"] = 2.5
+    state["counters"] = {
+        "steps": 9, "nonfinite_steps": 3, "skipped_steps": 3, "spikes": 2,
+        "clipped_steps": 2, "lr_backoffs": 3, "growth_events": 0, "rollbacks": 0,
+        "amp_overflow_steps": 1, "nonfinite_streak": 2, "amp_streak": 1,
+        "amp_streak_start": 4, "halted": halted, "first_nonfinite_step": 5,
+        "streak_start": 8, "spike_steps": [6, 7]}
+    return state
+
+
+def test_a_state_saved_by_earlier_versions_loads() -> None:
+    _, guard = _sgd_guard()
+    guard.load_state_dict(_old_layout(halted=False))
+    assert guard.summary() == {
+        "steps": 9, "nonfinite_steps": 3, "skipped_steps": 3, "spikes": 2,
+        "clipped_steps": 2, "lr_backoffs": 3, "growth_events": 0, "rollbacks": 0,
+        "amp_overflow_steps": 1, "halted": False, "lr_scale": 1.0}
+    assert guard.streaks == Streaks(nonfinite=2, nonfinite_start=8, amp=1, amp_start=4)
+    assert guard.spike_steps == (6, 7)
+    assert guard.first_nonfinite_step == 5
+    assert guard.update_control.state_dict() == {"weight_norm": 2.5}
+    # the old names still read the same values
+    assert guard.counters.spike_steps == [6, 7]
+    assert guard.counters.nonfinite_streak == 2
+
+
+def test_an_earlier_halted_state_resumes_as_a_fresh_attempt() -> None:
+    _, guard = _sgd_guard()
+    guard.load_state_dict(_old_layout(halted=True))
+    assert guard.counters.halted is False
+    assert guard.streaks == Streaks()
+    assert guard.counters.steps == 9
+
+
+def test_round_trip_keeps_streaks_window_and_update_control() -> None:
+    model, guard = _sgd_guard(spike_patience=5)
+    for v in (0.1, 0.1, 0.1, math.nan, math.nan, 50.0, 0.1, math.nan):
+        _grads(model, v)
+        guard.step()
+    state = guard.state_dict()
+    _, fresh = _sgd_guard(spike_patience=5)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.streaks == guard.streaks == Streaks(nonfinite=1, nonfinite_start=8)
+    assert fresh.summary() == guard.summary()
+
+
+def test_summary_is_the_counters_and_the_lr_scale() -> None:
+    model, guard = _sgd_guard()
+    _grads(model, math.inf)
+    guard.step()
+    summary = guard.summary()
+    assert summary == {
+        "steps": 1, "nonfinite_steps": 1, "skipped_steps": 1, "spikes": 0,
+        "clipped_steps": 0, "lr_backoffs": 1, "growth_events": 0, "rollbacks": 0,
+        "amp_overflow_steps": 0, "halted": False, "lr_scale": 0.5}
+
+
+def test_listeners_see_every_step_once() -> None:
+    model, guard = _sgd_guard()
+    seen: list[tuple[Measurement, Decision, StepReport]] = []
+    guard.listeners.append(lambda m, d, r: seen.append((m, d, r)))
+    for v in (0.1, math.nan):
+        _grads(model, v)
+        report = guard.step()
+        assert seen[-1][2] is report
+    assert [(d.path, r.step) for _, d, r in seen] == [("finite", 1), ("nonfinite", 2)]
+
+
+def test_reset_starts_over() -> None:
+    model, guard = _sgd_guard()
+    _grads(model, math.nan)
+    guard.step()
+    guard.reset()
+    _, fresh = _sgd_guard()
+    assert guard.state_dict() == fresh.state_dict()

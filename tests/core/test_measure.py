@@ -1,0 +1,133 @@
+"""Stage 1, measure: named host values in one transfer, and what :class:`Meter` reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_gradguard.core._host import host_reads, reset_host_reads
+from lightning_gradguard.core.measure import HostValues, Measurement, Meter
+from lightning_gradguard.core.policies import AdaptiveGradClip, FixedNormClip, NoClip
+from lightning_gradguard.core.update_cap import UpdateLimit
+
+
+def _limit(seen: dict[str, float]) -> UpdateLimit:
+    return UpdateLimit(cap=123.0, far=None)
+
+
+def test_host_values_are_read_by_name_in_one_transfer() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("b", torch.tensor([2.5], dtype=torch.float64))
+    values.add("a", torch.tensor(1.0, dtype=torch.bfloat16))
+    reset_host_reads()
+    assert values.read() == {"b": 2.5, "a": 1.0}
+    assert host_reads() == 1
+
+
+def test_host_values_refuse_a_name_twice() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("loss", torch.tensor(1.0))
+    with pytest.raises(ValueError, match="`name` must be new, got 'loss'"):
+        values.add("loss", torch.tensor(2.0))
+
+
+def _params() -> list[torch.nn.Parameter]:
+    a = torch.nn.Parameter(torch.ones(4))   # norm 2
+    b = torch.nn.Parameter(torch.ones(9))   # norm 3
+    a.grad = torch.full((4,), 3.0 / 2.0)     # norm 3
+    b.grad = torch.full((9,), 4.0 / 3.0)     # norm 4
+    return [a, b]
+
+
+def test_meter_reads_every_named_value_once() -> None:
+    params = _params()
+    module = torch.nn.Module()
+    module.register_parameter("a", params[0])
+    module.register_parameter("b", params[1])
+    seen: dict[str, float] = {}
+
+    def limit(host: dict[str, float]) -> UpdateLimit:
+        seen.update(host)
+        return UpdateLimit(cap=7.0, far=10.0)
+
+    reset_host_reads()
+    m, grads = Meter(params, 2.0).measure(
+        4, torch.tensor(0.25), FixedNormClip(1.0), ["a", "b"], amp_overflow=True,
+        weights_of=module, weight_norm=True, limit=limit)
+    assert host_reads() == 1
+    assert set(seen) == {"grad_norm", "loss", "params_norm", "weight_norm"}
+    assert seen["weight_norm"] == pytest.approx(math.sqrt(13.0))
+    assert m == Measurement(step=4, grad_norm=pytest.approx(5.0), threshold=1.0,
+                            clipped_norm=pytest.approx(5.0), loss=0.25, params_finite=True,
+                            limit=UpdateLimit(cap=7.0, far=10.0), amp_overflow=True)
+    assert grads is not None
+    assert len(grads.grads) == 2
+    assert grads.per_tensor is not None
+    assert grads.per_tensor.tolist() == pytest.approx([3.0, 4.0])
+
+
+@pytest.mark.parametrize(("loss", "expected"), [(None, None), (1.5, 1.5)])
+def test_a_host_loss_is_not_transferred(loss: float | None, expected: float | None) -> None:
+    seen: dict[str, float] = {}
+
+    def limit(host: dict[str, float]) -> UpdateLimit:
+        seen.update(host)
+        return UpdateLimit()
+
+    m, _ = Meter(_params(), 2.0).measure(1, loss, NoClip(), ["a", "b"], amp_overflow=False,
+                                         weights_of=None, weight_norm=False, limit=limit)
+    assert set(seen) == {"grad_norm"}
+    assert m.loss == expected
+    assert m.params_finite is None
+    assert m.finite
+
+
+def test_non_finite_weights_are_measured_on_request() -> None:
+    module = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        module.weight[0, 0] = math.inf
+    params = list(module.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    m, _ = Meter(params, 2.0).measure(1, None, NoClip(), ["w", "b"], amp_overflow=False,
+                                      weights_of=module, weight_norm=False, limit=_limit)
+    assert m.params_finite is False
+    assert m.finite  # the gradients are
+
+
+def test_unitwise_policy_clips_during_the_measurement() -> None:
+    w = torch.nn.Parameter(torch.ones(1, 4))  # unit norm 2
+    w.grad = torch.full((1, 4), 10.0)  # unit norm 20
+    m, _ = Meter([w], 2.0).measure(1, None, AdaptiveGradClip(clipping=0.1), ["w"],
+                                   amp_overflow=False, weights_of=None, weight_norm=False,
+                                   limit=_limit)
+    assert m.unitwise
+    assert m.grad_norm == pytest.approx(20.0)
+    assert m.clipped_norm == pytest.approx(0.2, rel=1e-3)
+    assert torch.linalg.vector_norm(w.grad).item() == pytest.approx(m.clipped_norm, rel=1e-5)
+
+
+def test_no_gradients_no_host_read() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    reset_host_reads()
+    m, grads = Meter([w], 2.0).measure(3, torch.tensor(1.0), NoClip(), ["w"],
+                                       amp_overflow=False, weights_of=None, weight_norm=True,
+                                       limit=_limit)
+    assert host_reads() == 0
+    assert grads is None
+    assert m == Measurement(step=3, grad_norm=0.0, threshold=math.inf, clipped_norm=0.0,
+                            empty=True)
+
+
+def test_non_finite_measurement() -> None:
+    params = _params()
+    assert params[1].grad is not None
+    params[1].grad[0] = math.nan
+    m, _ = Meter(params, 2.0).measure(1, None, NoClip(), ["a", "b"], amp_overflow=False,
+                                      weights_of=None, weight_norm=False, limit=_limit)
+    assert math.isnan(m.grad_norm)
+    assert not m.finite
+    assert not Measurement(step=1, grad_norm=1.0, threshold=1.0, clipped_norm=1.0,
+                           loss=math.inf).finite
