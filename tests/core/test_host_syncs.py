@@ -37,6 +37,7 @@ from lightning_gradguard.core.guard import Action
 from ._syncs import count_syncs, nonzero
 from ._util import batches, loss_fn, tiny_model
 
+
 def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,
                   **kwargs: Any) -> tuple[Any, int, dict[str, int]]:
     """Run ``guard.step`` and return (report, host reads, non-zero conversion counts)."""
