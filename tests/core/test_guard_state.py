@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from lightning_gradguard.core import (
+    Action,
     ClipPolicy,
     GuardCore,
     PercentileClip,
@@ -151,3 +152,160 @@ def test_resume_mid_growth_streak_backs_off_at_the_same_step(split: int) -> None
         assert b.grad_norm == a.grad_norm, t
         assert b.threshold == a.threshold, t
     assert_state_equal(second.guard.state_dict(), full.guard.state_dict(), "guard")
+
+
+# ----------------------------------------------------------------- load_state_dict, field by field
+def _sgd_guard(**settings: Any) -> tuple[torch.nn.Sequential, torch.optim.SGD, GuardCore]:
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, opt, GuardCore(model, opt, **settings)
+
+
+def _drive(model: torch.nn.Module, opt: torch.optim.Optimizer, guard: GuardCore,
+           plan: str) -> list[StepReport]:
+    """One step per character: ``.`` clean, ``n`` NaN gradient, ``a`` NaN gradient that a
+    GradScaler will skip (``amp_overflow``)."""
+    reports = []
+    for i, kind in enumerate(plan):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, DATA[i % len(DATA)])
+        loss.backward()
+        if kind in "na":
+            g = model[0].weight.grad
+            assert g is not None
+            g.view(-1)[0] = math.nan
+        reports.append(guard.step(None if kind == "a" else loss.detach(),
+                                  amp_overflow=kind == "a"))
+        opt.step()
+    return reports
+
+
+ROLLBACK: dict[str, Any] = {"rollback": True, "snapshot_every": 2}
+
+
+def test_load_state_dict_restores_every_field() -> None:
+    model, opt, guard = _sgd_guard(**ROLLBACK)
+    _drive(model, opt, guard, "...n..")
+    state = copy.deepcopy(guard.state_dict())
+    # every part is away from its default, so a part that is not restored shows
+    assert state["first_diagnosis"] is not None
+    assert state["weight_norm"] is not None
+    assert state["snapshot"]["model"]
+    assert state["backoff"]["scale"] < 1.0
+    assert state["counters"]["nonfinite_steps"] == 1
+    _, _, fresh = _sgd_guard(**ROLLBACK)
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert_state_equal(fresh.state_dict(), state, "guard")
+    assert fresh.summary() == guard.summary()
+    # into a guard without rollback: everything but the snapshot, which it does not keep
+    _, _, plain = _sgd_guard()
+    plain.load_state_dict(copy.deepcopy(state))
+    out = plain.state_dict()
+    assert "snapshot" not in out
+    assert_state_equal(out, {k: v for k, v in state.items() if k != "snapshot"}, "guard")
+
+
+def test_load_state_dict_after_a_halt_is_a_fresh_attempt() -> None:
+    model, opt, guard = _sgd_guard(halt_after=2)
+    reports = _drive(model, opt, guard, ".ann")
+    assert [r.halt for r in reports] == [False, False, False, True]
+    state = copy.deepcopy(guard.state_dict())
+    c = state["counters"]
+    assert (c["halted"], c["nonfinite_streak"], c["streak_start"], c["amp_streak"],
+            c["amp_streak_start"]) == (True, 2, 3, 1, 2)
+    fresh_model, fresh_opt, fresh = _sgd_guard(halt_after=2)
+    fresh.load_state_dict(state)
+    expected = dict(c, halted=False, nonfinite_streak=0, streak_start=None, amp_streak=0,
+                    amp_streak_start=None)
+    assert_state_equal(fresh.state_dict()["counters"], expected, "counters")
+    # the attempt starts over: one more NaN step does not halt (halt_after=2), two do
+    r = _drive(fresh_model, fresh_opt, fresh, "nn")
+    assert [x.halt for x in r] == [False, True]
+
+
+def test_load_state_dict_with_another_policy_type_warns_and_restores_the_rest() -> None:
+    model, opt, guard = _sgd_guard()
+    _drive(model, opt, guard, "..n...")
+    state = copy.deepcopy(guard.state_dict())
+    assert state["policy_type"] == "ZScoreClip"
+    _, _, other = _sgd_guard(clip=PercentileClip())
+    with pytest.warns(UserWarning, match=r"saved with clip policy ZScoreClip but this guard "
+                      r"uses PercentileClip: its statistics start fresh; counters, LR "
+                      r"backoff and growth state are restored"):
+        other.load_state_dict(copy.deepcopy(state))
+    out = other.state_dict()
+    assert out["policy_type"] == "PercentileClip"
+    assert_state_equal(out["policy"], PercentileClip().state_dict(), "policy")
+    for part in ("backoff", "growth", "counters", "first_diagnosis", "weight_norm"):
+        assert_state_equal(out[part], state[part], part)
+
+
+def test_load_state_dict_without_policy_type_is_the_same_type(
+        recwarn: pytest.WarningsRecorder) -> None:
+    """A checkpoint from before ``policy_type`` was saved loads into the guard's policy."""
+    model, opt, guard = _sgd_guard()
+    _drive(model, opt, guard, "....")
+    state = copy.deepcopy(guard.state_dict())
+    del state["policy_type"]
+    _, _, fresh = _sgd_guard()
+    fresh.load_state_dict(state)
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
+    assert_state_equal(fresh.state_dict()["policy"], state["policy"], "policy")
+
+
+def test_tensor_era_checkpoint_loads_as_python_numbers() -> None:
+    """Older checkpoints stored host state as 0-dim tensors."""
+    model, opt, guard = _sgd_guard()
+    _drive(model, opt, guard, ".....")
+    state = copy.deepcopy(guard.state_dict())
+    as_tensors = {k: torch.tensor(v) for k, v in state["growth"].items()}
+    _, _, fresh = _sgd_guard()
+    fresh.load_state_dict(dict(state, growth=as_tensors))
+    growth = fresh.state_dict()["growth"]
+    assert growth == state["growth"]
+    assert type(growth["prev"]) is float
+    assert type(growth["streak"]) is int
+
+
+# ----------------------------------------------------------------- non-finite weights
+@pytest.mark.parametrize("lr_backoff", [True, False])
+def test_nonfinite_weights_skip_and_roll_back(lr_backoff: bool) -> None:
+    """Finite gradients and loss but a NaN weight: the step is skipped, the LR backed off
+    (when enabled) and the last snapshot restored."""
+    model, opt, guard = _sgd_guard(rollback=True, snapshot_every=1, lr_backoff=lr_backoff)
+    _drive(model, opt, guard, ".")
+    snap = [p.detach().clone() for p in model.parameters()]  # captured at step 2's start
+    snap_opt = copy.deepcopy(opt.state_dict())
+    _drive(model, opt, guard, ".")
+    # step 3: its own snapshot would hold the NaN (not taken): step 2's is restored
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model, DATA[2])
+    loss.backward()
+    norm = float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
+         if p.grad is not None])))
+    threshold = guard.policy.threshold_value()
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.nan
+    before = guard.state_dict()["counters"]
+    report = guard.step(loss.detach())
+    assert guard.last_report is report
+    assert (report.step, report.finite, report.params_finite, report.action) == (
+        3, True, False, Action.SKIP)
+    assert report.grad_norm == pytest.approx(norm, rel=1e-6)
+    assert report.grad_norm_clipped == report.grad_norm
+    assert report.threshold == threshold
+    assert report.loss == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert report.backoff is lr_backoff
+    assert report.lr_scale == (0.5 if lr_backoff else 1.0)
+    assert report.rollback is True
+    assert all(p.grad is None for p in model.parameters())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters(), strict=True))
+    assert_state_equal(opt.state_dict()["state"], snap_opt["state"], "optimizer")
+    after = guard.state_dict()["counters"]
+    assert after["skipped_steps"] == before["skipped_steps"] + 1
+    assert after["rollbacks"] == before["rollbacks"] + 1
+    assert after["lr_backoffs"] == before["lr_backoffs"] + int(lr_backoff)
+    assert after["nonfinite_steps"] == before["nonfinite_steps"]
+    assert opt.param_groups[0]["lr"] == 0.01
