@@ -164,7 +164,7 @@ def _sgd_guard(**settings: Any) -> tuple[torch.nn.Sequential, torch.optim.SGD, G
 def _drive(model: torch.nn.Module, opt: torch.optim.Optimizer, guard: GuardCore,
            plan: str) -> list[StepReport]:
     """One step per character: ``.`` clean, ``n`` NaN gradient, ``a`` NaN gradient that a
-    GradScaler will skip (``amp_overflow``)."""
+    GradScaler skips (``amp_overflow``; its update is skipped here as the scaler would)."""
     reports = []
     for i, kind in enumerate(plan):
         opt.zero_grad(set_to_none=True)
@@ -176,6 +176,8 @@ def _drive(model: torch.nn.Module, opt: torch.optim.Optimizer, guard: GuardCore,
             g.view(-1)[0] = math.nan
         reports.append(guard.step(None if kind == "a" else loss.detach(),
                                   amp_overflow=kind == "a"))
+        if kind == "a":  # the GradScaler skips the update
+            opt.zero_grad(set_to_none=True)
         opt.step()
     return reports
 
@@ -271,41 +273,83 @@ def test_tensor_era_checkpoint_loads_as_python_numbers() -> None:
 @pytest.mark.parametrize("lr_backoff", [True, False])
 def test_nonfinite_weights_skip_and_roll_back(lr_backoff: bool) -> None:
     """Finite gradients and loss but a NaN weight: the step is skipped, the LR backed off
-    (when enabled) and the last snapshot restored."""
+    (when enabled) and the last snapshot restored; twice, so counters must add up."""
     model, opt, guard = _sgd_guard(rollback=True, snapshot_every=1, lr_backoff=lr_backoff)
-    _drive(model, opt, guard, ".")
-    snap = [p.detach().clone() for p in model.parameters()]  # captured at step 2's start
-    snap_opt = copy.deepcopy(opt.state_dict())
-    _drive(model, opt, guard, ".")
-    # step 3: its own snapshot would hold the NaN (not taken): step 2's is restored
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model, DATA[2])
-    loss.backward()
-    norm = float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
-         if p.grad is not None])))
+    for event in range(2):
+        _drive(model, opt, guard, ".")
+        snap = [p.detach().clone() for p in model.parameters()]  # captured at the next start
+        snap_opt = copy.deepcopy(opt.state_dict())
+        _drive(model, opt, guard, ".")
+        # now a NaN weight: the snapshot of this step would hold it (not taken), the previous
+        # step's is restored
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, DATA[2])
+        loss.backward()
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()
+             if p.grad is not None])))
+        threshold = guard.policy.threshold_value()
+        with torch.no_grad():
+            model[2].weight[0, 0] = math.nan
+        before = guard.state_dict()["counters"]
+        report = guard.step(loss.detach())
+        assert guard.last_report is report
+        assert (report.step, report.finite, report.params_finite, report.action) == (
+            3 * event + 3, True, False, Action.SKIP)
+        assert report.grad_norm == pytest.approx(norm, rel=1e-6)
+        assert report.grad_norm_clipped == report.grad_norm
+        assert report.threshold == threshold
+        assert report.loss == pytest.approx(float(loss.detach()), rel=1e-6)
+        assert report.backoff is lr_backoff
+        assert report.lr_scale == guard.state_dict()["backoff"]["scale"]
+        assert report.lr_scale < 1.0 if lr_backoff else report.lr_scale == 1.0
+        assert report.rollback is True
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters(), strict=True))
+        assert_state_equal(opt.state_dict()["state"], snap_opt["state"], "optimizer")
+        after = guard.state_dict()["counters"]
+        assert after["skipped_steps"] == before["skipped_steps"] + 1 == event + 1
+        assert after["rollbacks"] == before["rollbacks"] + 1 == event + 1
+        assert after["lr_backoffs"] == before["lr_backoffs"] + int(lr_backoff)
+        assert after["lr_backoffs"] == (event + 1 if lr_backoff else 0)
+        assert after["nonfinite_steps"] == before["nonfinite_steps"] == 0
+        assert opt.param_groups[0]["lr"] == 0.01
+
+
+# ----------------------------------------------------------------- non-finite step reports
+def test_nonfinite_reports_carry_step_norm_threshold_loss_and_diagnosis() -> None:
+    model, opt, guard = _sgd_guard(halt_after=3)
+    _drive(model, opt, guard, "...")
     threshold = guard.policy.threshold_value()
-    with torch.no_grad():
-        model[2].weight[0, 0] = math.nan
-    before = guard.state_dict()["counters"]
-    report = guard.step(loss.detach())
-    assert guard.last_report is report
-    assert (report.step, report.finite, report.params_finite, report.action) == (
-        3, True, False, Action.SKIP)
-    assert report.grad_norm == pytest.approx(norm, rel=1e-6)
-    assert report.grad_norm_clipped == report.grad_norm
-    assert report.threshold == threshold
-    assert report.loss == pytest.approx(float(loss.detach()), rel=1e-6)
-    assert report.backoff is lr_backoff
-    assert report.lr_scale == (0.5 if lr_backoff else 1.0)
-    assert report.rollback is True
-    assert all(p.grad is None for p in model.parameters())
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters(), strict=True))
-    assert_state_equal(opt.state_dict()["state"], snap_opt["state"], "optimizer")
-    after = guard.state_dict()["counters"]
-    assert after["skipped_steps"] == before["skipped_steps"] + 1
-    assert after["rollbacks"] == before["rollbacks"] + 1
-    assert after["lr_backoffs"] == before["lr_backoffs"] + int(lr_backoff)
-    assert after["nonfinite_steps"] == before["nonfinite_steps"]
-    assert opt.param_groups[0]["lr"] == 0.01
+    amp, *nans = _drive(model, opt, guard, "annn")  # steps 4..7; no update from step 4 on
+    # the GradScaler's overflow: left to the scaler, nothing counted against the run
+    assert (amp.step, amp.finite, amp.action, amp.halt, amp.backoff, amp.loss,
+            amp.diagnosis, amp.lr_scale) == (4, False, Action.AMP_SKIP, False, False, None,
+                                             None, 1.0)
+    assert math.isnan(amp.grad_norm)
+    assert math.isnan(amp.grad_norm_clipped)
+    assert amp.threshold == threshold
+    for i, r in enumerate(nans):
+        assert (r.step, r.finite, r.action, r.backoff) == (5 + i, False, Action.SKIP, True)
+        assert math.isnan(r.grad_norm)
+        assert math.isnan(r.grad_norm_clipped)
+        assert r.threshold == threshold  # a skipped step never enters the statistics
+        # the weights did not move since step 5: the loss of each step recomputes exactly
+        assert r.loss == float(loss_fn(model, DATA[1 + i]).detach())
+        assert r.lr_scale == 0.5 ** (i + 1)
+        assert guard.last_report is nans[-1]
+    # diagnosed at the first non-finite step and at the halt, not in between
+    assert [r.halt for r in nans] == [False, False, True]
+    assert [r.diagnosis is not None for r in nans] == [True, False, True]
+    assert nans[0].diagnosis is not None
+    assert nans[0].diagnosis.step == 5
+    c = guard.state_dict()["counters"]
+    assert (c["nonfinite_streak"], c["streak_start"], c["first_nonfinite_step"]) == (3, 5, 5)
+    assert (c["skipped_steps"], c["lr_backoffs"], c["amp_overflow_steps"]) == (3, 3, 1)
+
+
+def test_halt_after_one_halts_at_the_first_nonfinite_step() -> None:
+    model, opt, guard = _sgd_guard(halt_after=1)
+    reports = _drive(model, opt, guard, "..n")
+    assert [r.halt for r in reports] == [False, False, True]
+    assert reports[-1].diagnosis is not None
