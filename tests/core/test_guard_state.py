@@ -350,6 +350,60 @@ def test_nonfinite_reports_carry_step_norm_threshold_loss_and_diagnosis() -> Non
 
 def test_halt_after_one_halts_at_the_first_nonfinite_step() -> None:
     model, opt, guard = _sgd_guard(halt_after=1)
-    reports = _drive(model, opt, guard, "..n")
-    assert [r.halt for r in reports] == [False, False, True]
-    assert reports[-1].diagnosis is not None
+    reports = _drive(model, opt, guard, "..nn")
+    assert [r.halt for r in reports] == [False, False, True, True]
+    assert [r.diagnosis is not None for r in reports] == [False, False, True, True]
+    d = reports[3].diagnosis
+    assert d is not None
+    assert d.step == 4
+
+
+def test_amp_overflow_streak_halts_with_a_diagnosis() -> None:
+    """40 GradScaler overflows in a row are no overflow any more: halt (``halt_after=1``);
+    the reports carry the backed-off LR scale."""
+    model, opt, guard = _sgd_guard(halt_after=1)
+    reports = _drive(model, opt, guard, "..n." + "a" * 40)
+    amp = reports[4:]
+    assert all(r.action is Action.AMP_SKIP for r in amp)
+    assert all(r.lr_scale == amp[0].lr_scale for r in amp)  # frozen: no update, no recovery
+    assert 0.5 <= amp[0].lr_scale < 1.0
+    assert [r.halt for r in amp] == [False] * 39 + [True]
+    d = amp[-1].diagnosis
+    assert d is not None
+    assert d.step == 44
+    assert all(r.diagnosis is None for r in amp[:-1])
+
+
+def test_nonfinite_steps_without_backoff_with_rollback_and_no_halt() -> None:
+    """``lr_backoff=False``: no backoff (``False``, not just falsy); ``rollback_after=2``:
+    every second non-finite step in a row restores the snapshot, and the counter adds up;
+    ``halt_after=0``: never halts, diagnosed only at the first non-finite step."""
+    settings: dict[str, Any] = {"lr_backoff": False, "rollback": True, "snapshot_every": 1,
+                                "rollback_after": 2, "halt_after": 0}
+    model, opt, guard = _sgd_guard(**settings)
+    reports = _drive(model, opt, guard, "..nnnn")
+    nans = reports[2:]
+    assert [r.backoff for r in nans] == [False] * 4
+    assert all(r.backoff is False for r in nans)
+    assert [r.rollback for r in nans] == [False, True, False, True]
+    assert [r.halt for r in nans] == [False] * 4
+    assert [r.diagnosis is not None for r in nans] == [True, False, False, False]
+    assert all(r.lr_scale == 1.0 for r in nans)
+    c = guard.state_dict()["counters"]
+    assert (c["rollbacks"], c["skipped_steps"], c["lr_backoffs"]) == (2, 4, 0)
+
+
+def test_amp_overflow_with_a_finite_loss_reports_the_loss() -> None:
+    model, opt, guard = _sgd_guard()
+    _drive(model, opt, guard, "..")
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model, DATA[0])
+    loss.backward()
+    g = model[0].weight.grad
+    assert g is not None
+    g.view(-1)[0] = math.inf
+    r = guard.step(loss.detach(), amp_overflow=True)
+    assert (r.action, r.finite, r.halt) == (Action.AMP_SKIP, False, False)
+    assert r.loss == float(loss.detach())
+    assert r.lr_scale == 1.0
+    assert r.diagnosis is None
