@@ -7,8 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.core import Action
 from lightning_gradguard.testing import Fault, FaultInjector
 
 from ._helpers import (
@@ -56,22 +58,60 @@ def test_nonfinite_step_is_a_true_skip(opt: str, kind: str, k: int) -> None:
                zip(params_after, module.parameters(), strict=True))
 
 
+class GradsAt(Callback):
+    """Copies the gradients at step ``k`` in ``on_before_optimizer_step`` (list it before
+    or after GradGuard to see them before or after the guard acted)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if trainer.global_step == self.k:
+            self.grads = [p.grad.detach().clone() for p in pl_module.parameters()
+                          if p.grad is not None]
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g.double()) for g in grads])))
+
+
 @pytest.mark.parametrize("k", [WARMUP_K, LATE_K])
 @pytest.mark.parametrize("opt", ["sgdm", "adam", "adamw_fused"])
 def test_scaled_gradient_is_clipped_and_training_stays_finite(opt: str, k: int) -> None:
     guard = GradGuard()
-    rec = Recorder(guard)
+    before, after = GradsAt(k), GradsAt(k)
+    reports: dict[int, Any] = {}
+
+    class Reports(Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                     optimizer: torch.optim.Optimizer) -> None:
+            reports[trainer.global_step] = guard.last_reports[0]
+
     module = TinyModule(opt=opt, lr=LR[opt])
-    fit(module, k + 5, [FaultInjector([Fault(k, kind="scale", factor=1e6)]), guard, rec])
+    fit(module, k + 5, [FaultInjector([Fault(k, kind="scale", factor=1e6)]), before, guard,
+                        after, Reports()])
     assert all_finite(module)
     s = guard.summary()
     assert s["spikes"] == 1
     assert s["clipped_steps"] == 1
     assert s["nonfinite_steps"] == 0
-    report_k = guard._cores[0].counters.spike_steps
-    assert report_k == [k]  # reported with Lightning's global_step
-    # the clipped norm is the threshold (up to clip_coef's eps), nowhere near x1e6
-    assert rec.threshold[k - 1] < 100.0
+    report = reports[k]
+    assert report.spike
+    assert report.action is Action.CLIP
+    assert report.step == k  # reported with Lightning's global_step
+    # the gradients the optimizer receives: the x1e6 gradients scaled down, direction kept,
+    # to the reported clipped norm, which is the threshold (up to clip_coef's eps)
+    norm_in, norm_out = _norm(before.grads), _norm(after.grads)
+    assert norm_in == pytest.approx(report.grad_norm, rel=1e-5)
+    assert norm_out == pytest.approx(report.grad_norm_clipped, rel=1e-5)
+    assert norm_out == pytest.approx(report.threshold, rel=1e-5)
+    assert norm_out < 1e-3 * norm_in
+    coef = norm_out / norm_in
+    for g_in, g_out in zip(before.grads, after.grads, strict=True):
+        torch.testing.assert_close(g_out.double(), g_in.double() * coef, rtol=1e-5, atol=0.0)
 
 
 # ----------------------------------------------------------------------------- statistics

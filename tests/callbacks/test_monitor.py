@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard.callbacks import GradientMonitor
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.testing import Fault, FaultInjector
+from tests.core._syncs import count_syncs, nonzero
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*")
 
@@ -129,6 +130,23 @@ class After(Callback):
             for a, b in zip(grads, ref, strict=True))
 
 
+def count_hook_syncs(monitor: GradientMonitor) -> dict[int, dict[str, int]]:
+    """Wrap the monitor's hook in :func:`count_syncs`: every host synchronisation it makes,
+    also those made inside torch's C++ (``bool(t)``, ``t.item()``, ``torch.is_nonzero``),
+    per global step. The core's ``to_host`` counter only sees reads that go through it."""
+    per_step: dict[int, dict[str, int]] = {}
+    hook = monitor.on_before_optimizer_step
+
+    def counted(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                optimizer: torch.optim.Optimizer) -> None:
+        with count_syncs() as counts:
+            hook(trainer, pl_module, optimizer)
+        per_step[trainer.global_step] = nonzero(counts)
+
+    monitor.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    return per_step
+
+
 class ZeroNonFinite(Callback):
     """After the monitor: replace NaN/Inf grads so an unguarded run stays finite."""
 
@@ -159,6 +177,7 @@ def test_tags_values_and_host_reads(tmp_path: Path) -> None:
     before = Before()
     after = After(before)
     monitor = GradientMonitor(log_histograms=True)
+    syncs = count_hook_syncs(monitor)
     tb = TensorBoardLogger(str(tmp_path))
     _fit([before, monitor, after], logger=[rec, tb])
 
@@ -185,6 +204,16 @@ def test_tags_values_and_host_reads(tmp_path: Path) -> None:
     # zero host reads between intervals, exactly one at each logging step
     assert after.reads == {s: int(s % EVERY == 0) for s in range(STEPS)}
     assert host_reads() == len(LOGGED)
+    # the same, counted by torch: no synchronisation at all between intervals; at a logging
+    # step one transfer of the packed values and no scalar read (the histogram's values are
+    # already on the host: TensorBoard's own numpy()/cpu() of them are no device sync)
+    assert sorted(syncs) == list(range(STEPS))
+    for s, counts in syncs.items():
+        if s % EVERY:
+            assert counts == {}, f"step {s}: {counts}"
+        else:
+            assert counts.get("tolist") == 1, f"step {s}: {counts}"
+            assert "scalar" not in counts, f"step {s}: {counts}"
     # grads are untouched by the monitor's hook
     assert all(after.unchanged.values())
     assert sorted(after.unchanged) == list(range(STEPS))
@@ -230,7 +259,9 @@ def test_nan_between_intervals_shows_in_next_log() -> None:
     rec = RecordingLogger()
     before = Before()
     after = After(before)
-    _fit([FaultInjector([Fault(step=7, kind="nan")]), before, GradientMonitor(), after,
+    monitor = GradientMonitor()
+    syncs = count_hook_syncs(monitor)
+    _fit([FaultInjector([Fault(step=7, kind="nan")]), before, monitor, after,
           ZeroNonFinite()], logger=rec)
     logged = rec.gradguard()
     assert sorted(logged) == list(LOGGED)  # observe-only: no extra log at the NaN step
@@ -242,6 +273,8 @@ def test_nan_between_intervals_shows_in_next_log() -> None:
     window = [before.total[s] for s in (6, 8, 9, 10)]
     assert logged[10]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
     assert after.reads == {s: int(s % EVERY == 0) for s in range(STEPS)}
+    # counted by torch too (the NaN step included): one transfer per logging step, no other
+    assert syncs == {s: {"tolist": 1} if s % EVERY == 0 else {} for s in range(STEPS)}
     assert all(after.unchanged.values())
 
 

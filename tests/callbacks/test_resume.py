@@ -106,14 +106,33 @@ def test_state_key_is_stable_across_hyperparameters(tmp_path: Path) -> None:
 
 
 def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
-    """A different policy *type* cannot take the old statistics; it must not crash the run."""
+    """A different policy *type* cannot take the old statistics: the documented warning, the
+    policy starts fresh, and everything else (counters, LR backoff, growth) is restored."""
     g1 = GradGuard()
-    t1 = fit(_module(), 10, [g1])
+    t1 = fit(_module(), 10, [FaultInjector([Fault(3)]), g1])
+    s1 = g1.summary()
+    assert (s1["steps"], s1["skipped_steps"], s1["lr_backoffs"]) == (10, 1, 1)
     ckpt = tmp_path / "a.ckpt"
     t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"][g1.state_key]["cores"][0]
+    assert saved["policy_type"] == "ZScoreClip"
     g2 = GradGuard(clip=PercentileClip())
-    fit(_module(), 12, [g2], ckpt_path=str(ckpt))
-    assert g2.summary()["steps"] >= 2
+    with pytest.warns(UserWarning, match="saved with clip policy ZScoreClip but this guard "
+                                         "uses PercentileClip: its statistics start fresh"):
+        fit(_module(), 12, [g2], ckpt_path=str(ckpt))
+    s2 = g2.summary()
+    assert s2["steps"] == 12  # 10 restored + 2 new
+    assert (s2["nonfinite_steps"], s2["skipped_steps"], s2["lr_backoffs"]) == (1, 1, 1)
+    state = g2.state_dict()["cores"][0]
+    assert state["policy_type"] == "PercentileClip"
+    # the growth detector was restored and fed the two new steps: its last norm is the
+    # last step's, and a fresh PercentileClip saw exactly those two steps
+    assert state["growth"]["prev"] == g2.last_reports[0].grad_norm
+    ring = [v for v in state["policy"]["ring"] if v == v]
+    assert len(ring) == 2
+    assert ring[-1] == g2.last_reports[0].grad_norm
+    # the LR backoff continued from the saved scale (recovering), not from 1
+    assert saved["backoff"]["scale"] < s2["lr_scale"] < 1.0
 
 
 def test_two_named_guards_in_one_trainer(tmp_path: Path) -> None:

@@ -347,10 +347,9 @@ def tb_server(tb_run: TBRun) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(tb_run.logdir),
            "--host", "127.0.0.1", "--port", str(port), "--load_fast=false",
            "--reload_interval", "1"]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    except OSError as err:  # pragma: no cover - environment
-        pytest.skip(f"cannot start tensorboard: {err}")
+    # tensorboard is a test dependency (imported at the top of this module) and the port was
+    # just bound: nothing here may be skipped, a server that fails is a failure
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         yield f"http://127.0.0.1:{port}", proc
     finally:
@@ -372,13 +371,13 @@ def test_tensorboard_server_serves_the_tags(
 ) -> None:
     base, proc = tb_server
     run = tb_run.log_dir.relative_to(tb_run.logdir).as_posix()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # generous: 2 shared cores under a parallel test run
     tags: dict[str, Any] = {}
     last_err: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            pytest.skip(f"tensorboard exited with {proc.returncode}: {out[-500:]}")
+            pytest.fail(f"tensorboard exited with {proc.returncode}: {out[-2000:]}")
         try:
             tags = _get(base + "/data/plugin/scalars/tags")
             if "gradguard/grad_norm" in tags.get(run, {}):
@@ -387,9 +386,8 @@ def test_tensorboard_server_serves_the_tags(
             last_err = err
         time.sleep(0.5)
     else:
-        if not tags:
-            pytest.skip(f"tensorboard did not come up within 60 s: {last_err!r}")
-        pytest.fail(f"tensorboard serves no gradguard tags for run {run!r}: {tags}")
+        pytest.fail(f"tensorboard serves no gradguard tags for run {run!r} within 120 s: "
+                    f"tags={tags}, last error={last_err!r}")
     assert set(ALL_TAGS) <= set(tags[run])
 
     def series(tag: str) -> dict[int, float]:

@@ -37,13 +37,60 @@ def test_fast_dev_run() -> None:
     assert guard.summary()["steps"] == 1
 
 
-def test_gradient_clip_val_warns() -> None:
+class ClipSeen(TinyModule):
+    """Records the total gradient norm after Lightning's own clipping (what the optimizer
+    receives), per global step."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen: dict[int, float] = {}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        super().configure_gradient_clipping(optimizer, gradient_clip_val,
+                                            gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.seen[self.global_step] = float(torch.nn.utils.get_total_norm(grads))
+
+
+class GuardReports(Callback):
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.reports: dict[int, Any] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self.reports[trainer.global_step] = self.guard.last_reports[0]
+
+
+@pytest.mark.parametrize("clip_val", [1e-3, 50.0], ids=["trainer-smaller", "guard-smaller"])
+def test_gradient_clip_val_warns_and_the_smaller_threshold_wins(clip_val: float) -> None:
     guard = GradGuard()
-    module = TinyModule()
-    with pytest.warns(UserWarning, match="gradient_clip_val"):
-        fit(module, 5, [guard], gradient_clip_val=1.0)
-    assert guard.summary()["steps"] == 5
+    rec = GuardReports(guard)
+    module = ClipSeen()
+    k = 30  # a x1e6 spike after the guard's warmup
+    with pytest.warns(UserWarning, match="gradient_clip_val.*the effective threshold is the "
+                                         "smaller of the two"):
+        fit(module, 35, [FaultInjector([Fault(k, kind="scale", factor=1e6)]), guard, rec],
+            gradient_clip_val=clip_val)
+    assert guard.summary()["steps"] == 35
     assert all_finite(module)
+    assert sorted(module.seen) == list(range(35))
+    for t, seen in module.seen.items():
+        r = rec.reports[t]
+        # the optimizer receives the guard's output clipped again to gradient_clip_val:
+        # the norm is min(guard's clipped norm, gradient_clip_val)
+        assert seen == pytest.approx(min(r.grad_norm_clipped, clip_val), rel=1e-4), t
+    spike = rec.reports[k]
+    assert spike.spike
+    assert spike.threshold < 50.0
+    if clip_val < 1.0:  # the Trainer's threshold is the smaller one at every step
+        assert all(r.grad_norm_clipped > clip_val for r in rec.reports.values())
+        assert all(v == pytest.approx(clip_val, rel=1e-4) for v in module.seen.values())
+    else:  # the guard's is: the spike reaches the optimizer at the guard's threshold
+        assert module.seen[k] == pytest.approx(spike.threshold, rel=1e-4)
+        assert all(r.grad_norm_clipped < clip_val for r in rec.reports.values())
 
 
 def test_no_warning_without_gradient_clip_val(recwarn: pytest.WarningsRecorder) -> None:

@@ -4,16 +4,18 @@ Counted two ways:
 
 * the core's own counter, :func:`lightning_gradguard.core._host.host_reads` (every
   tensor -> Python conversion of the core is meant to go through ``to_host``);
-* every tensor -> Python conversion made through the ``torch.Tensor`` API during the step
-  (``item``, ``tolist``, ``bool(t)``, ``float(t)``, ``int(t)``, ``numpy()``, formatting...),
-  counted by temporarily wrapping those methods. This catches conversions that bypass
-  ``to_host``: each one is a hidden device -> host synchronisation on an accelerator.
+* every host synchronisation made during the step, whoever makes it
+  (:func:`tests.core._syncs.count_syncs`): a dispatch mode sees every scalar read that
+  torch's C++ makes (``item``, ``bool(t)``, ``float(t)``, ``torch.is_nonzero``, formatting,
+  ``torch.equal``...), and wrapped ``torch.Tensor`` methods see the copies that never reach
+  the dispatcher on CPU (``tolist``, ``numpy``, ``cpu()``, ``to("cpu")``). This catches
+  conversions that bypass ``to_host``: each one is a hidden device -> host synchronisation
+  on an accelerator.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,65 +34,47 @@ from lightning_gradguard.core import (
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.guard import Action
 
+from ._syncs import count_syncs, nonzero
 from ._util import batches, loss_fn, tiny_model
-
-#: Tensor -> Python conversions (each one synchronises with the device).
-CONVERSIONS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__",
-               "__complex__", "numpy", "__array__", "__format__")
-
-
-@contextlib.contextmanager
-def count_conversions() -> Iterator[dict[str, int]]:
-    """Count calls of the ``torch.Tensor`` conversion methods inside the block."""
-    counts = dict.fromkeys(CONVERSIONS, 0)
-    saved = {name: torch.Tensor.__dict__.get(name) for name in CONVERSIONS}
-
-    def wrap(name: str, orig: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
-            return orig(self, *args, **kwargs)
-        return wrapper
-
-    for name in CONVERSIONS:
-        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
-    try:
-        yield counts
-    finally:
-        for name, orig in saved.items():
-            if orig is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, orig)
 
 
 def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,
                   **kwargs: Any) -> tuple[Any, int, dict[str, int]]:
     """Run ``guard.step`` and return (report, host reads, non-zero conversion counts)."""
     reset_host_reads()
-    with count_conversions() as conv:
+    with count_syncs() as conv:
         report = guard.step(loss, **kwargs)
-    return report, host_reads(), {k: v for k, v in conv.items() if v}
+    return report, host_reads(), nonzero(conv)
 
 
-def test_conversion_counter_sees_every_kind() -> None:
+def test_sync_counter_sees_every_kind() -> None:
     t = torch.tensor(1.5)
-    with count_conversions() as conv:
+    v = torch.tensor([1.0, 2.0])
+    with count_syncs() as conv:
         bool(t)
         float(t)
         int(t)
         t.item()
-        t.reshape(1).tolist()
         f"{t:.1f}"  # formatting a 0-dim tensor reads it
         if torch.tensor(True):
             pass
-    assert conv["__bool__"] == 2
-    assert conv["__float__"] == 1
-    assert conv["__int__"] == 1
-    assert conv["item"] >= 1
-    assert conv["tolist"] == 1
-    assert conv["__format__"] == 1
+        torch.is_nonzero(torch.isfinite(t))  # made inside torch's C++: no Python method
+        torch.equal(v, v)
+    assert nonzero(conv) == {"scalar": 7, "equal": 1}
+    with count_syncs() as conv:
+        v.tolist()
+        v.numpy()
+        v.cpu()
+        v.to("cpu")
+        v.to(device="cpu", dtype=torch.float64)
+        v.to(torch.float64)  # not a device move
+    assert nonzero(conv) == {"tolist": 1, "numpy": 1, "cpu": 1, "to": 2}
     # restored afterwards
-    assert "wrapper" not in repr(torch.Tensor.item)
+    assert "wrapper" not in repr(torch.Tensor.tolist)
+    assert "to" not in torch.Tensor.__dict__
+    with count_syncs() as conv:
+        pass
+    assert nonzero(conv) == {}
 
 
 def _policies() -> list[Callable[[], ClipPolicy]]:
@@ -225,9 +209,9 @@ def test_gradguard_in_trainer_fit_reads_host_once_per_optimizer_step(tmp_path: P
 
     def counted(*args: Any, **kwargs: Any) -> None:
         reset_host_reads()
-        with count_conversions() as conv:
+        with count_syncs() as conv:
             hook(*args, **kwargs)
-        per_step.append((host_reads(), {k: v for k, v in conv.items() if v}))
+        per_step.append((host_reads(), nonzero(conv)))
 
     guard.on_before_optimizer_step = counted  # type: ignore[method-assign]
     max_steps = 8

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lightning_gradguard import (
@@ -87,12 +87,22 @@ def _grad_norm(model: torch.nn.Module) -> float:
        policy=st.sampled_from(sorted(POLICIES)),
        with_loss=st.booleans(), amp=st.booleans(), rollback=st.booleans(),
        optim=st.sampled_from(["sgdm", "adam"]))
+# explicit streaks around halt_after=4: halt at the 4th non-finite step in a row, not before,
+# not after; a finite step breaks the streak; the scaler's overflows do not
+@example(values=[1.0, math.nan, math.inf, -math.inf, math.nan, math.nan, 1.0, math.nan, 1.0],
+         policy="zscore", with_loss=False, amp=False, rollback=False, optim="adam")
+@example(values=[1.0, math.nan, math.nan, math.nan, 2.0, math.nan, math.nan, math.nan, math.nan],
+         policy="fixed", with_loss=True, amp=True, rollback=True, optim="sgdm")
+@example(values=[math.nan] * 6, policy="percentile", with_loss=True, amp=False,
+         rollback=False, optim="sgdm")
 def test_guard_core_end_to_end_fuzz(values: list[float], policy: str, with_loss: bool,
                                     amp: bool, rollback: bool, optim: str) -> None:
     model, opt, core = _make(policy, rollback, optim)
     shapes = _shapes(core.policy.state_dict())
     nonfinite_reports = 0
     weight_skips = 0  # finite grads, non-finite weights (a rollback check found them)
+    streak = 0  # consecutive non-finite steps counted as such (halt_after=4)
+    halts = 0
     for v in values:
         for p in model.parameters():
             p.grad = torch.full_like(p, v)  # value * ones
@@ -125,6 +135,15 @@ def test_guard_core_end_to_end_fuzz(values: list[float], policy: str, with_loss:
                 assert amp
                 assert report.action is Action.AMP_SKIP
                 assert report.loss is None or math.isfinite(report.loss)
+        # the halt, from an independent count: after 4 non-finite steps in a row (the
+        # scaler's overflows neither extend nor break that streak; a finite step breaks it)
+        if report.finite:
+            streak = 0
+            assert not report.halt
+        elif report.action is not Action.AMP_SKIP:
+            streak += 1
+            assert report.halt == (streak >= 4), (streak, report)
+        halts += report.halt
 
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,7 +158,8 @@ def test_guard_core_end_to_end_fuzz(values: list[float], policy: str, with_loss:
     assert c.rollbacks <= c.nonfinite_steps // 2 + weight_skips
     if policy != "agc" and optim == "adam":  # with SGD, max_update_ratio clips too
         assert c.clipped_steps <= c.spikes
-    assert c.halted == (c.nonfinite_streak >= 4 or c.halted)
+    assert c.halted == (halts > 0)
+    assert c.nonfinite_streak == streak
 
     # the state, whatever went into it, survives a round trip
     _, _, fresh = _make(policy, rollback, optim)
