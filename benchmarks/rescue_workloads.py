@@ -8,11 +8,11 @@ workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
 ==================  ===========================================================================
 ``lstm_lm``         word-level LSTM language model, 2 x 200 (the PyTorch word_language_model
                     recipe: SGD lr 20, dropout 0.2; the recipe itself clips at 0.25; truncated
-                    BPTT 20, batch 10 to fit 2 CPU cores), 200 steps, on English docstrings
+                    BPTT 20, batch 10 to fit 2 CPU cores), 150 steps, on English docstrings
                     of torch, numpy and lightning
 ``tf_pre_warm``     decoder-only transformer LM (2 layers, d 64, 4 heads, context 32, batch 8,
-                    300 steps), pre-LN,
-                    AdamW (betas 0.9/0.95, weight decay 0.1), linear LR warmup over 60 steps
+                    200 steps), pre-LN,
+                    AdamW (betas 0.9/0.95, weight decay 0.1), linear LR warmup over 40 steps
 ``tf_pre_nowarm``   the same without warmup
 ``tf_post_warm``    post-LN, with warmup
 ``tf_post_nowarm``  post-LN, without warmup
@@ -21,9 +21,10 @@ workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
 ``irnn``            identity-initialised ReLU RNN (64 units) on the adding problem (T = 30),
                     plain SGD, 1,000 steps
 ``mlp_sgd``         a user's small healthy MLP (20-64-64-1, ReLU) on a synthetic regression,
-                    plain SGD lr 0.05
+                    plain SGD lr 0.05, 300 steps
 ``mlp_sgd_long``    the same, 2,000 steps (a long run)
-``mlp_adam_fault``  the MLP with Adam (lr 1e-3), healthy, one injected fault (see ``FAULTS``)
+``mlp_adam_fault``  the MLP with Adam (lr 1e-3), healthy, one injected fault at step 100 (or
+                    three: NaN loss at 60, Inf gradient at 120, x1e6 loss at 180; ``FAULTS``)
 ``mlp_sgd_fault``   the MLP with SGD (lr 0.05), healthy, one injected fault
 ==================  ===========================================================================
 
@@ -480,12 +481,12 @@ def _mlp(optimizer: str) -> Callable[[float, int], Any]:
 #: Injected faults of the ``*_fault`` workloads (``FaultInjector`` steps are 0-based).
 FAULTS: dict[str, tuple[Fault, ...]] = {
     "clean": (),
-    "nan_loss": (Fault(step=150, kind="nan", target="loss"),),
-    "inf_grad": (Fault(step=150, kind="inf", target="grad"),),
-    "spike1e6": (Fault(step=150, kind="scale", factor=1e6, target="loss"),),
-    "all3": (Fault(step=100, kind="nan", target="loss"), Fault(step=200, kind="inf",
+    "nan_loss": (Fault(step=100, kind="nan", target="loss"),),
+    "inf_grad": (Fault(step=100, kind="inf", target="grad"),),
+    "spike1e6": (Fault(step=100, kind="scale", factor=1e6, target="loss"),),
+    "all3": (Fault(step=60, kind="nan", target="loss"), Fault(step=120, kind="inf",
                                                                target="grad"),
-             Fault(step=300, kind="scale", factor=1e6, target="loss")),
+             Fault(step=180, kind="scale", factor=1e6, target="loss")),
 }
 
 
@@ -511,27 +512,27 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("lstm_lm", _lstm_lm, 20.0, 200,
+    Workload("lstm_lm", _lstm_lm, 20.0, 150,
              "word LSTM LM 2x200 on docstrings, SGD (recipe lr 20, recipe clip 0.25), "
              "truncated BPTT 20, batch 10", extra_methods=("clip0.25",)),
-    Workload("tf_pre_warm", _transformer(True, 60), 3e-3, 300,
-             "transformer LM, pre-LN, AdamW(0.9, 0.95, wd 0.1), warmup 60 steps"),
-    Workload("tf_pre_nowarm", _transformer(True, 0), 3e-3, 300,
+    Workload("tf_pre_warm", _transformer(True, 40), 3e-3, 200,
+             "transformer LM, pre-LN, AdamW(0.9, 0.95, wd 0.1), warmup 40 steps"),
+    Workload("tf_pre_nowarm", _transformer(True, 0), 3e-3, 200,
              "transformer LM, pre-LN, AdamW, no warmup"),
-    Workload("tf_post_warm", _transformer(False, 60), 3e-3, 300,
-             "transformer LM, post-LN, AdamW, warmup 60 steps"),
-    Workload("tf_post_nowarm", _transformer(False, 0), 3e-3, 300,
+    Workload("tf_post_warm", _transformer(False, 40), 3e-3, 200,
+             "transformer LM, post-LN, AdamW, warmup 40 steps"),
+    Workload("tf_post_nowarm", _transformer(False, 0), 3e-3, 200,
              "transformer LM, post-LN, AdamW, no warmup"),
     Workload("resnet_bn", _resnet, 0.1, 300,
              "ResNet (BatchNorm) on synthetic 16x16 images, SGD momentum 0.9"),
     Workload("irnn", _irnn, 0.01, 1000,
              "IRNN(64) adding problem T=30, plain SGD, 1000 steps"),
-    Workload("mlp_sgd", _mlp("sgd"), 0.05, 500, "user MLP, plain SGD"),
+    Workload("mlp_sgd", _mlp("sgd"), 0.05, 300, "user MLP, plain SGD"),
     Workload("mlp_sgd_long", _mlp("sgd"), 0.05, 2000, "user MLP, plain SGD, 2000 steps"),
-    Workload("mlp_adam_fault", _mlp("adam"), 1e-3, 500,
+    Workload("mlp_adam_fault", _mlp("adam"), 1e-3, 300,
              "user MLP, Adam, one injected fault", lr_mults=(1.0,),
              faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
-    Workload("mlp_sgd_fault", _mlp("sgd"), 0.05, 500,
+    Workload("mlp_sgd_fault", _mlp("sgd"), 0.05, 300,
              "user MLP, SGD, one injected fault", lr_mults=(1.0,),
              faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
 )}
