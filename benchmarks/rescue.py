@@ -141,8 +141,10 @@ def _install_recorder() -> None:
 
     @functools.wraps(original)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        before = self.counters.lr_backoffs
         r = original(self, *args, **kwargs)
-        if _EVENTS is not None and (r.action.value != "none" or r.backoff or r.spike
+        backoff = self.counters.lr_backoffs > before
+        if _EVENTS is not None and (r.action.value != "none" or backoff or r.spike
                                     or r.growth or not r.finite):
             if not r.finite:
                 why = "nonfinite"
@@ -152,7 +154,7 @@ def _install_recorder() -> None:
                 why = "spike"
             else:
                 why = "cap"
-            _EVENTS.append([r.step, r.action.value, why, int(r.backoff), _r(r.grad_norm),
+            _EVENTS.append([r.step, r.action.value, why, int(backoff), _r(r.grad_norm),
                             _r(r.grad_norm_clipped), _r(r.threshold), _r(r.lr_scale)])
         return r
 
@@ -295,7 +297,8 @@ def report(results: dict[tuple[str, float, int, str, str], dict[str, Any]],
               if all((wname, lr, s, f, m) in results for (_, lr, f) in wcells for s in seeds)]
         if not ms:
             continue
-        lines += [f"## {wname}: {w.note} ({w.steps} steps)", "",
+        steps = results[(wname, wcells[0][1], seeds[0], wcells[0][2], ms[0])]["steps"]
+        lines += [f"## {wname}: {w.note} ({steps} steps)", "",
                   "| LR | fault | " + " | ".join(f"`{m}`" for m in ms) + " |",
                   "|---|---|" + "---|" * len(ms)]
         for (_, lr, fault) in wcells:

@@ -1,22 +1,156 @@
 """Scratch prototypes of candidate GradGuard rules (issue 14), tried without editing the package.
 
 ``build(name)`` returns the callbacks of prototype ``name`` (``rescue.py --methods proto:NAME``).
-Each prototype is a :class:`GradGuard` whose :class:`GuardCore` is a subclass defined here; the
-ablation (``benchmarks/results/rescue_ablation.md``) records every one with its numbers.
+Each prototype is a :class:`GradGuard` whose :class:`GuardCore` is :class:`ProtoCore`, a
+subclass that gates the LR backoff (the only thing it changes unless a recipe says otherwise);
+the ablation (``benchmarks/results/rescue_ablation.md``) records every one with its numbers.
+
+Rules (each with its mechanism):
+
+``nf_window=W``
+    A non-finite step is skipped; it backs the LR off only if another non-finite step happened
+    within the last ``W`` steps. Mechanism: one corrupt batch is a property of the batch, not
+    of the LR; skipping it leaves weights and optimizer state untouched, so nothing is left to
+    repair. Repeated non-finite steps mean the weights/LR produce them.
+``loss_evidence=(k, beta)``
+    A backoff from spikes, capped updates or growth happens only when the loss is rising
+    beyond its own running statistics: the median of the last 3 finite losses exceeds the
+    running mean by ``k`` running standard deviations (EMA with ``beta``; the statistics
+    ignore skipped steps and take each loss clamped at mean + 4 sd). Mechanism: a clipped
+    spike that leaves the loss where it was has been contained by the clip; an LR that is
+    too high shows as a loss that climbs over several steps (a median of 3 ignores one bad
+    batch).
 """
 
 from __future__ import annotations
 
+import collections
+import math
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.callbacks import guard as guard_module
+from lightning_gradguard.core.guard import Action, GuardCore, StepReport
 
-__all__ = ["PROTOTYPES", "build"]
+__all__ = ["PROTOTYPES", "LossStats", "ProtoCore", "ProtoGuard", "build"]
+
+
+class LossStats:
+    """EMA mean / variance of the finite loss, clamped at mean + 4 sd, and the last 3 losses."""
+
+    def __init__(self, beta: float = 0.95, warmup: int = 5) -> None:
+        self.beta, self.warmup = beta, warmup
+        self.n = 0
+        self.mean = 0.0
+        self.var = 0.0
+        self.recent: collections.deque[float] = collections.deque(maxlen=3)
+
+    @property
+    def sd(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def update(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        if self.n >= self.warmup:
+            x = min(x, self.mean + 4.0 * self.sd)
+        self.n += 1
+        if self.n == 1:
+            self.mean, self.var = x, 0.0
+        else:
+            b = self.beta if self.n > self.warmup else 1.0 - 1.0 / self.n
+            d = x - self.mean
+            self.mean += (1 - b) * d
+            self.var = b * (self.var + (1 - b) * d * d)
+        self.recent.append(x)
+
+    def rising(self, x: float, k: float) -> bool:
+        """Whether the median of the last 3 losses (this one included) is above mean + k sd."""
+        if self.n < self.warmup or not math.isfinite(x):
+            return False
+        last = sorted([*list(self.recent)[-2:], x])
+        return last[len(last) // 2] > self.mean + k * self.sd
+
+
+class ProtoCore(GuardCore):
+    """:class:`GuardCore` with the prototype rules of ``proto`` gating :meth:`_backoff`."""
+
+    def __init__(self, *args: Any, proto: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proto = proto
+        k_beta = proto.get("loss_evidence")
+        self.loss_stats = LossStats(beta=k_beta[1]) if k_beta else None
+        self._nf_steps: list[int] = []
+        self._in_nonfinite = False
+        self._evidence = True
+
+    def step(self, loss: Tensor | float | None = None, **kwargs: Any) -> StepReport:
+        lv = float(loss) if loss is not None else math.nan
+        if self.loss_stats is not None:
+            self._evidence = self.loss_stats.rising(lv, self.proto["loss_evidence"][0])
+        report = super().step(loss, **kwargs)
+        if self.loss_stats is not None and report.finite and report.action is not Action.SKIP:
+            self.loss_stats.update(lv)
+        return report
+
+    def _nonfinite(self, *args: Any, **kwargs: Any) -> StepReport:
+        self._in_nonfinite = True
+        try:
+            return super()._nonfinite(*args, **kwargs)
+        finally:
+            self._in_nonfinite = False
+
+    def _backoff(self) -> None:
+        step = self.counters.steps
+        if self._in_nonfinite:
+            window = self.proto.get("nf_window")
+            if window:
+                recent = [t for t in self._nf_steps if t > step - window]
+                self._nf_steps = [*recent, step]
+                if not recent:
+                    return  # one non-finite step: skipped, no backoff
+        elif self.loss_stats is not None and not self._evidence:
+            return  # clipped, loss not rising: contained
+        super()._backoff()
+
+
+class ProtoGuard(GradGuard):
+    """:class:`GradGuard` whose cores are :class:`ProtoCore` with ``proto``."""
+
+    def __init__(self, proto: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.proto = proto
+
+    def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  optimizer: Optimizer) -> tuple[int, GuardCore]:
+        optimizers = [guard_module._raw(o) for o in trainer.optimizers]
+        idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        core = self._cores.get(idx)
+        if core is None or core.optimizer is not optimizer:
+            core = ProtoCore(pl_module, optimizer, self.settings,
+                             reducer=guard_module.make_reducer(trainer), proto=self.proto)
+            self._cores[idx] = core
+        return idx, core
+
 
 PROTOTYPES: dict[str, Any] = {
     "default": lambda: [GradGuard()],
+    # a single non-finite step: skip, no backoff
+    "nf50": lambda: [ProtoGuard({"nf_window": 50})],
+    # spike / cap / growth backoffs only with loss evidence
+    "ev2": lambda: [ProtoGuard({"loss_evidence": (2.0, 0.95)})],
+    "ev1": lambda: [ProtoGuard({"loss_evidence": (1.0, 0.95)})],
+    "nf50_ev2": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (2.0, 0.95)})],
+    "nf50_ev1": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (1.0, 0.95)})],
+    "nf50_ev2_rec50": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (2.0, 0.95)},
+                                          recovery_steps=50)],
+    "nobackoff": lambda: [GradGuard(lr_backoff=False)],
+    "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
 
 
