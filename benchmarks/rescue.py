@@ -65,7 +65,14 @@ if str(ROOT) not in sys.path:
 
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
+import rescue_workloads as rw  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
+from rescue_split import (  # noqa: E402
+    TUNING_SEEDS,
+    TUNING_WORKLOADS,
+    VALIDATION_ONLY_WORKLOADS,
+    VALIDATION_SEEDS,
+)
 from stability import (  # noqa: E402  (peers, for now; see issue 14)
     Monitor,
     average_ranks,
@@ -76,7 +83,6 @@ from stability import (  # noqa: E402  (peers, for now; see issue 14)
     quiet,
 )
 
-import rescue_workloads as rw  # noqa: E402
 from lightning_gradguard.callbacks import GradGuard  # noqa: E402
 from lightning_gradguard.testing import Fault, FaultInjector  # noqa: E402
 
@@ -88,13 +94,6 @@ CACHE_VERSION = 1
 
 PEERS: tuple[str, ...] = ("none", "clip1", "zclip", "autoclip_p10", "agc")
 MAIN_METHODS: tuple[str, ...] = (*PEERS, "gradguard")
-
-#: The split, fixed before any result was looked at (benchmarks/results/rescue_split.md).
-TUNING_WORKLOADS = ("lstm_lm", "mlp_sgd", "mlp_adam_fault", "mlp_sgd_fault", "tf_pre_warm")
-VALIDATION_ONLY_WORKLOADS = ("tf_pre_nowarm", "tf_post_warm", "tf_post_nowarm", "resnet_bn",
-                             "irnn", "mlp_sgd_long")
-TUNING_SEEDS = (0, 1, 2)
-VALIDATION_SEEDS = (3, 4, 5)
 
 QUICK_STEPS = 25
 QUICK_FAULT = (Fault(step=10, kind="nan", target="loss"),)
@@ -348,10 +347,12 @@ def report(results: dict[tuple[str, float, int, str, str], dict[str, Any]],
                             if e[3]:
                                 causes[e[2]] = causes.get(e[2], 0) + 1
                     scale = [float(x.get("lr_scale", 1.0) or 1.0) for x in summ]
+                    clipped, skipped, backoffs = (
+                        sum(x.get(k, 0) or 0 for x in summ)
+                        for k in ("clipped_steps", "skipped_steps", "lr_backoffs"))
                     lines.append(
-                        f"- `{m}` lr {lr:g} {fault}: clipped {sum(x.get('clipped_steps', 0) or 0 for x in summ)}, "
-                        f"skipped {sum(x.get('skipped_steps', 0) or 0 for x in summ)}, backoffs "
-                        f"{sum(x.get('lr_backoffs', 0) or 0 for x in summ)} {causes or ''}, "
+                        f"- `{m}` lr {lr:g} {fault}: clipped {clipped}, skipped {skipped}, "
+                        f"backoffs {backoffs} {causes or ''}, "
                         f"lr_scale {statistics.fmean(scale):.3g}")
             lines.append("")
     lines += ["## Average rank (1 = best; diverged runs tie for last)", "",

@@ -43,7 +43,8 @@ def test_rescue_quick(tmp_path: Path) -> None:
         rec = by[("mlp_sgd", m)]
         assert float(rec["final"]) < float(rec["initial"])
     text = out.read_text()
-    assert "| `gradguard` |" in text and "mlp_adam_fault" in text
+    assert "| `gradguard` |" in text
+    assert "mlp_adam_fault" in text
 
     # a second invocation reuses every cached run (no new records, same files)
     before = sorted(p.name for p in cache.rglob("*.json"))
@@ -57,8 +58,12 @@ def test_split_is_disjoint() -> None:
     sys.path.insert(0, str(BENCH))
     try:
         import rescue_workloads as rw
-        from rescue import (TUNING_SEEDS, TUNING_WORKLOADS, VALIDATION_ONLY_WORKLOADS,
-                            VALIDATION_SEEDS)
+        from rescue_split import (
+            TUNING_SEEDS,
+            TUNING_WORKLOADS,
+            VALIDATION_ONLY_WORKLOADS,
+            VALIDATION_SEEDS,
+        )
     finally:
         sys.path.remove(str(BENCH))
     assert not set(TUNING_SEEDS) & set(VALIDATION_SEEDS)
