@@ -109,6 +109,24 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.exists() else "-"
 
 
+def _proto_hash(name: str) -> str:
+    """Hash of the prototypes' code (up to the registry) and of ``name``'s registry entry.
+
+    Adding a prototype to the registry does not invalidate the others' runs.
+    """
+    text = PROTOTYPES.read_text() if PROTOTYPES.exists() else ""
+    code, _, registry = text.partition("\nPROTOTYPES: dict")
+    entry, collecting = [], False
+    for line in registry.splitlines():
+        if line.startswith("    \""):
+            collecting = line.startswith(f'    "{name}":')
+        elif not line.startswith("     "):
+            collecting = False
+        if collecting:
+            entry.append(line)
+    return hashlib.sha1((code + "\n".join(entry)).encode()).hexdigest()[:12]
+
+
 def methods_for(workload: rw.Workload, methods: Sequence[str]) -> list[str]:
     """``methods`` plus the workload's own recipe methods (e.g. the LSTM's ``clip0.25``)."""
     out = list(methods)
@@ -177,7 +195,7 @@ def run_key(workload: str, lr: float, seed: int, fault: str, method: str, steps:
     parts = [CACHE_VERSION, workload, lr, seed, fault, method, steps, rw.source_hash(),
              library_id().split(" sha1:")[-1]]
     if method.startswith("proto:"):
-        parts.append(_file_hash(PROTOTYPES))
+        parts.append(_proto_hash(method[len("proto:"):]))
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
 

@@ -20,6 +20,12 @@ Rules (each with its mechanism):
     spike that leaves the loss where it was has been contained by the clip; an LR that is
     too high shows as a loss that climbs over several steps (a median of 3 ignores one bad
     batch).
+``rate=(R, W)``
+    A backoff from spikes, capped updates or growth happens only when at least ``R`` of the
+    last ``W`` steps were clipped. Mechanism: an isolated spike is contained by one clip; an LR
+    that is too high makes clipping the rule rather than the exception (with SGD the update
+    cap then sets every step's size and the run stalls at a fixed step length). With
+    ``loss_evidence`` too, either evidence suffices.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class ProtoCore(GuardCore):
         k_beta = proto.get("loss_evidence")
         self.loss_stats = LossStats(beta=k_beta[1]) if k_beta else None
         self._nf_steps: list[int] = []
+        self._clip_steps: list[int] = []
         self._in_nonfinite = False
         self._evidence = True
 
@@ -96,7 +103,16 @@ class ProtoCore(GuardCore):
         report = super().step(loss, **kwargs)
         if self.loss_stats is not None and report.finite and report.action is not Action.SKIP:
             self.loss_stats.update(lv)
+        if report.action is Action.CLIP:
+            self._clip_steps.append(self.counters.steps)
         return report
+
+    def _rate_evidence(self) -> bool:
+        """Whether at least R of the last W steps (this one included) were clipped."""
+        need, window = self.proto["rate"]
+        step = self.counters.steps
+        self._clip_steps = [t for t in self._clip_steps if t > step - window]
+        return len(self._clip_steps) + 1 >= need
 
     def _nonfinite(self, *args: Any, **kwargs: Any) -> StepReport:
         self._in_nonfinite = True
@@ -114,8 +130,14 @@ class ProtoCore(GuardCore):
                 self._nf_steps = [*recent, step]
                 if not recent:
                     return  # one non-finite step: skipped, no backoff
-        elif self.loss_stats is not None and not self._evidence:
-            return  # clipped, loss not rising: contained
+        else:
+            gates = []
+            if self.loss_stats is not None:
+                gates.append(self._evidence)  # the loss is rising beyond its statistics
+            if "rate" in self.proto:
+                gates.append(self._rate_evidence())  # clipping has become the rule
+            if gates and not any(gates):
+                return  # clipped, contained: no backoff
         super()._backoff()
 
 
@@ -149,6 +171,9 @@ PROTOTYPES: dict[str, Any] = {
     "nf50_ev1": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (1.0, 0.95)})],
     "nf50_ev2_rec50": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (2.0, 0.95)},
                                           recovery_steps=50)],
+    "nf50_rate10of20": lambda: [ProtoGuard({"nf_window": 50, "rate": (10, 20)})],
+    "nf50_ev2_rate10of20": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (2.0, 0.95),
+                                                "rate": (10, 20)})],
     "nobackoff": lambda: [GradGuard(lr_backoff=False)],
     "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
