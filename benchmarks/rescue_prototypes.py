@@ -174,6 +174,8 @@ PROTOTYPES: dict[str, Any] = {
     "nf50_rate10of20": lambda: [ProtoGuard({"nf_window": 50, "rate": (10, 20)})],
     "nf50_ev2_rate10of20": lambda: [ProtoGuard({"nf_window": 50, "loss_evidence": (2.0, 0.95),
                                                 "rate": (10, 20)})],
+    "nf50_rate3of5": lambda: [ProtoGuard({"nf_window": 50, "rate": (3, 5)})],
+    "nf50_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "rate": (5, 10)})],
     "nobackoff": lambda: [GradGuard(lr_backoff=False)],
     "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
