@@ -141,6 +141,64 @@ class ProtoCore(GuardCore):
         super()._backoff()
 
 
+class AdamUpdateControl(Callback):
+    """StableAdamW-style update control (Wortsman et al. 2023) for Adam/AdamW, per tensor.
+
+    In ``on_before_optimizer_step`` (after the guard) it computes, for every tensor with Adam
+    state, ``r = sqrt(mean(g^2 / max(v_hat, eps^2)))`` with ``v_hat`` the bias-corrected second
+    moment *including* this gradient; for ``r > 1`` the tensor's update (``p_new - p_old``, the
+    decoupled weight decay included) is divided by ``r`` in a step post-hook. Mechanism: Adam
+    normalises by a second moment that lags a sudden gradient change (``v`` still small), so the
+    update of a tensor whose gradient jumps is up to ``1 / sqrt(1 - beta2)`` times its usual
+    size; scaling by ``1 / r`` bounds it by the size the moment estimate supports.
+    Reading the state costs one more pass over ``exp_avg_sq`` (no host sync in principle; here
+    one ``.item()`` per tensor, a prototype).
+    """
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, Any, float]] = []
+        self._handle: Any = None
+        self.scaled = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = guard_module._raw(trainer.optimizers[0])
+        self._handle = opt.register_step_post_hook(self._post)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
+        import torch
+
+        opt = guard_module._raw(optimizer)
+        self._saved = []
+        if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
+            return
+        for group in opt.param_groups:
+            beta2, eps = group["betas"][1], group["eps"]
+            for p in group["params"]:
+                st = opt.state.get(p)
+                if p.grad is None or not st or "exp_avg_sq" not in st:
+                    continue
+                t = float(st["step"]) + 1.0
+                g2 = p.grad.detach().float().square()
+                v = (beta2 * st["exp_avg_sq"].float() + (1 - beta2) * g2) / (1 - beta2 ** t)
+                r = float(torch.sqrt((g2 / v.clamp_min(eps * eps)).mean()))
+                if math.isfinite(r) and r > 1.0:
+                    self._saved.append((p, p.detach().clone(), r))
+
+    def _post(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, old, r in self._saved:
+                p.copy_(old + (p - old) / r)
+                self.scaled += 1
+        self._saved = []
+
+
 class ProtoGuard(GradGuard):
     """:class:`GradGuard` whose cores are :class:`ProtoCore` with ``proto``."""
 
@@ -176,6 +234,8 @@ PROTOTYPES: dict[str, Any] = {
                                                 "rate": (10, 20)})],
     "nf50_rate3of5": lambda: [ProtoGuard({"nf_window": 50, "rate": (3, 5)})],
     "nf50_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "rate": (5, 10)})],
+    "nf50_rate5of10_adamupd": lambda: [ProtoGuard({"nf_window": 50, "rate": (5, 10)}),
+                                       AdamUpdateControl()],
     "nobackoff": lambda: [GradGuard(lr_backoff=False)],
     "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
