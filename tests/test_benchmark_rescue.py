@@ -29,11 +29,14 @@ def test_rescue_quick(tmp_path: Path) -> None:
     assert len(records) == 6
     by = {(r["workload"], r["method"]): r for r in records}
     for rec in records:
-        assert rec["steps"] == rec["steps_run"] == 25
-        assert len(rec["trace"]["loss"]) == 25
-        assert rec["library"].endswith(rec["library"].split("sha1:")[-1])
+        assert rec["steps"] == 25
+        if rec["params_nonfinite_at"] is None:  # else the run stops there (nothing can change)
+            assert rec["steps_run"] == len(rec["trace"]["loss"]) == 25
+        assert "sha1:" in rec["library"]
     # the NaN batch: no guard -> the weights go non-finite; GradGuard skips exactly that step
-    assert by[("mlp_adam_fault", "none")]["diverged"]
+    unguarded = by[("mlp_adam_fault", "none")]
+    assert unguarded["diverged"]
+    assert unguarded["params_nonfinite_at"] == 11  # global_step after the poisoned update
     guarded = by[("mlp_adam_fault", "gradguard")]
     assert not guarded["diverged"]
     assert guarded["gradguard"]["skipped_steps"] == 1
