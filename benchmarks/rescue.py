@@ -110,12 +110,16 @@ def _file_hash(path: Path) -> str:
 
 
 def _proto_hash(name: str) -> str:
-    """Hash of the prototypes' code (up to the registry) and of ``name``'s registry entry.
+    """Hash of prototype ``name``: its registry entry and the source of what it uses.
 
-    Adding a prototype to the registry does not invalidate the others' runs.
+    The classes of ``rescue_prototypes`` named in the entry (and, for ``ProtoGuard``, the
+    core and statistics it builds on) are hashed; adding or changing another prototype does
+    not invalidate this one's runs.
     """
+    import inspect
+
     text = PROTOTYPES.read_text() if PROTOTYPES.exists() else ""
-    code, _, registry = text.partition("\nPROTOTYPES: dict")
+    _, _, registry = text.partition("\nPROTOTYPES: dict")
     entry, collecting = [], False
     for line in registry.splitlines():
         if line.startswith("    \""):
@@ -124,7 +128,14 @@ def _proto_hash(name: str) -> str:
             collecting = False
         if collecting:
             entry.append(line)
-    return hashlib.sha1((code + "\n".join(entry)).encode()).hexdigest()[:12]
+    body = "\n".join(entry)
+    mod = _prototypes()
+    used = {n for n in ("ProtoGuard", "AdamUpdateControl") if n in body}
+    if "ProtoGuard" in used:
+        used |= {"ProtoCore", "LossStats"}
+    for n in sorted(used):
+        body += inspect.getsource(getattr(mod, n))
+    return hashlib.sha1(body.encode()).hexdigest()[:12]
 
 
 def methods_for(workload: rw.Workload, methods: Sequence[str]) -> list[str]:

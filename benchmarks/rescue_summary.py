@@ -10,6 +10,7 @@ the fault run to the same method's clean run (target <= 1.005) and the smallest 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -32,7 +33,20 @@ def main() -> int:
     cache = rb.DEFAULT_CACHE
 
     def get(w: str, lr: float, s: int, f: str, m: str) -> dict | None:
-        return rb.get(cache, w, lr, s, f, m, rw.WORKLOADS[w].steps, False)
+        rec = rb.get(cache, w, lr, s, f, m, rw.WORKLOADS[w].steps, False)
+        if rec is None and m.startswith("proto:"):
+            # a prototype run cached under an earlier key scheme of the same code (see the
+            # ablation file): the newest file of this configuration
+            stem = rb.cache_file(cache, w, lr, s, f, m, rw.WORKLOADS[w].steps).name
+            prefix = stem.rsplit("_", 1)[0] + "_"
+            found = sorted((p for p in (cache / w).glob(prefix + "*.json")
+                            if p.name[len(prefix):].count("_") == 0),
+                           key=lambda p: p.stat().st_mtime)
+            if found:
+                rec = json.loads(found[-1].read_text())
+                if rec.get("steps") != rw.WORKLOADS[w].steps:
+                    rec = None
+        return rec
 
     def mean(w: str, lr: float, f: str, m: str) -> float | None:
         recs = [get(w, lr, s, f, m) for s in args.seeds]
