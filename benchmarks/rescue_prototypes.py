@@ -26,6 +26,14 @@ Rules (each with its mechanism):
     that is too high makes clipping the rule rather than the exception (with SGD the update
     cap then sets every step's size and the run stalls at a fixed step length). With
     ``loss_evidence`` too, either evidence suffices.
+``capfirst``
+    A backoff from the spike count (or growth) happens only at a step whose update the SGD
+    cap (``max_update_ratio``) clipped (or, with ``rate``, when clipping is the rule); the
+    decision is taken with the step's report and applies from the next update. Mechanism: a
+    capped update means the LR times this gradient would move the weights by more than
+    ``max_update_ratio`` of their norm - a direct measure of the LR against the weights -
+    while a z-score spike in a healthy run is a gradient a little above its own recent
+    history, which the clip has already answered.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class ProtoCore(GuardCore):
         self.loss_stats = LossStats(beta=k_beta[1]) if k_beta else None
         self._nf_steps: list[int] = []
         self._clip_steps: list[int] = []
+        self._pending = False
         self._in_nonfinite = False
         self._evidence = True
 
@@ -100,7 +109,17 @@ class ProtoCore(GuardCore):
         lv = float(loss) if loss is not None else math.nan
         if self.loss_stats is not None:
             self._evidence = self.loss_stats.rising(lv, self.proto["loss_evidence"][0])
+        before = self.policy.threshold_value()
+        self._pending = False
         report = super().step(loss, **kwargs)
+        if self._pending:
+            # "capfirst": decided with the step's report; takes effect from the next update
+            capped = report.action is Action.CLIP and (not report.spike
+                                                       or report.threshold < before)
+            rate = "rate" in self.proto and self._rate_evidence()
+            if capped or rate:
+                GuardCore._backoff(self)
+                self.counters.spike_steps.clear()
         if self.loss_stats is not None and report.finite and report.action is not Action.SKIP:
             self.loss_stats.update(lv)
         if report.action is Action.CLIP:
@@ -130,6 +149,9 @@ class ProtoCore(GuardCore):
                 self._nf_steps = [*recent, step]
                 if not recent:
                     return  # one non-finite step: skipped, no backoff
+        elif self.proto.get("capfirst"):
+            self._pending = True
+            return
         else:
             gates = []
             if self.loss_stats is not None:
@@ -236,6 +258,9 @@ PROTOTYPES: dict[str, Any] = {
     "nf50_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "rate": (5, 10)})],
     "nf50_rate5of10_adamupd": lambda: [ProtoGuard({"nf_window": 50, "rate": (5, 10)}),
                                        AdamUpdateControl()],
+    "nf50_capfirst": lambda: [ProtoGuard({"nf_window": 50, "capfirst": True})],
+    "nf50_capfirst_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "capfirst": True,
+                                                    "rate": (5, 10)})],
     "nobackoff": lambda: [GradGuard(lr_backoff=False)],
     "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
