@@ -34,6 +34,11 @@ Rules (each with its mechanism):
     ``max_update_ratio`` of their norm - a direct measure of the LR against the weights -
     while a z-score spike in a healthy run is a gradient a little above its own recent
     history, which the clip has already answered.
+``armed``
+    With ``capfirst``: while the LR scale is below 1 (the run has backed off and not yet
+    recovered), the spike count backs off as before. Mechanism: the first backoff needed hard
+    evidence that the LR is too high; spikes that recur while the LR climbs back are that
+    instability returning, not a healthy run's noise.
 """
 
 from __future__ import annotations
@@ -117,7 +122,10 @@ class ProtoCore(GuardCore):
             capped = report.action is Action.CLIP and (not report.spike
                                                        or report.threshold < before)
             rate = "rate" in self.proto and self._rate_evidence()
-            if capped or rate:
+            # "armed": the run already backed off and has not recovered: the LR was shown to be
+            # too high, and spikes while it climbs back are that instability returning
+            armed = bool(self.proto.get("armed")) and self.backoff.scale < 1.0
+            if capped or rate or armed:
                 GuardCore._backoff(self)
                 self.counters.spike_steps.clear()
         if self.loss_stats is not None and report.finite and report.action is not Action.SKIP:
@@ -261,6 +269,8 @@ PROTOTYPES: dict[str, Any] = {
     "nf50_capfirst": lambda: [ProtoGuard({"nf_window": 50, "capfirst": True})],
     "nf50_capfirst_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "capfirst": True,
                                                     "rate": (5, 10)})],
+    "nf50_capfirst_armed_rate5of10": lambda: [ProtoGuard({"nf_window": 50, "capfirst": True,
+                                                          "armed": True, "rate": (5, 10)})],
     "nobackoff": lambda: [GradGuard(lr_backoff=False)],
     "rec50": lambda: [GradGuard(recovery_steps=50)],
 }
