@@ -95,13 +95,18 @@ class Diagnosis:
         step: The optimizer step.
         nonfinite_params: Names of the parameters with non-finite gradients (model order).
         origin: The one closest to the output (most likely origin), or ``None``.
-        likely_cause: A one-line explanation.
+        likely_cause: A one-line explanation (the generic one; see :class:`Diagnostician` for
+            ranked causes).
+        weights_finite: Whether the weights were finite at that step (``None``: not read).
+        first_step: The step was the first of the run (or of the resumed run).
     """
 
     step: int
     nonfinite_params: tuple[str, ...]
     origin: str | None
     likely_cause: str
+    weights_finite: bool | None = None
+    first_step: bool = False
 
     def message(self, limit: int = 8) -> str:
         """Human-readable summary (at most ``limit`` parameter names).
@@ -349,6 +354,27 @@ class Diagnostician(Stateful):
         self._probe = ForwardProbe(self.model)
         return self._probe
 
+    def finish_probe(self) -> None:
+        """End the forward probe after the first forward pass (a no-op once it has ended).
+
+        The probe ends by itself when the root module's forward returns; a training step that
+        calls a submodule instead (``self.net(x)`` in a ``LightningModule``) ends it here.
+        """
+        self._sync_probe()
+
+    def weight_norm_request(self) -> tuple[list[tuple[str, int]], Tensor | None]:
+        """The names and sizes of the weights, and their norms on the device (not read).
+
+        For a caller that reads the step-0 evidence together with its own values in one
+        transfer: pass the read values to :meth:`preflight` as ``weight_norms``.
+        """
+        named = [(n, p) for n, p in self.model.named_parameters() if p.numel()]
+        if not named:
+            return [], None
+        device = named[0][1].device
+        norms = torch.stack([p.detach().float().norm().to(device) for _, p in named])
+        return [(n, p.numel()) for n, p in named], norms
+
     def _sync_probe(self) -> None:
         if self._probe is not None:
             self._probe.apply_to(self.structure)
@@ -450,7 +476,8 @@ class Diagnostician(Stateful):
                 worst, worst_r = name, r
         return total, worst, worst_r
 
-    def _collect(self, grads: dict[str, float]) -> dict[str, Any]:
+    def _collect(self, grads: dict[str, float],
+                 weights: dict[str, tuple[float, int]] | None = None) -> dict[str, Any]:
         """Step-0 evidence (plain values, saved in the state)."""
         self._sync_probe()
         s = self.structure
@@ -462,7 +489,8 @@ class Diagnostician(Stateful):
             worst = max(trunk, key=lambda layer: layer.init_ratio)
             ev["init_worst"] = [worst.param, worst.std, worst.he_std, worst.fan_in]
         lr = self._lr()
-        weights = self._weight_norms()
+        if weights is None:
+            weights = self._weight_norms()
         ev["weight_norm"] = math.sqrt(sum(w * w for w, _ in weights.values()))
         ev["numel"] = sum(n for _, n in weights.values())
         finite = {k: v for k, v in grads.items() if math.isfinite(v)}
@@ -476,7 +504,8 @@ class Diagnostician(Stateful):
     # ------------------------------------------------------------------ entry points
     def preflight(self, per_tensor_norms: Mapping[str, float] | Sequence[float] | Tensor,
                   loss: float | None = None, *, names: Sequence[str] | None = None,
-                  step: int = 0) -> list[Cause]:
+                  step: int = 0,
+                  weight_norms: Mapping[str, tuple[float, int]] | None = None) -> list[Cause]:
         """Record the step-0 evidence and return the causes it already shows.
 
         Call once after the first backward (before the update). Reads the per-tensor norms
@@ -489,13 +518,15 @@ class Diagnostician(Stateful):
             names: Names aligned with a sequence/tensor of norms (default: the model's
                 parameters that have a gradient, in registration order).
             step: The step (0 normally).
+            weight_norms: ``{name: (norm, numel)}`` of the weights, already read (see
+                :meth:`weight_norm_request`); default: read here.
 
         Returns:
             Ranked causes (empty when nothing is wrong, or when built with
             ``preflight=False``).
         """
         grads = self._norm_map(per_tensor_norms, names)
-        self.step0 = self._collect(grads)
+        self.step0 = self._collect(grads, None if weight_norms is None else dict(weight_norms))
         if loss is not None and step > self.last_step:
             self.observe(step, loss, math.sqrt(sum(v * v for v in grads.values())))
         if not self.report_preflight:
@@ -569,7 +600,7 @@ class Diagnostician(Stateful):
         prior = [v for v in losses[:-1] if math.isfinite(v)]
         steady = len(prior) >= 3 and prior[-1] <= 3 * statistics.median(prior)
         if (event in ("nonfinite", "halt") and not causes and (loss_bad or grads_bad)
-                and trend.kind != "rise" and not growth_hist and steady
+                and trend.kind != "rise" and not growth_hist and steady and norms_hist
                 and not self._growth(ev)[1]):
             lo, hi = min(norms_hist), max(norms_hist)
             before = f"{trend.before:.4g}" if math.isfinite(trend.before) else "finite"

@@ -31,9 +31,10 @@ lives in :mod:`~lightning_gradguard.core.update_cap`, chosen once from the optim
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import scale_grads_, skip_step_
 from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
-from lightning_gradguard.core.diagnosis import Diagnosis, diagnose
+from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter
 from lightning_gradguard.core.norms import NormReducer
@@ -82,6 +83,11 @@ class StepReport:
         halt: Training cannot recover: stop (see :attr:`GuardCore.halt_message`).
         loss: The loss passed to :meth:`GuardCore.step` (``None`` if not given).
         diagnosis: On the first non-finite step (and on halt), where it came from.
+        causes: Ranked causes diagnosed at this step (with ``diagnose``): on the first step
+            when the pre-flight evidence already shows some, on the first spike, the first
+            backoff, the first non-finite step and the halt; ``None`` on other steps.
+        diagnosis_event: What :attr:`causes` answer: ``"preflight"``, ``"spike"``,
+            ``"backoff"``, ``"nonfinite"`` or ``"halt"`` (``None`` without them).
     """
 
     step: int
@@ -99,6 +105,8 @@ class StepReport:
     halt: bool = False
     loss: float | None = None
     diagnosis: Diagnosis | None = None
+    causes: tuple[Cause, ...] | None = None
+    diagnosis_event: str | None = None
 
 
 @dataclass
@@ -254,6 +262,13 @@ class GuardCore(Stateful):
         self._add_child("update_control", self.update_control)
         self.snapshot = Snapshot() if s.rollback else None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
+        #: the cause diagnosis (``None`` without ``diagnose`` or without a module): built
+        #: now, it probes the next forward pass
+        self.diagnostician: Diagnostician | None = None
+        if s.diagnose and self.module is not None:
+            self.diagnostician = Diagnostician(self.module, optimizer, preflight=s.preflight)
+            self.diagnostician.watch_forward()
+        self._weight_names: list[tuple[str, int]] = []
         #: called after every step with its measurement, decision and report (e.g. a cause
         #: diagnosis that looks at the first steps, the first spike or the first backoff)
         self.listeners: list[StepListener] = []
@@ -269,6 +284,16 @@ class GuardCore(Stateful):
         self.first_nonfinite_step: int | None = None
         self.first_diagnosis: Diagnosis | None = None
         self.last_report: StepReport | None = None
+        #: the pre-flight evidence has been read (or the first step could not give it)
+        self.preflight_done = False
+        #: the explosion events already diagnosed (each is diagnosed at its first step)
+        self.diagnosed_events: set[str] = set()
+        #: the ranked causes of the last diagnosis (with ``diagnose``), most likely first
+        self.causes: tuple[Cause, ...] = ()
+        #: ``counters.steps`` when this run (or resume) started
+        self._steps_at_start = 0
+        #: the state was loaded from a checkpoint
+        self.resumed = False
 
     def _own(self, counters: GuardCounters) -> GuardCounters:
         counters._owner = self  # type: ignore[attr-defined]  # for its read-only views
@@ -276,7 +301,8 @@ class GuardCore(Stateful):
 
     # ------------------------------------------------------------------ the step
     def step(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
-             snapshot_extra: Sequence[Optimizer] = (), step: int | None = None) -> StepReport:
+             snapshot_extra: Sequence[Optimizer] = (), step: int | None = None,
+             batch: Any = None) -> StepReport:
         """Guard one optimizer step; call after ``backward()``, before ``optimizer.step()``.
 
         Args:
@@ -288,6 +314,8 @@ class GuardCore(Stateful):
             snapshot_extra: Further optimizers to include in rollback snapshots.
             step: The caller's step number for reports and messages (e.g. Lightning's
                 ``global_step``); default: the guard's own 1-based count.
+            batch: The step's batch (optional): with ``diagnose``, read for NaN/Inf on a
+                non-finite step only (the ``data_nonfinite`` cause).
 
         Returns:
             A :class:`StepReport`.
@@ -296,7 +324,7 @@ class GuardCore(Stateful):
         step = self.counters.steps if step is None else step
         measurement, grads = self.measure(loss, amp_overflow=amp_overflow, step=step)
         decision = decide(measurement, self.state(measurement), self.settings)
-        return self.apply(measurement, decision, grads, snapshot_extra)
+        return self.apply(measurement, decision, grads, snapshot_extra, batch=batch)
 
     def measure(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
                 step: int | None = None) -> tuple[Measurement, Gradients | None]:
@@ -304,9 +332,16 @@ class GuardCore(Stateful):
 
         One host read. Counts the step as already started (:meth:`step` counts it first).
         A unit-wise clip policy clips here (its clipped total is part of the read), and the
-        update control takes the weight norm read for it.
+        update control takes the weight norm read for it. With ``diagnose``, the first step
+        also reads the per-tensor gradient and weight norms (the pre-flight evidence) in the
+        same transfer.
         """
         s, c = self.settings, self.counters
+        extra: dict[str, Tensor] = {}
+        if self.diagnostician is not None and not self.preflight_done:
+            self._weight_names, weights = self.diagnostician.weight_norm_request()
+            if weights is not None:
+                extra["weight_norms"] = weights
         count = c.steps
         take_snapshot = (self.snapshot is not None and self.module is not None
                          and count % s.snapshot_every == 1 % s.snapshot_every)
@@ -315,7 +350,8 @@ class GuardCore(Stateful):
         return self.meter.measure(
             count if step is None else step, loss, self.policy, self.names,
             amp_overflow=amp_overflow, weights_of=self.module if take_snapshot else None,
-            weight_norm=self.update_control.wants_weight_norm(finite_steps), limit=self._limit)
+            weight_norm=self.update_control.wants_weight_norm(finite_steps), limit=self._limit,
+            extra=extra, read_per_tensor=bool(extra))
 
     def _limit(self, host: Mapping[str, float]) -> UpdateLimit:
         if "weight_norm" in host:
@@ -329,11 +365,16 @@ class GuardCore(Stateful):
                           growth_fires=self.growth.fires(measurement.grad_norm))
 
     def apply(self, m: Measurement, d: Decision, grads: Gradients | None,
-              snapshot_extra: Sequence[Optimizer] = ()) -> StepReport:
+              snapshot_extra: Sequence[Optimizer] = (), *, batch: Any = None) -> StepReport:
         """Stage 3: carry out ``d``; the only place that changes gradients, LR or weights."""
         if d.path in ("nonfinite", "amp_overflow"):
             self.restore_lr()
-        diagnosis = self._diagnose(m, grads) if d.diagnose else None
+        host_norms: list[float] | None = None
+        diagnosis = None
+        if d.diagnose:
+            diagnosis, host_norms = self._diagnose(m, grads)
+        causes, event = (self._diagnose_causes(m, d, grads, host_norms, batch)
+                         if self.diagnostician is not None and not m.empty else (None, None))
         if d.observe:  # a skipped step never enters the statistics, even with a finite norm
             self.policy.observe_value(m.grad_norm, m.threshold)
             if self.settings.growth_patience > 0:
@@ -364,7 +405,7 @@ class GuardCore(Stateful):
             threshold=d.threshold, finite=m.finite, action=d.action, spike=d.spike,
             growth=d.growth, backoff=d.backoff, lr_scale=lr_scale, rollback=rolled_back,
             params_finite=d.path != "nonfinite_weights", halt=d.halt, loss=m.loss,
-            diagnosis=diagnosis)
+            diagnosis=diagnosis, causes=causes, diagnosis_event=event)
         for listener in self.listeners:
             listener(m, d, self.last_report)
         return self.last_report
@@ -408,21 +449,85 @@ class GuardCore(Stateful):
         self.snapshot.restore(self.module, self._optimizers(snapshot_extra))
         return True
 
-    def _diagnose(self, m: Measurement, grads: Gradients | None) -> Diagnosis:
+    def _diagnose(self, m: Measurement,
+                  grads: Gradients | None) -> tuple[Diagnosis, list[float] | None]:
         """Which parameters are non-finite (one more host read: first and last bad step).
 
-        The first diagnosis of the run is also kept as :attr:`first_diagnosis`.
+        The same read tells whether the weights themselves are finite. The first diagnosis
+        of the run is also kept as :attr:`first_diagnosis`.
+
+        Returns:
+            The diagnosis, and the per-tensor norms read (``None``: none).
         """
         per_tensor = grads.per_tensor if grads is not None else None
-        norms = to_host(per_tensor) if per_tensor is not None else []
+        weights = [p.detach() for p in self.params if p.numel()]
+        weights_finite: bool | None = None
+        norms: list[float] | None = None
+        if per_tensor is not None and weights:
+            w_total = self.meter.total(weights, per_tensor.device)
+            values = to_host(torch.cat([per_tensor.float(), w_total.reshape(1).float()]))
+            norms, weights_finite = values[:-1], math.isfinite(values[-1])
+        elif per_tensor is not None:
+            norms = to_host(per_tensor)
         names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
-        diagnosis = diagnose(m.step, names, norms, loss=m.loss,
+        diagnosis = diagnose(m.step, names, norms or [], loss=m.loss,
                              growth_before=self.counters.growth_events > 0,
                              lr_scale=self.backoff.scale)
+        if weights_finite is not None:
+            diagnosis = replace(diagnosis, weights_finite=weights_finite,
+                                first_step=self.counters.steps - self._steps_at_start == 1)
         if self.first_nonfinite_step is None:
             self.first_nonfinite_step = m.step
             self.first_diagnosis = diagnosis
-        return diagnosis
+        return diagnosis, norms
+
+    def _diagnose_causes(self, m: Measurement, d: Decision, grads: Gradients | None,
+                         norms: list[float] | None,
+                         batch: Any) -> tuple[tuple[Cause, ...] | None, str | None]:
+        """Feed the diagnostician this step's host floats; rank causes on an event.
+
+        No host read on a finite step, except the first (whose pre-flight evidence came with
+        the step's one read) and a first spike or backoff (none: the step-0 evidence and the
+        history are already on the host).
+        """
+        doc = self.diagnostician
+        assert doc is not None
+        causes: list[Cause] | None = None
+        event: str | None = None
+        names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
+        if not self.preflight_done:
+            self.preflight_done = True
+            host = grads.host if grads is not None else {}
+            per = host.get("per_tensor")
+            if m.finite and per is not None and len(per) == len(names):
+                weights = {n: (v, k) for (n, k), v in
+                           zip(self._weight_names, host.get("weight_norms", []), strict=False)}
+                causes = doc.preflight(dict(zip(names, per, strict=True)), m.loss,
+                                       step=m.step, weight_norms=weights or None)
+                if causes:
+                    doc.causes = [c.to_dict() for c in causes]
+                    event = "preflight"
+        if doc.last_step < m.step:
+            doc.observe(m.step, m.loss, m.grad_norm)
+        c = self.counters
+        if d.halt:
+            event = "halt"
+        elif d.path == "nonfinite" and "nonfinite" not in self.diagnosed_events:
+            event = "nonfinite"
+        elif d.backoff and c.lr_backoffs == 0 and "backoff" not in self.diagnosed_events:
+            event = "backoff"
+        elif d.spike and "spike" not in self.diagnosed_events:
+            event = "spike"
+        elif event is None:
+            return None, None
+        if event != "preflight":
+            self.diagnosed_events.add(event)
+            per_tensor = (dict(zip(names, norms, strict=False)) if norms is not None
+                          and len(norms) == len(names) else None)
+            causes = doc.diagnose(event, per_tensor, m.loss,  # type: ignore[arg-type]
+                                  batch if event in ("nonfinite", "halt") else None)
+        self.causes = tuple(causes or ())
+        return self.causes, event
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -460,19 +565,26 @@ class GuardCore(Stateful):
         return "; ".join(parts)
 
     def summary(self) -> dict[str, Any]:
-        """The counters (:class:`GuardCounters`) and ``lr_scale`` as a plain dict.
+        """The counters (:class:`GuardCounters`), ``lr_scale`` and ``diagnosis`` as a dict.
+
+        ``diagnosis`` is the last ranked diagnosis as ``[{"cause", "evidence", "remedy"}]``,
+        most likely first (empty when nothing is wrong, or without ``diagnose``).
 
         Example:
             >>> sorted(GuardCore([torch.nn.Parameter(torch.ones(1))]).summary())[:4]
-            ['amp_overflow_steps', 'clipped_steps', 'growth_events', 'halted']
+            ['amp_overflow_steps', 'clipped_steps', 'diagnosis', 'growth_events']
         """
-        return {**asdict(self.counters), "lr_scale": self.backoff.scale}
+        doc = self.diagnostician
+        return {**asdict(self.counters), "lr_scale": self.backoff.scale,
+                "diagnosis": doc.to_dicts() if doc is not None else []}
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Start over: statistics, LR backoff, update control, counters and streaks."""
         super().reset()
         self.policy.reset()
+        if self.diagnostician is not None:
+            self.diagnostician.reset()
         self._reset_run()
 
     def state_dict(self) -> dict[str, Any]:
@@ -489,6 +601,11 @@ class GuardCore(Stateful):
         })
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.state_dict()
+        if self.diagnostician is not None:
+            out["diagnosis"] = {"state": self.diagnostician.state_dict(),
+                                "preflight_done": self.preflight_done,
+                                "events": sorted(self.diagnosed_events),
+                                "causes": [asdict(c) for c in self.causes]}
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -522,9 +639,18 @@ class GuardCore(Stateful):
         first = state_dict.get("first_diagnosis")
         self.first_diagnosis = None if first is None else Diagnosis(
             step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
-            origin=first["origin"], likely_cause=first["likely_cause"])
+            origin=first["origin"], likely_cause=first["likely_cause"],
+            weights_finite=first.get("weights_finite"), first_step=first.get("first_step", False))
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
+        saved = state_dict.get("diagnosis")  # absent in states saved before diagnoses
+        if self.diagnostician is not None and saved is not None:
+            self.diagnostician.load_state_dict(saved["state"])
+            self.preflight_done = bool(saved["preflight_done"])
+            self.diagnosed_events = set(saved["events"])
+            self.causes = tuple(Cause(**c) for c in saved["causes"])
+        self._steps_at_start = self.counters.steps
+        self.resumed = True
 
     def _load_policy(self, state_dict: Mapping[str, Any]) -> None:
         saved_type = state_dict.get("policy_type", type(self.policy).__name__)

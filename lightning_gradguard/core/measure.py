@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,12 +35,27 @@ class HostValues:
         >>> values.add("loss", torch.tensor([0.5]))
         >>> values.read()
         {'norm': 3.0, 'loss': 0.5}
+        >>> values.add_vector("per_tensor", torch.tensor([1.0, 2.0]))
+        >>> values.read(), values.vectors
+        ({'norm': 3.0, 'loss': 0.5}, {'per_tensor': [1.0, 2.0]})
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._names: list[str] = []
         self._values: list[Tensor] = []
+        self._vector_names: list[str] = []
+        self._vectors: list[Tensor] = []
+        #: the vectors queued with :meth:`add_vector`, as host lists after :meth:`read`
+        self.vectors: dict[str, list[float]] = {}
+
+    def add_vector(self, name: str, values: Tensor) -> None:
+        """Queue a tensor of any shape under ``name``, read flattened in the same transfer."""
+        if name in self._vector_names:
+            raise ValueError(f"`name` must be new, got {name!r} a second time")
+        self._vector_names.append(name)
+        self._vectors.append(values.detach().reshape(-1).to(device=self.device,
+                                                              dtype=torch.float32))
 
     def add(self, name: str, value: Tensor) -> None:
         """Queue a one-element tensor under ``name`` (as float32 on this device)."""
@@ -57,8 +72,15 @@ class HostValues:
 
     def read(self) -> dict[str, float]:
         """All queued values as host floats: one synchronisation."""
-        host = to_host(torch.stack(self._values))
-        return dict(zip(self._names, host, strict=True))
+        if not self._vectors:
+            host = to_host(torch.stack(self._values))
+            return dict(zip(self._names, host, strict=True))
+        host = to_host(torch.cat([torch.stack(self._values), *self._vectors]))
+        k = len(self._values)
+        for name, v in zip(self._vector_names, self._vectors, strict=True):
+            self.vectors[name] = host[k:k + v.numel()]
+            k += v.numel()
+        return dict(zip(self._names, host[:len(self._values)], strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,11 +129,14 @@ class Gradients:
         grads: The gradients that exist, in parameter order.
         groups: Their ``(device, dtype)`` grouping when known (dense, every parameter has one).
         per_tensor: Per-tensor norms (for a diagnosis), on the device.
+        host: Vectors read with the step's measurement when asked (``extra`` of
+            :meth:`Meter.measure`; ``"per_tensor"``: the per-tensor norms), as host floats.
     """
 
     grads: list[Tensor]
     groups: Groups | None
     per_tensor: Tensor | None
+    host: dict[str, list[float]] = field(default_factory=dict)
 
 
 class Meter:
@@ -163,6 +188,7 @@ class Meter:
                 names: Sequence[str], *, amp_overflow: bool,
                 weights_of: torch.nn.Module | None, weight_norm: bool,
                 limit: Callable[[dict[str, float]], UpdateLimit],
+                extra: Mapping[str, Tensor] | None = None, read_per_tensor: bool = False,
                 ) -> tuple[Measurement, Gradients | None]:
         """One step's :class:`Measurement` (one host read) and the gradients in hand.
 
@@ -176,6 +202,10 @@ class Meter:
             weights_of: Measure whether this module's weights are finite (snapshot steps).
             weight_norm: Measure the watched weights' norm (for the update control).
             limit: Called with the values read; returns the step's update limit.
+            extra: Further device tensors to read in the same transfer (e.g. the step-0
+                evidence of a diagnosis), returned in ``Gradients.host``.
+            read_per_tensor: Also read the per-tensor gradient norms in the same transfer
+                (``Gradients.host["per_tensor"]``).
         """
         found = self.gradients()
         if found is None:
@@ -198,7 +228,12 @@ class Meter:
             values.add("weight_norm", self.total([p.detach() for p in self.params],
                                                  total.device, norm_type=self.norm_type,
                                                  groups=self.groups))
+        if read_per_tensor and grads.per_tensor is not None:
+            values.add_vector("per_tensor", grads.per_tensor)
+        for name, tensor in (extra or {}).items():
+            values.add_vector(name, tensor)
         host = values.read()  # the one host synchronisation of the step
+        grads.host = values.vectors
         norm = host["grad_norm"]
         loss_v = host.get("loss", None if loss is None or isinstance(loss, Tensor)
                           else float(loss))

@@ -59,6 +59,17 @@ class GuardSettings:
             each one, so gradients still non-finite are non-finite at any scale (e.g. sqrt or
             log at 0 in the backward). Training halts there, with the diagnosis (unless
             ``halt_after`` is 0).
+        diagnose: Diagnose the cause of an explosion (ranked causes with evidence and
+            remedy, see :class:`~lightning_gradguard.core.diagnosis.Diagnostician`): the model
+            is inspected when the guard is built, the first forward pass is probed, the
+            first step reads the per-layer gradient and weight norms in its one host read,
+            and the first spike, backoff and non-finite step and the halt are diagnosed.
+        preflight: Report the causes the first step's evidence already shows (a warning
+            from the callbacks, ``StepReport.causes`` of the first step), before anything
+            explodes (needs ``diagnose``; ``False``: the evidence is still recorded).
+        verbose: Print what happened (the callbacks): a one-line summary at the end of fit
+            when the guard did anything, a rate-limited notice at each LR backoff, the
+            pre-flight and first-non-finite warnings. Warnings of a halt are always shown.
 
     Raises:
         TypeError, ValueError: Naming the argument, what is allowed and what was received.
@@ -87,6 +98,9 @@ class GuardSettings:
     halt_after: int = 25
     max_update_ratio: float | None = 0.1
     amp_halt_after: int = 40
+    diagnose: bool = True
+    preflight: bool = True
+    verbose: bool = True
 
     def __post_init__(self) -> None:
         if self.clip is None:
@@ -112,6 +126,9 @@ class GuardSettings:
         check_int("rollback_after", self.rollback_after, low=1)
         check_int("halt_after", self.halt_after, low=0)
         check_int("amp_halt_after", self.amp_halt_after, low=1)
+        check_bool("diagnose", self.diagnose)
+        check_bool("preflight", self.preflight)
+        check_bool("verbose", self.verbose)
         if self.max_update_ratio is not None:
             check_number("max_update_ratio", self.max_update_ratio, low=0.0,
                          low_inclusive=False)

@@ -45,7 +45,7 @@ def test_a_state_saved_by_earlier_versions_loads() -> None:
     assert guard.summary() == {
         "steps": 9, "nonfinite_steps": 3, "skipped_steps": 3, "spikes": 2,
         "clipped_steps": 2, "lr_backoffs": 3, "growth_events": 0, "rollbacks": 0,
-        "amp_overflow_steps": 1, "halted": False, "lr_scale": 1.0}
+        "amp_overflow_steps": 1, "halted": False, "lr_scale": 1.0, "diagnosis": []}
     assert guard.streaks == Streaks(nonfinite=2, nonfinite_start=8, amp=1, amp_start=4)
     assert guard.spike_steps == (6, 7)
     assert guard.first_nonfinite_step == 5
@@ -84,7 +84,7 @@ def test_summary_is_the_counters_and_the_lr_scale() -> None:
     assert summary == {
         "steps": 1, "nonfinite_steps": 1, "skipped_steps": 1, "spikes": 0,
         "clipped_steps": 0, "lr_backoffs": 1, "growth_events": 0, "rollbacks": 0,
-        "amp_overflow_steps": 0, "halted": False, "lr_scale": 0.5}
+        "amp_overflow_steps": 0, "halted": False, "lr_scale": 0.5, "diagnosis": []}
 
 
 def test_listeners_see_every_step_once() -> None:
