@@ -34,9 +34,13 @@ with the diagnosis of the first non-finite step, every rollback and the halt mes
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import logging
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -47,15 +51,25 @@ from torch.optim import Optimizer
 
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
+from lightning_gradguard.callbacks._messages import GradGuardWarning
 from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.amp import unscale_once_
+from lightning_gradguard.core.diagnosis import Cause
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
+from lightning_gradguard.core.messages import causes_text, end_of_fit_line, nonfinite_message
 from lightning_gradguard.core.norms import grad_norms
 from lightning_gradguard.core.policies import ClipPolicy
 
-__all__ = ["GradGuard", "GradGuardHalt", "GradGuardLogic"]
+__all__ = ["GradGuard", "GradGuardHalt", "GradGuardLogic", "GradGuardWarning"]
 
 log = logging.getLogger("lightning_gradguard")
+log.setLevel(logging.INFO)
+if not logging.getLogger().hasHandlers():  # as Lightning does for its own logger
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
+
+#: at most one backoff notice per this many optimizer steps (the others are counted in it)
+_NOTICE_EVERY = 50
 
 _COUNTER_TAGS = (
     "skipped_steps",
@@ -82,6 +96,32 @@ def _overrides_clipping(pl_module: Any) -> bool:
 
 def _raw(optimizer: Any) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)  # type: ignore[no-any-return]
+
+
+def _friendly_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap ``__init__`` so that a misspelt argument names the class and the closest one."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        sig = inspect.signature(init)
+        try:
+            sig.bind(self, *args, **kwargs)
+        except TypeError as err:
+            known = list(sig.parameters)[1:]
+            unknown = [k for k in kwargs if k not in known]
+            name = type(self).__name__
+            if not unknown:
+                raise TypeError(f"{name}: {err}") from None
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1, cutoff=0.5)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{name} got unexpected keyword argument(s) {', '.join(hints)}; its arguments "
+                f"are: {', '.join(known)}") from None
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 class GradGuardLogic:
@@ -120,6 +160,14 @@ class GradGuardLogic:
             too high learning rate. ``None`` disables it. Other optimizers are not affected.
         amp_halt_after: Consecutive GradScaler-skipped steps with a finite loss after which
             the gradients are non-finite at any loss scale: halt (unless ``halt_after`` is 0).
+        diagnose: Name the cause of an explosion with its evidence and remedy (ranked, see
+            "Why did it explode?" in the README): in the first-non-finite warning, the halt
+            message, TensorBoard text and ``summary()["diagnosis"]``.
+        preflight: Warn at the first step when its evidence already says the run will
+            explode (e.g. too-large init with depth growth); ``False`` silences it.
+        verbose: Print one line at the end of fit when the guard did anything, a
+            rate-limited notice at each LR backoff, and the pre-flight and first-non-finite
+            warnings (``False``: silent; the halt message is always shown).
         on_halt: ``"stop"`` (``trainer.should_stop``, the run ends cleanly) or ``"raise"``
             (:class:`GradGuardHalt`).
         checkpoint_dir: Where the last-good checkpoint goes on halt (default: the Trainer's
@@ -139,6 +187,7 @@ class GradGuardLogic:
         ValueError: `on_halt` must be one of ('stop', 'raise'), got 'explode'
     """
 
+    @_friendly_init
     def __init__(
         self,
         clip: ClipPolicy | None = None,
@@ -158,6 +207,9 @@ class GradGuardLogic:
         halt_after: int = 25,
         max_update_ratio: float | None = 0.1,
         amp_halt_after: int = 40,
+        diagnose: bool = True,
+        preflight: bool = True,
+        verbose: bool = True,
         on_halt: Literal["stop", "raise"] = "stop",
         checkpoint_dir: str | os.PathLike[str] | None = None,
         name: str | None = None,
@@ -171,7 +223,8 @@ class GradGuardLogic:
             growth_patience=growth_patience, growth_min_rise=growth_min_rise,
             rollback=rollback, snapshot_every=snapshot_every, rollback_after=rollback_after,
             halt_after=halt_after, max_update_ratio=max_update_ratio,
-            amp_halt_after=amp_halt_after,
+            amp_halt_after=amp_halt_after, diagnose=diagnose, preflight=preflight,
+            verbose=verbose,
         )
         self.on_halt = check_choice("on_halt", on_halt, ("stop", "raise"))
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -188,6 +241,9 @@ class GradGuardLogic:
         self.halt_checkpoint: Path | None = None
         self._halt_pending: GuardCore | None = None
         self.last_reports: dict[int, StepReport] = {}
+        self._batch: Any = None
+        self._notice_step = -_NOTICE_EVERY
+        self._notices_held = 0
 
     # ----------------------------------------------------------------- identity & state
     @property
@@ -270,6 +326,19 @@ class GradGuardLogic:
         for writer in tensorboard_writers(trainer):
             writer.add_custom_scalars(layout)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build each optimizer's guard now, so its diagnosis probes the first forward pass."""
+        for opt in trainer.optimizers:
+            raw = _raw(opt)
+            if any(p.requires_grad for g in getattr(raw, "param_groups", [])
+                   for p in g["params"]):
+                self._core_for(trainer, pl_module, raw)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        """Keep a reference to the batch (read for NaN/Inf only on a non-finite step)."""
+        self._batch = batch
+
     def _text(self, trainer: pl.Trainer, message: str) -> None:
         for writer in tensorboard_writers(trainer):
             writer.add_text("gradguard/events", message, trainer.global_step)
@@ -277,8 +346,15 @@ class GradGuardLogic:
     # ----------------------------------------------------------------- the step
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
-        """Remember the loss of the step (its finiteness is part of the decision)."""
+        """Remember the loss of the step (its finiteness is part of the decision).
+
+        The forward pass is over: the diagnosis' one-shot forward probe ends here when the
+        training step did not call the module itself (one read, on the first step only).
+        """
         self._loss = loss.detach()
+        for core in self._cores.values():
+            if core.diagnostician is not None and not core.preflight_done:
+                core.diagnostician.finish_probe()
 
     def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                   optimizer: Optimizer) -> tuple[int, GuardCore]:
@@ -307,7 +383,7 @@ class GradGuardLogic:
         loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:
             report = core.step(loss, amp_overflow=scaler is not None, snapshot_extra=others,
-                               step=trainer.global_step)
+                               step=trainer.global_step, batch=self._batch)
         finally:
             if consensus is not None:
                 consensus.disarm()
@@ -315,9 +391,7 @@ class GradGuardLogic:
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
         self._show_progress(trainer, pl_module)
-        if report.diagnosis is not None and report.step == core.first_nonfinite_step:
-            rank_zero_warn(f"GradGuard: {report.diagnosis.message()}")
-            self._text(trainer, f"**first non-finite step** — {report.diagnosis.message()}")
+        self._messages(trainer, core, report)
         snap_step = core.snapshot.step if core.snapshot else "?"
         if not report.params_finite:
             msg = (f"GradGuard: step {report.step}: the weights are non-finite although the "
@@ -325,12 +399,12 @@ class GradGuardLogic:
                    "activation); the step was skipped and "
                    + (f"the last good snapshot (step {snap_step}) restored" if report.rollback
                       else "no snapshot was available to restore"))
-            rank_zero_warn(msg)
+            rank_zero_warn(msg, category=GradGuardWarning)
             self._text(trainer, msg)
         elif report.rollback:
             msg = (f"GradGuard: restored the last good snapshot (step {snap_step}) after "
                    f"{core.streaks.nonfinite} consecutive non-finite steps")
-            rank_zero_warn(msg)
+            rank_zero_warn(msg, category=GradGuardWarning)
             self._text(trainer, msg)
         if report.halt:
             # act after the (skipped) step completes, so the checkpoint's loop state and the
@@ -372,12 +446,58 @@ class GradGuardLogic:
         else:
             where = ("The weights themselves are non-finite and no snapshot exists: nothing "
                      "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
-        msg = f"GradGuard halted training: {core.halt_message}. {where}."
+        head, sep, causes = core.halt_message.partition("\nLikely causes")
+        msg = f"GradGuard halted training: {head.rstrip('.')}. {where}." + (
+            f"\nLikely causes{causes}" if sep else "")
         log.error(msg)
         self._text(trainer, f"**halt** — {msg}")
         if self.on_halt == "raise":
             raise GradGuardHalt(msg)
         trainer.should_stop = True
+
+    # ----------------------------------------------------------------- messages
+    def _warn(self, trainer: pl.Trainer, message: str) -> None:
+        if trainer.is_global_zero and self.settings.verbose:
+            rank_zero_warn(message, category=GradGuardWarning)
+
+    def _messages(self, trainer: pl.Trainer, core: GuardCore, report: StepReport) -> None:
+        """Warnings, notices and TensorBoard text for this step (rank 0)."""
+        causes = list(report.causes or ())
+        if report.diagnosis is not None and report.step == core.first_nonfinite_step:
+            msg = nonfinite_message(report.diagnosis, causes,
+                                    resumed=core.resumed or bool(trainer.ckpt_path),
+                                    halt_after=self.settings.halt_after)
+            self._warn(trainer, msg)
+            self._text(trainer, "**first non-finite step**\n\n" + msg)
+        elif report.diagnosis_event == "preflight" and causes:
+            msg = (f"GradGuard: step {report.step}: the first step's evidence already says "
+                   "this run is likely to explode (silence with GradGuard(preflight=False)):\n"
+                   + causes_text(causes))
+            self._warn(trainer, msg)
+            self._text(trainer, "**pre-flight**\n\n" + msg)
+        elif report.diagnosis_event in ("spike", "backoff") and causes:
+            self._text(trainer, f"**diagnosis at the first {report.diagnosis_event}** (step "
+                       f"{report.step})\n\n" + _md_causes(causes))
+        if report.backoff:
+            self._backoff_notice(trainer, core, report)
+
+    def _backoff_notice(self, trainer: pl.Trainer, core: GuardCore, report: StepReport) -> None:
+        """One line per backoff, at most one per ``_NOTICE_EVERY`` steps (the rest counted)."""
+        if not (self.settings.verbose and trainer.is_global_zero):
+            return
+        if report.step - self._notice_step < _NOTICE_EVERY:
+            self._notices_held += 1
+            return
+        why = ("non-finite step" if not report.finite else
+               "sustained growth of the gradient norm" if report.growth else
+               f"{self.settings.spike_patience} spikes within {self.settings.spike_window} steps")
+        held = (f"; {self._notices_held} more since the last notice" if self._notices_held
+                else "")
+        cause = (f"; likely cause: {core.causes[0].cause}" if core.causes else "")
+        log.info(f"GradGuard: step {report.step}: LR backoff #{core.counters.lr_backoffs} "
+                 f"({why}{held}): LR now x{core.backoff.scale:.2g} of the schedule{cause}")
+        self._notice_step = report.step
+        self._notices_held = 0
 
     # ----------------------------------------------------------------- reporting
     def _log(self, trainer: pl.Trainer, idx: int, core: GuardCore, report: StepReport) -> None:
@@ -444,12 +564,28 @@ class GradGuardLogic:
             out["lr_scale"] = min(out["lr_scale"], s["lr_scale"])
             out["halted"] = out["halted"] or s["halted"]
         out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
+        seen: set[str] = set()
+        out["diagnosis"] = []
+        for core in self._cores.values():
+            for entry in core.summary()["diagnosis"]:
+                if entry["cause"] not in seen:
+                    seen.add(entry["cause"])
+                    out["diagnosis"].append(entry)
         return out
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Put scheduled learning rates back (nothing stays scaled after fit)."""
+        """Put scheduled learning rates back; one line on rank 0 if the guard did anything."""
         for core in self._cores.values():
             core.restore_lr()
+        if self.settings.verbose and trainer.is_global_zero:
+            line = end_of_fit_line(self.summary())
+            if line:
+                log.info(line)
+
+
+def _md_causes(causes: list[Cause]) -> str:
+    return "\n".join(f"{i}. `{c.cause}`: {c.evidence}. **Remedy:** {c.remedy}"
+                     for i, c in enumerate(causes, 1))
 
 
 class GradGuard(GradGuardLogic, Callback):  # noqa: D101

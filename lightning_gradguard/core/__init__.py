@@ -6,7 +6,15 @@ Imports only ``torch``; usable from a plain PyTorch loop, Fabric, or the Lightni
 from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
 from lightning_gradguard.core.decide import Decision, GuardState, decide
-from lightning_gradguard.core.diagnosis import Diagnosis, diagnose
+from lightning_gradguard.core.diagnosis import (
+    CAUSES,
+    EVENTS,
+    Cause,
+    Diagnosis,
+    DiagnosisThresholds,
+    Diagnostician,
+    diagnose,
+)
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.guard import Action, GuardCore, GuardCounters, StepReport
 from lightning_gradguard.core.measure import HostValues, Measurement
@@ -39,11 +47,16 @@ from lightning_gradguard.core.update_cap import (
 )
 
 __all__ = [
+    "CAUSES",
+    "EVENTS",
     "Action",
     "AdaptiveGradClip",
+    "Cause",
     "ClipPolicy",
     "Decision",
     "Diagnosis",
+    "DiagnosisThresholds",
+    "Diagnostician",
     "FixedNormClip",
     "GradNorms",
     "GrowthDetector",

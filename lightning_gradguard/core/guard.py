@@ -49,6 +49,7 @@ from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter
+from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.policies import ClipPolicy
 from lightning_gradguard.core.settings import GuardSettings
@@ -203,6 +204,13 @@ def _named_params(
         named += [(names_by_id.get(id(p), f"param_{i}"), p)
                   for i, p in enumerate(ordered) if id(p) not in known]
     return [n for n, _ in named], [p for _, p in named]
+
+
+def _facts(d: Diagnosis) -> Diagnosis:
+    """``d`` with only the facts of its likely cause (the ranked causes replace the rest)."""
+    fact = d.likely_cause.split(";")[0]
+    return replace(d, likely_cause=fact if fact.startswith(("the loss itself", "the total"))
+                   else "")
 
 
 class GuardCore(Stateful):
@@ -548,8 +556,14 @@ class GuardCore(Stateful):
                          "steps left the weights untouched: the data or the loss function "
                          "(log(0), division by zero, corrupt batches) is the likely cause, "
                          "unless the weights had already diverged")
-        if self.first_diagnosis is not None:
-            parts.append(f"first non-finite step: {self.first_diagnosis.message()}")
+        first = self.first_diagnosis
+        if first is not None and self.causes:
+            parts.append(f"first non-finite step: {_facts(first).message()}"
+                         .removesuffix(". Likely cause: "))
+            return "; ".join(parts) + ".\nLikely causes, most likely first:\n" + causes_text(
+                self.causes)
+        if first is not None:
+            parts.append(f"first non-finite step: {first.message()}")
         return "; ".join(parts)
 
     def _amp_halt_message(self, end: int) -> str:
@@ -560,6 +574,11 @@ class GuardCore(Stateful):
                  "fp16 overflows but gradients that are non-finite at any scale (sqrt or "
                  "log at 0, division by zero in the backward, NaN reaching only the "
                  "backward)"]
+        if last is not None and self.causes:
+            parts.append(f"last step: {_facts(last).message()}"
+                         .removesuffix(". Likely cause: "))
+            return "; ".join(parts) + ".\nLikely causes, most likely first:\n" + causes_text(
+                self.causes)
         if last is not None:
             parts.append(f"last step: {last.message()}")
         return "; ".join(parts)

@@ -306,10 +306,16 @@ def test_text_events_entry(tb_run: TBRun) -> None:
     meta = tb_run.acc.SummaryMetadata(text_tags[0])
     assert meta.plugin_data.plugin_name == "text"
     events = tb_run.acc.Tensors(text_tags[0])
-    assert [e.step for e in events] == [NAN_STEP]
-    text = tensor_util.make_ndarray(events[0].tensor_proto).reshape(-1)[0].decode()
+    texts = {e.step: tensor_util.make_ndarray(e.tensor_proto).reshape(-1)[0].decode()
+             for e in events}
+    assert NAN_STEP in texts
+    text = texts[NAN_STEP]
     assert "first non-finite step" in text
-    assert "non-finite gradients" in text
+    assert "Non-finite gradients" in text
+    # any other entry is the diagnosis at the first spike or backoff
+    for step, other in texts.items():
+        if step != NAN_STEP:
+            assert other.startswith("**diagnosis at the first "), other
 
 
 def test_text_event_names_the_global_step(tb_run: TBRun) -> None:

@@ -58,6 +58,9 @@ _SETTINGS: list[tuple[str, Any, type[Exception]]] = [
     ("max_update_ratio", "0.1", TypeError),
     ("amp_halt_after", 0, ValueError),
     ("amp_halt_after", 40.0, TypeError),
+    ("diagnose", "yes", TypeError),
+    ("preflight", 0, TypeError),
+    ("verbose", 1, TypeError),
 ]
 
 BAD: list[tuple[str, Callable[..., Any], str, Any, type[Exception]]] = [

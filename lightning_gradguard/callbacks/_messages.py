@@ -1,0 +1,52 @@
+"""How the callbacks' warnings are shown: the message only, no ``file.py:NNN:`` prefix.
+
+:class:`GradGuardWarning` is a ``UserWarning`` (filter it like any warning:
+``warnings.filterwarnings("ignore", category=GradGuardWarning)``). Its messages are written
+for the user, not for the code that emitted them, so the source location is left out:
+``warnings.formatwarning`` is wrapped (as Lightning itself does for its own warnings) to
+print only the message for this category, and to hand every other warning to the
+formatter that was installed before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+__all__ = ["GradGuardWarning", "format_warning"]
+
+
+class GradGuardWarning(UserWarning):
+    """A message from GradGuard about the run (shown without a source location)."""
+
+
+_previous = warnings.formatwarning
+
+
+def format_warning(message: Warning | str, category: type[Warning], filename: str,
+                   lineno: int, line: str | None = None) -> str:
+    """``warnings.formatwarning`` that shows a :class:`GradGuardWarning` as its message only.
+
+    Example:
+        >>> format_warning(GradGuardWarning("GradGuard: hi"), GradGuardWarning, "guard.py", 3)
+        'GradGuard: hi\\n'
+    """
+    if isinstance(category, type) and issubclass(category, GradGuardWarning):
+        return f"{message}\n"
+    return _previous(message, category, filename, lineno, line)
+
+
+def install() -> None:
+    """Install :func:`format_warning` (idempotent)."""
+    if getattr(warnings.formatwarning, "__name__", "") != "format_warning":
+        global _previous
+        _previous = warnings.formatwarning
+        warnings.formatwarning = format_warning
+
+
+def warn(message: str, **kwargs: Any) -> None:
+    """Emit ``message`` as a :class:`GradGuardWarning`."""
+    warnings.warn(message, GradGuardWarning, stacklevel=2, **kwargs)
+
+
+install()
