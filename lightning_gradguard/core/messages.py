@@ -87,9 +87,9 @@ def end_of_fit_line(summary: Mapping[str, Any]) -> str:
     """One line: what the guard did (empty when it did nothing).
 
     Example:
-        >>> end_of_fit_line({"steps": 300, "clipped_steps": 21, "skipped_steps": 0,
-        ...                  "lr_backoffs": 8, "lr_scale": 0.0068, "rollbacks": 0})
-        'GradGuard: 300 steps, 21 clipped, 0 skipped, 8 LR backoffs (LR now x0.0068 of the schedule)'
+        >>> print(end_of_fit_line({"steps": 300, "clipped_steps": 21, "skipped_steps": 0,
+        ...                        "lr_backoffs": 8, "lr_scale": 0.0068, "rollbacks": 0}))
+        GradGuard: 300 steps, 21 clipped, 0 skipped, 8 LR backoffs (LR now x0.0068 of the schedule)
         >>> end_of_fit_line({"steps": 300, "clipped_steps": 0, "skipped_steps": 0,
         ...                  "lr_backoffs": 0, "lr_scale": 1.0, "rollbacks": 0})
         ''
