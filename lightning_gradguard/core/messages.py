@@ -53,7 +53,7 @@ def nonfinite_message(d: Diagnosis, causes: Sequence[Cause], *, resumed: bool = 
                     else "the weights were already non-finite (NaN/Inf) when training started.")
         else:
             head = "the weights themselves are non-finite (NaN/Inf): an earlier update diverged."
-        head += (" Skipping steps cannot repair them: restore a good checkpoint, or use "
+        head += ("\nSkipping steps cannot repair them: restore a good checkpoint, or use "
                  "GradGuard(rollback=True) to keep a last-good snapshot.")
     elif top == "data_nonfinite":
         head = "the batch of this step holds NaN/Inf (corrupt data); the step was skipped."
