@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lightning_gradguard.demo import format_table, run_demo
+    from lightning_gradguard.demo import format_diagnosis, format_table, run_demo
 
     print(f"gradguard demo: training '{args.model}' in its exploding configuration, "
           "first without a guard, then with GradGuard() ...", flush=True)
@@ -91,6 +91,10 @@ def _demo(args: argparse.Namespace) -> int:
     print()
     print(format_table(results))
     print()
+    why = format_diagnosis(results[-1])
+    if why:
+        print(why)
+        print()
     print(f"Logs: {version_dir}")
     print("Look at it:")
     print(f"  tensorboard --logdir {args.logdir}")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEMO_MODELS", "DemoResult", "format_table",
-           "next_version_dir", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEMO_MODELS", "DemoResult", "format_diagnosis",
+           "format_table", "next_version_dir", "run_demo"]
 
 DEMO_MODELS = ("mlp", "lstm", "rnn", "residual")
 DEFAULT_MODEL = "mlp"
@@ -55,6 +55,9 @@ class DemoResult:
     log_dir: str
     initial_val_loss: float = math.nan
     lr_scale: float = 1.0
+    #: the guard's diagnosis (``summary()["diagnosis"]``): ranked ``{"cause", "evidence",
+    #: "remedy"}``; empty for the run without a guard
+    diagnosis: tuple[Mapping[str, str], ...] = ()
 
 
 def _config(model: str) -> Any:
@@ -155,6 +158,7 @@ def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
         clipped_steps=int(c.get("clipped_steps", 0)),
         lr_backoffs=int(c.get("lr_backoffs", 0)), log_dir=str(logger.log_dir),
         initial_val_loss=val0, lr_scale=float(c.get("lr_scale", 1.0)),
+        diagnosis=tuple(c.get("diagnosis", ())),
     )
 
 
@@ -193,6 +197,26 @@ def format_table(results: list[DemoResult]) -> str:
         f"{label:<{w0}}" + "".join(f"   {v:>{widths[i]}}" for i, v in enumerate(vals))
         for label, vals in rows
     )
+
+
+def format_diagnosis(result: DemoResult) -> str:
+    """The guarded run's diagnosis: why it exploded and what to change (empty if none).
+
+    Example:
+        >>> r = DemoResult("GradGuard()", 10, 1.0, 1.0, 0, 0, 3, 1, "x", diagnosis=(
+        ...     {"cause": "lr_too_high", "evidence": "40 % per step", "remedy": "lower the LR"},))
+        >>> print(format_diagnosis(r))
+        Why did it explode? (GradGuard's diagnosis, most likely first)
+          1. lr_too_high: 40 % per step
+             remedy: lower the LR
+    """
+    if not result.diagnosis:
+        return ""
+    lines = ["Why did it explode? (GradGuard's diagnosis, most likely first)"]
+    for i, c in enumerate(result.diagnosis, 1):
+        lines.append(f"  {i}. {c['cause']}: {c['evidence']}")
+        lines.append(f"     remedy: {c['remedy']}")
+    return "\n".join(lines)
 
 
 def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
