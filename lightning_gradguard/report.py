@@ -26,10 +26,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+#: a numbered cause in GradGuard's diagnosis text: ``1. lr_too_high:`` or ``1. `lr_too_high`:``
+_CAUSE_LINE = re.compile(r"^\s*\d+\. `?([a-z_]+)`?:", re.MULTILINE)
+_CAUSE_IDS = ("lr_too_high", "init_too_large", "no_normalization", "no_residual", "activation",
+              "recurrent_weights", "loss_nonfinite", "data_nonfinite")
 
 __all__ = [
     "COUNTERS",
@@ -132,6 +138,25 @@ class RunData:
             return None
         logged = [s for tag, _ in COUNTERS for s in self.series(tag)[0] if s <= at]
         return max(logged, default=at)
+
+    @property
+    def diagnosis(self) -> tuple[int, list[str]] | None:
+        """The step and the ranked cause ids of GradGuard's last diagnosis text, if any.
+
+        Read from the ``gradguard/events`` text entries (pre-flight, first spike or backoff,
+        first non-finite step, halt): the numbered causes ``1. lr_too_high: ...``.
+
+        Example:
+            >>> r = RunData("x", {}, texts=[(4, "**diagnosis at the first spike** (step 4)"
+            ...                               "\\n\\n1. `lr_too_high`: 40 %. **Remedy:** lower")])
+            >>> r.diagnosis
+            (4, ['lr_too_high'])
+        """
+        for step, text in reversed(self.texts):
+            ids = [m.group(1) for m in _CAUSE_LINE.finditer(text) if m.group(1) in _CAUSE_IDS]
+            if ids:
+                return step, ids
+        return None
 
 
 def counts(run: RunData) -> dict[str, int]:
@@ -357,6 +382,9 @@ def summarize(run: RunData) -> str:
     _, lr = run.series("gradguard/lr_scale")
     if lr:
         lines.append(f"  LR scale: min {min(lr):.3g}, last {lr[-1]:.3g}")
+    if run.diagnosis is not None:
+        step, ids = run.diagnosis
+        lines.append(f"  diagnosis (step {step}, most likely first): {', '.join(ids)}")
     return "\n".join(lines)
 
 
@@ -617,6 +645,8 @@ def draw_report(runs: Sequence[RunData], notes: Sequence[str] = (),
         raise ValueError("`runs` must hold at least one run, got an empty sequence")
     plt = _pyplot()
     nrows, cols = _grid(len(runs), ncols)
+    notes = [*notes, *(f"{run.name}: diagnosis at step {d[0]}, most likely first: "
+                       f"{', '.join(d[1])}" for run in runs if (d := run.diagnosis) is not None)]
     fig = plt.figure(figsize=(7.0 * cols, 7.0 * nrows + 0.3 * len(notes)))
     # four grid rows per panel row: norm, LR scale, loss, and a spacer that keeps the next
     # panel's title clear of this one's step axis
