@@ -36,7 +36,7 @@ def test_end_of_fit_line_when_the_guard_acted(caplog: pytest.LogCaptureFixture) 
         fit(TinyModule(), 12, [guard])
     s = guard.summary()
     assert s["clipped_steps"] == 12
-    assert _lines(caplog) == [f"GradGuard: 12 steps, 12 clipped, 0 skipped, 0 LR backoffs"]
+    assert _lines(caplog) == ["GradGuard: 12 steps, 12 clipped, 0 skipped, 0 LR backoffs"]
 
 
 def test_end_of_fit_line_names_the_lr_scale_and_backoff_notices_are_rate_limited(
@@ -130,7 +130,7 @@ def test_unknown_argument_names_gradguard_and_the_closest_argument() -> None:
         GradGuard(clip_val=1.0)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match=r"'halt_afterr' \(did you mean 'halt_after'\?\)"):
         GradGuard(halt_afterr=3)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="^GradGuard: too many positional arguments"):
+    with pytest.raises(TypeError, match=r"^GradGuard: too many positional arguments"):
         GradGuard(*range(40))
 
 
@@ -218,7 +218,8 @@ def test_preflight_warning_and_its_switch(preflight: bool, tmp_path: Path) -> No
         assert "1. init_too_large: the weights are 2.8x the He std" in ours[0]
         assert "nn.init.kaiming_normal_" in ours[0]
         assert report.diagnosis_event == "preflight"
-        assert report.causes is not None and report.causes[0].cause == "init_too_large"
+        assert report.causes is not None
+        assert report.causes[0].cause == "init_too_large"
         assert guard.summary()["diagnosis"][0]["cause"] == "init_too_large"
     else:
         assert ours == []
@@ -226,7 +227,8 @@ def test_preflight_warning_and_its_switch(preflight: bool, tmp_path: Path) -> No
         assert guard.summary()["diagnosis"] == []
         # the step-0 evidence is still recorded for a later diagnosis
         doc = guard._cores[0].diagnostician
-        assert doc is not None and doc.step0["init_median"] == pytest.approx(2.8, abs=0.1)
+        assert doc is not None
+        assert doc.step0["init_median"] == pytest.approx(2.8, abs=0.1)
 
 
 def test_diagnose_false_builds_no_diagnostician() -> None:
