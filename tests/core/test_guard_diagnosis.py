@@ -129,8 +129,10 @@ def test_diagnosis_state_round_trip_and_old_states() -> None:
     b.load_state_dict(state)
     assert b.summary() == a.summary()
     assert b.causes == a.causes
-    assert b.preflight_done and b.diagnosed_events == a.diagnosed_events == {"nonfinite"}
-    assert b.diagnostician is not None and a.diagnostician is not None
+    assert b.preflight_done
+    assert b.diagnosed_events == a.diagnosed_events == {"nonfinite"}
+    assert b.diagnostician is not None
+    assert a.diagnostician is not None
     assert b.diagnostician.state_dict() == a.diagnostician.state_dict()
     # a state saved before diagnoses existed still loads: nothing diagnosed yet
     old = {k: v for k, v in state.items() if k != "diagnosis"}
