@@ -11,9 +11,8 @@ formatter that was installed before.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
-__all__ = ["GradGuardWarning", "format_warning"]
+__all__ = ["GradGuardWarning", "format_warning", "install_format"]
 
 
 class GradGuardWarning(UserWarning):
@@ -36,17 +35,14 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
     return _previous(message, category, filename, lineno, line)
 
 
-def install() -> None:
-    """Install :func:`format_warning` (idempotent)."""
+def install_format() -> None:
+    """Install :func:`format_warning` (idempotent; called again before each warning, since
+    a module imported later, e.g. ``lightning.fabric.utilities.warnings``, may replace it).
+    """
     if getattr(warnings.formatwarning, "__name__", "") != "format_warning":
         global _previous
         _previous = warnings.formatwarning
         warnings.formatwarning = format_warning
 
 
-def warn(message: str, **kwargs: Any) -> None:
-    """Emit ``message`` as a :class:`GradGuardWarning`."""
-    warnings.warn(message, GradGuardWarning, stacklevel=2, **kwargs)
-
-
-install()
+install_format()

@@ -51,7 +51,7 @@ from torch.optim import Optimizer
 
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
-from lightning_gradguard.callbacks._messages import GradGuardWarning
+from lightning_gradguard.callbacks._messages import GradGuardWarning, install_format
 from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.amp import unscale_once_
 from lightning_gradguard.core.diagnosis import Cause
@@ -399,11 +399,13 @@ class GradGuardLogic:
                    "activation); the step was skipped and "
                    + (f"the last good snapshot (step {snap_step}) restored" if report.rollback
                       else "no snapshot was available to restore"))
+            install_format()
             rank_zero_warn(msg, category=GradGuardWarning)
             self._text(trainer, msg)
         elif report.rollback:
             msg = (f"GradGuard: restored the last good snapshot (step {snap_step}) after "
                    f"{core.streaks.nonfinite} consecutive non-finite steps")
+            install_format()
             rank_zero_warn(msg, category=GradGuardWarning)
             self._text(trainer, msg)
         if report.halt:
@@ -458,6 +460,7 @@ class GradGuardLogic:
     # ----------------------------------------------------------------- messages
     def _warn(self, trainer: pl.Trainer, message: str) -> None:
         if trainer.is_global_zero and self.settings.verbose:
+            install_format()  # again: a module imported later may have replaced it
             rank_zero_warn(message, category=GradGuardWarning)
 
     def _messages(self, trainer: pl.Trainer, core: GuardCore, report: StepReport) -> None:

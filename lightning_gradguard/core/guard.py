@@ -489,6 +489,9 @@ class GuardCore(Stateful):
             self.first_diagnosis = diagnosis
         return diagnosis, norms
 
+    def _names_with_grad(self) -> list[str]:
+        return [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
+
     def _diagnose_causes(self, m: Measurement, d: Decision, grads: Gradients | None,
                          norms: list[float] | None,
                          batch: Any) -> tuple[tuple[Cause, ...] | None, str | None]:
@@ -502,8 +505,8 @@ class GuardCore(Stateful):
         assert doc is not None
         causes: list[Cause] | None = None
         event: str | None = None
-        names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
         if not self.preflight_done:
+            names = self._names_with_grad()
             self.preflight_done = True
             host = grads.host if grads is not None else {}
             per = host.get("per_tensor")
@@ -530,6 +533,7 @@ class GuardCore(Stateful):
             return None, None
         if event != "preflight":
             self.diagnosed_events.add(event)
+            names = self._names_with_grad()
             per_tensor = (dict(zip(names, norms, strict=False)) if norms is not None
                           and len(norms) == len(names) else None)
             causes = doc.diagnose(event, per_tensor, m.loss,  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardWarning
+from lightning_gradguard.callbacks._messages import install_format
 from lightning_gradguard.core import CAUSES, FixedNormClip
 from lightning_gradguard.demos import DeepMLP
 from lightning_gradguard.report import load_run
@@ -115,6 +116,7 @@ def test_nan_weights_are_the_first_fact() -> None:
 
 
 def test_formatwarning_shows_only_the_message_for_gradguard_warnings() -> None:
+    install_format()  # what the callback does before each of its warnings
     text = warnings.formatwarning(GradGuardWarning("GradGuard: x\ny"), GradGuardWarning,
                                   "/a/lightning_gradguard/callbacks/guard.py", 317)
     assert text == "GradGuard: x\ny\n"
