@@ -36,8 +36,10 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
 
 
 def install_format() -> None:
-    """Install :func:`format_warning` (idempotent; called again before each warning, since
-    a module imported later, e.g. ``lightning.fabric.utilities.warnings``, may replace it).
+    """Install :func:`format_warning` (idempotent).
+
+    Called again before each warning: a module imported later (e.g.
+    ``lightning.fabric.utilities.warnings``) may have replaced ``warnings.formatwarning``.
     """
     if getattr(warnings.formatwarning, "__name__", "") != "format_warning":
         global _previous
