@@ -20,6 +20,7 @@ class GradGuardWarning(UserWarning):
 
 
 _previous = warnings.formatwarning
+_active = [False]
 
 
 def format_warning(message: Warning | str, category: type[Warning], filename: str,
@@ -32,7 +33,21 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
     """
     if isinstance(category, type) and issubclass(category, GradGuardWarning):
         return f"{message}\n"
-    return _previous(message, category, filename, lineno, line)
+    if _active[0]:  # a formatter installed after this one wrapped it and called back
+        return _stdlib(message, category, filename, lineno, line)
+    _active[0] = True
+    try:
+        return _previous(message, category, filename, lineno, line)
+    finally:
+        _active[0] = False
+
+
+def _stdlib(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+            line: str | None = None) -> str:
+    original = getattr(warnings, "_formatwarning_orig", None)
+    if original is not None:
+        return original(message, category, filename, lineno, line)  # type: ignore[no-any-return]
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
 def install_format() -> None:

@@ -273,7 +273,10 @@ class GuardCore(Stateful):
         #: the cause diagnosis (``None`` without ``diagnose`` or without a module): built
         #: now, it probes the next forward pass
         self.diagnostician: Diagnostician | None = None
-        if s.diagnose and self.module is not None:
+        # sharded parameters (DTensor, FSDP1's FlatParameter) hold only a local shard: the
+        # per-layer evidence would be wrong, so no diagnosis there
+        plain = all(type(p) in (torch.nn.Parameter, torch.Tensor) for p in self.params)
+        if s.diagnose and self.module is not None and plain:
             self.diagnostician = Diagnostician(self.module, optimizer, preflight=s.preflight)
             self.diagnostician.watch_forward()
         self._weight_names: list[tuple[str, int]] = []

@@ -122,6 +122,22 @@ def test_formatwarning_shows_only_the_message_for_gradguard_warnings() -> None:
     assert text == "GradGuard: x\ny\n"
     other = warnings.formatwarning(UserWarning("z"), UserWarning, "/a/b.py", 3)
     assert "b.py:3" in other  # every other warning keeps its location
+    # a formatter installed later that wraps ours (as Lightning's does) causes no loop
+    saved = warnings.formatwarning
+    ours = warnings.formatwarning
+
+    def later(message: Any, category: Any, filename: str, lineno: int,
+              line: str | None = None) -> str:
+        return ours(message, category, filename, lineno, line)
+
+    try:
+        warnings.formatwarning = later
+        install_format()
+        assert warnings.formatwarning("z", UserWarning, "/a/b.py", 3) == \
+            "/a/b.py:3: UserWarning: z\n"
+        assert warnings.formatwarning("y", GradGuardWarning, "/a/b.py", 3) == "y\n"
+    finally:
+        warnings.formatwarning = saved
 
 
 # ----------------------------------------------------------------- unknown argument
