@@ -198,8 +198,7 @@ def _named_params(
 
 
 def _group_layout(optimizer: Optimizer | None) -> tuple[int, ...]:
-    """The sizes of the optimizer's param groups (what :meth:`GuardCore.follow_optimizer`
-    compares)."""
+    """The sizes of the optimizer's param groups (compared by ``follow_optimizer``)."""
     if optimizer is None:
         return ()
     return tuple(len(g["params"]) for g in optimizer.param_groups)

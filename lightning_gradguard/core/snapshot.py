@@ -108,8 +108,7 @@ class Snapshot:
         return self.step
 
     def _check_matches(self, optimizers: Sequence[Optimizer]) -> None:
-        """Refuse a restore that would leave model and optimizers inconsistent (checked
-        before anything is written)."""
+        """Refuse, before writing anything, a restore that would leave the two inconsistent."""
         if len(optimizers) != len(self._optim):
             raise RuntimeError(
                 f"the snapshot holds {len(self._optim)} optimizer states but "
