@@ -69,7 +69,8 @@ def test_param_group_added_later_is_guarded() -> None:
     report = guard.step()
     assert not report.finite
     assert report.action is Action.SKIP
-    assert a.weight.grad is None and b.weight.grad is None  # every group's grads cleared
+    assert a.weight.grad is None
+    assert b.weight.grad is None
     opt.step()
     assert all_finite(model)
 
@@ -88,7 +89,8 @@ def test_rollback_after_add_param_group_restores_consistently() -> None:
     good = params_of(model)
     opt.step()
     opt.zero_grad()
-    assert guard.snapshot is not None and guard.snapshot.step == 2
+    assert guard.snapshot is not None
+    assert guard.snapshot.step == 2
     with torch.no_grad():
         a.weight.fill_(1e3)  # the weights move on, then the steps fail
     for _ in range(2):
@@ -122,7 +124,8 @@ def test_mixed_cpu_accelerator_norm_is_reduced_on_the_accelerator() -> None:
     grads = [torch.ones(3), torch.ones(4, device="meta")]
     norms = grad_norms(grads)
     assert norms.total.device.type == "meta"
-    assert norms.per_tensor is not None and norms.per_tensor.device.type == "meta"
+    assert norms.per_tensor is not None
+    assert norms.per_tensor.device.type == "meta"
     assert grad_norms([torch.ones(3), torch.ones(2)]).total.device.type == "cpu"
 
 
@@ -155,7 +158,8 @@ def test_reused_guard_resumes_like_a_fresh_one(tmp_path: Path) -> None:
     reused = GradGuard()
     last = first_fit(reused)
     before = reused.summary()
-    assert before["steps"] == 10 and before["skipped_steps"] == 1
+    assert before["steps"] == 10
+    assert before["skipped_steps"] == 1
     fit(TinyModule(), 20, [reused], ckpt_path=str(last))
 
     fresh = GradGuard()
@@ -207,7 +211,9 @@ def test_huge_finite_gradient_under_scaler_is_not_left_to_it() -> None:
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     report = guard.step(amp_overflow=True)
     assert report.action is not Action.AMP_SKIP
-    assert report.finite and math.isfinite(report.grad_norm) and report.grad_norm > 1e20
+    assert report.finite
+    assert math.isfinite(report.grad_norm)
+    assert report.grad_norm > 1e20
     assert report.action in (Action.CLIP, Action.SKIP)
     if report.action is Action.CLIP:
         total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
@@ -234,8 +240,10 @@ def test_nan_loss_in_an_earlier_micro_batch_is_seen() -> None:
     guard = GradGuard()
     fit(DetachedNaNLoss(bad=4), 4, [guard], accumulate_grad_batches=2)  # window 2: 4, 5
     s = guard.summary()
-    assert s["nonfinite_steps"] == 1 and s["skipped_steps"] == 1
-    assert guard.last_reports[0].loss is not None and math.isfinite(guard.last_reports[0].loss)
+    assert s["nonfinite_steps"] == 1
+    assert s["skipped_steps"] == 1
+    assert guard.last_reports[0].loss is not None
+    assert math.isfinite(guard.last_reports[0].loss)
 
 
 # --------------------------------------------------------------------------- item 7
@@ -260,9 +268,11 @@ def test_halt_under_min_steps_happens_once(tmp_path: Path,
                       min_steps=30)
     assert trainer.global_step == 30  # Lightning keeps going until min_steps
     errors = _errors(caplog)
-    assert len(errors) == 1 and "min_steps=30" in errors[0]
+    assert len(errors) == 1
+    assert "min_steps=30" in errors[0]
     assert saved == [9]
-    assert guard.summary()["halted"] and guard.summary()["skipped_steps"] == 3
+    assert guard.summary()["halted"]
+    assert guard.summary()["skipped_steps"] == 3
     assert all(torch.equal(x, y) for x, y in zip(weights.at_halt, weights.last, strict=True))
 
 
@@ -276,9 +286,11 @@ def test_unwritable_checkpoint_dir_still_halts_cleanly(tmp_path: Path,
         trainer = fit(NaNFrom(4), 30, [guard])
     assert trainer.global_step == 4 + 3
     s = guard.summary()
-    assert s["halted"] and s["halt_checkpoint"] is None
+    assert s["halted"]
+    assert s["halt_checkpoint"] is None
     errors = _errors(caplog)
-    assert "halted training" in errors[0] and "consecutive non-finite steps" in errors[0]
+    assert "halted training" in errors[0]
+    assert "consecutive non-finite steps" in errors[0]
     assert any("could NOT be saved" in e and "checkpoint_dir" in e for e in errors)
 
 
@@ -291,7 +303,8 @@ def test_complex_parameters_are_measured_like_clip_grad_norm() -> None:
     (w.abs() ** 2).sum().backward()
     expected = float(torch.nn.utils.get_total_norm([w.grad]))
     report = guard.step()
-    assert report.finite and report.grad_norm == pytest.approx(expected, rel=1e-6)
+    assert report.finite
+    assert report.grad_norm == pytest.approx(expected, rel=1e-6)
     w.grad = torch.full_like(w, complex(NAN, 0.0))
     assert guard.step().action is Action.SKIP
 
@@ -333,7 +346,9 @@ def test_manual_backward_with_non_scalar_loss() -> None:
     fit(PerSampleManual(), 5, [guard])
     assert guard.summary()["steps"] == 5
     loss = guard.last_reports[0].loss
-    assert loss is not None and math.isfinite(loss) and loss > 0
+    assert loss is not None
+    assert math.isfinite(loss)
+    assert loss > 0
 
 
 # --------------------------------------------------------------------------- item 10
