@@ -226,6 +226,7 @@ class GradGuardLogic:
         self.halt_checkpoint: Path | str | None = None
         self._halt_pending: GuardCore | None = None
         self._stopping = False
+        self._in_fit = False
         self.last_reports: dict[int, StepReport] = {}
 
     # ----------------------------------------------------------------- identity & state
@@ -241,9 +242,13 @@ class GradGuardLogic:
         return {"version": 1, "cores": cores} if cores else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore state; applied as soon as each optimizer's guard exists."""
+        """Restore state; applied as soon as each optimizer's guard exists.
+
+        Outside a fit (before it, or between two fits of a reused instance) the state waits
+        for the next fit's guards.
+        """
         for i, s in state_dict.get("cores", {}).items():
-            if int(i) in self._cores:
+            if self._in_fit and int(i) in self._cores:
                 self._cores[int(i)].load_state_dict(s)
             else:
                 self._pending_state[int(i)] = s
@@ -291,12 +296,13 @@ class GradGuardLogic:
         """Per-fit state starts fresh (a reused instance; ``load_state_dict`` comes after).
 
         The previous fit's guards are closed: their optimizers are gone, and a state restored
-        from a checkpoint must reach the guards of this fit's optimizers.
+        from a checkpoint must reach the guards of this fit's optimizers. A state loaded
+        before the fit (``load_state_dict``) is kept for them.
         """
         for core in self._cores.values():
             core.close()
         self._cores = {}
-        self._pending_state = {}
+        self._in_fit = True
         self._loss = None
         self.halt_checkpoint = None
         self._halt_pending = None
@@ -355,9 +361,9 @@ class GradGuardLogic:
         if core is None or core.optimizer is not optimizer:
             # several processes: one decision on all ranks, global norms of sharded grads
             core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
-            if idx in self._pending_state:
-                core.load_state_dict(self._pending_state.pop(idx))
             self._cores[idx] = core
+        if idx in self._pending_state:
+            core.load_state_dict(self._pending_state.pop(idx))
         return idx, core
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -433,7 +439,7 @@ class GradGuardLogic:
             if trainer.is_global_zero:
                 get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
             trainer.save_checkpoint(path)
-        except OSError as exc:
+        except Exception as exc:  # a failed save must not lose the diagnosis
             error = f"{type(exc).__name__}: {exc}"
         trainer.strategy.barrier("gradguard_halt_checkpoint")
         return error
@@ -451,8 +457,6 @@ class GradGuardLogic:
         if kept:
             head += (f" The Trainer's {kept} keeps the run going past this stop: GradGuard "
                      "skips every remaining step (the weights stay as they are now).")
-        # the diagnosis first: whatever happens to the checkpoint, it is not lost
-        log.error(head)
         path = self._checkpoint_path(trainer)
         where: str
         if params_ok:
@@ -463,11 +467,11 @@ class GradGuardLogic:
             else:
                 where = (f"The last good weights could NOT be saved to {path} ({error}); set "
                          "GradGuard(checkpoint_dir=...) to a writable directory")
-                log.error(f"GradGuard: {where}.")
         else:
             where = ("The weights themselves are non-finite and no snapshot exists: nothing "
                      "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
         msg = f"{head} {where}."
+        log.error(msg)  # whatever happened to the checkpoint, the diagnosis is not lost
         self._text(trainer, f"**halt** — {msg}")
         if self.on_halt == "raise":
             raise GradGuardHalt(msg)
@@ -540,6 +544,11 @@ class GradGuardLogic:
             out["halted"] = out["halted"] or s["halted"]
         out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
         return out
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The fit is over: a later ``load_state_dict`` waits for the next fit."""
+        if stage == "fit":
+            self._in_fit = False
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put scheduled learning rates back (nothing stays scaled after fit)."""
