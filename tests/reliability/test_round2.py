@@ -75,6 +75,38 @@ def test_param_group_added_later_is_guarded() -> None:
     assert all_finite(model)
 
 
+class UnfreezeAt(Callback):
+    """Adds ``net.0`` to the optimizer at ``step`` (as ``BackboneFinetuning`` does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            backbone = list(pl_module.net[0].parameters())
+            for p in backbone:
+                p.requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": backbone})
+
+
+class FrozenBackbone(TinyModule):
+    def configure_optimizers(self) -> Any:
+        for p in self.net[0].parameters():
+            p.requires_grad_(False)
+        return torch.optim.Adam(self.net[2].parameters(), lr=0.01)
+
+
+def test_unfrozen_backbone_is_guarded_in_a_fit() -> None:
+    guard = GradGuard(rollback=True, snapshot_every=2, rollback_after=2)
+    faults = FaultInjector([Fault(s, kind="nan", params="net.0.*") for s in (5, 6, 7)])
+    module = FrozenBackbone()
+    fit(module, 10, [UnfreezeAt(3), faults, guard])
+    assert all_finite(module)
+    s = guard.summary()
+    assert s["skipped_steps"] == 3
+    assert s["rollbacks"] == 1
+
+
 def test_rollback_after_add_param_group_restores_consistently() -> None:
     model, a, b = _two_layers()
     opt = torch.optim.SGD(a.parameters(), lr=0.01, momentum=0.9)
@@ -167,6 +199,18 @@ def test_reused_guard_resumes_like_a_fresh_one(tmp_path: Path) -> None:
     assert reused.summary() == fresh.summary()
     assert reused.summary()["steps"] == 20
     assert reused.summary()["skipped_steps"] == 1
+
+
+def test_state_loaded_between_fits_reaches_the_next_fit() -> None:
+    guard = GradGuard()
+    fit(TinyModule(), 6, [FaultInjector([Fault(2, kind="nan")]), guard])
+    saved = guard.state_dict()
+    other = GradGuard()
+    fit(TinyModule(), 3, [other])
+    other.load_state_dict(saved)  # between two fits of a reused instance
+    fit(TinyModule(), 2, [other])
+    assert other.summary()["steps"] == 6 + 2
+    assert other.summary()["skipped_steps"] == 1
 
 
 def test_halt_checkpoint_and_monitor_count_are_per_fit(tmp_path: Path) -> None:
