@@ -133,8 +133,26 @@ class FaultInjector(Callback):
                 out.append(f)
         return out
 
+    def _check_patterns(self, pl_module: pl.LightningModule) -> None:
+        """Refuse a gradient/parameter fault whose ``params`` glob matches no parameter."""
+        names = [n for n, _ in pl_module.named_parameters()]
+        for f in self.faults:
+            if f.target != "loss" and not any(fnmatch.fnmatchcase(n, f.params) for n in names):
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(
+                    f"FaultInjector: `params` of {f!r} matches no parameter of "
+                    f"{type(pl_module).__name__}, so nothing would be injected; parameter "
+                    f"names are: {shown}")
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Wrap ``training_step`` for loss faults (undone when the fit ends)."""
+        """Check the ``params`` patterns; wrap ``training_step`` for loss faults.
+
+        The wrapper is undone when the fit ends.
+
+        Raises:
+            ValueError: If a ``"grad"``/``"param"`` fault's ``params`` matches no parameter.
+        """
+        self._check_patterns(pl_module)
         self._unwrap()
         if not any(f.target == "loss" for f in self.faults):
             return
@@ -187,11 +205,18 @@ class FaultInjector(Callback):
         self._unwrap()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Inject gradient faults."""
+        """Inject gradient faults (a fault that found no gradient is not recorded, and warns)."""
         for f in self._fire(trainer, "grad"):
+            touched = 0
             for p in self._matching(pl_module, f):
                 if p.grad is not None:
                     f.corrupt_(p.grad)
+                    touched += 1
+            if not touched:
+                self.injected.remove((trainer.global_step, "grad", f.kind))
+                warnings.warn(f"FaultInjector: {f!r} touched no gradient at step "
+                              f"{trainer.global_step}: the matching parameters have none "
+                              "(frozen or unused)", stacklevel=2)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

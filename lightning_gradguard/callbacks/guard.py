@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
@@ -54,6 +55,7 @@ from lightning_gradguard.callbacks._logging import log_scalars, should_log, tens
 from lightning_gradguard.callbacks._messages import GradGuardWarning, install_format
 from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.amp import unscale_once_
+from lightning_gradguard.core.clip import skip_step_
 from lightning_gradguard.core.diagnosis import Cause
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
 from lightning_gradguard.core.messages import causes_text, end_of_fit_line, nonfinite_message
@@ -92,6 +94,41 @@ def _overrides_clipping(pl_module: Any) -> bool:
         if "configure_gradient_clipping" in vars(cls):
             return not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
     return False
+
+
+_CKPT_NAME = "gradguard_last_good.ckpt"
+
+
+def _min_keeps_running(trainer: pl.Trainer) -> str:
+    """The Trainer minimum (``"min_steps=N"``) that keeps a stopped run going, else ``""``.
+
+    Lightning ignores ``should_stop`` until ``min_steps`` / ``min_epochs`` are reached.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    min_steps = getattr(getattr(loop, "epoch_loop", None), "min_steps", None) or 0
+    min_epochs = getattr(loop, "min_epochs", None) or 0
+    if min_steps and trainer.global_step < min_steps:
+        return f"min_steps={min_steps}"
+    if min_epochs and trainer.current_epoch < min_epochs:
+        return f"min_epochs={min_epochs}"
+    return ""
+
+
+def _refuse_closure_optimizer(index: int, optimizer: Optimizer) -> None:
+    """Raise for optimizers that evaluate the closure several times per step (LBFGS).
+
+    Such an optimizer runs ``on_before_optimizer_step`` once per function evaluation inside
+    its ``step`` and reads its learning rate before the closure: every evaluation would count
+    as a step (skewing halt, rollback and spike windows), a skip would feed it zero
+    gradients, and an LR backoff would never reach its update.
+    """
+    if isinstance(optimizer, torch.optim.LBFGS) or "LBFGS" in type(optimizer).__name__:
+        raise ValueError(
+            f"GradGuard does not support optimizer {index} ({type(optimizer).__name__}): it "
+            "evaluates the closure several times per step, so GradGuard would count function "
+            "evaluations as steps and its LR backoff could not reach the update. Use "
+            "GradientMonitor to watch the gradients, or a first-order optimizer (SGD, Adam, "
+            "AdamW) with GradGuard.")
 
 
 def _raw(optimizer: Any) -> Optimizer:
@@ -238,8 +275,11 @@ class GradGuardLogic:
         self._cores: dict[int, GuardCore] = {}
         self._pending_state: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
-        self.halt_checkpoint: Path | None = None
+        #: where the halt checkpoint went (a ``Path``; a ``str`` for a URL such as s3://)
+        self.halt_checkpoint: Path | str | None = None
         self._halt_pending: GuardCore | None = None
+        self._stopping = False
+        self._in_fit = False
         self.last_reports: dict[int, StepReport] = {}
         self._batch: Any = None
         self._notice_step = -_NOTICE_EVERY
@@ -258,16 +298,22 @@ class GradGuardLogic:
         return {"version": 1, "cores": cores} if cores else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore state; applied as soon as each optimizer's guard exists."""
+        """Restore state; applied as soon as each optimizer's guard exists.
+
+        Outside a fit (before it, or between two fits of a reused instance) the state waits
+        for the next fit's guards.
+        """
         for i, s in state_dict.get("cores", {}).items():
-            if int(i) in self._cores:
+            if self._in_fit and int(i) in self._cores:
                 self._cores[int(i)].load_state_dict(s)
             else:
                 self._pending_state[int(i)] = s
 
     # ----------------------------------------------------------------- setup checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check for conflicts with the Trainer's own settings."""
+        """Check for conflicts with the Trainer's own settings; start a fit afresh."""
+        if stage == "fit":
+            self._start_fit()
         callbacks = getattr(trainer, "callbacks", [])
         same = [cb for cb in callbacks if isinstance(cb, GradGuardLogic) and cb is not self
                 and cb.state_key == self.state_key]
@@ -302,11 +348,30 @@ class GradGuardLogic:
                 "skipping and backoff."
             )
 
+    def _start_fit(self) -> None:
+        """Per-fit state starts fresh (a reused instance; ``load_state_dict`` comes after).
+
+        The previous fit's guards are closed: their optimizers are gone, and a state restored
+        from a checkpoint must reach the guards of this fit's optimizers. A state loaded
+        before the fit (``load_state_dict``) is kept for them.
+        """
+        for core in self._cores.values():
+            core.close()
+        self._cores = {}
+        self._in_fit = True
+        self._loss = None
+        self.halt_checkpoint = None
+        self._halt_pending = None
+        self._stopping = False
+        self.last_reports = {}
+        self._bar_shown.clear()
+
     # ----------------------------------------------------------------- TensorBoard
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn about optimizers with nothing to guard; write the TensorBoard layout."""
+        """Refuse closure-based optimizers, warn about empty ones, write the TB layout."""
         for i, opt in enumerate(trainer.optimizers):
             raw = _raw(opt)
+            _refuse_closure_optimizer(i, raw)
             groups = getattr(raw, "param_groups", [])
             if not any(p.requires_grad for g in groups for p in g["params"]):
                 rank_zero_warn(
@@ -348,10 +413,17 @@ class GradGuardLogic:
                            loss: torch.Tensor) -> None:
         """Remember the loss of the step (its finiteness is part of the decision).
 
+        With gradient accumulation the micro-batches' losses are summed (each is already
+        divided by the number of micro-batches), so a NaN in any of them is seen; a
+        non-scalar loss (``manual_backward(loss, gradient=...)``) counts by its mean.
+
         The forward pass is over: the diagnosis' one-shot forward probe ends here when the
         training step did not call the module itself (one read, on the first step only).
         """
-        self._loss = loss.detach()
+        value = loss.detach()
+        if value.numel() != 1:
+            value = value.float().mean()
+        self._loss = value.reshape(()) if self._loss is None else self._loss + value.reshape(())
         for core in self._cores.values():
             if core.diagnostician is not None and not core.preflight_done:
                 core.diagnostician.finish_probe()
@@ -364,9 +436,9 @@ class GradGuardLogic:
         if core is None or core.optimizer is not optimizer:
             # several processes: one decision on all ranks, global norms of sharded grads
             core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
-            if idx in self._pending_state:
-                core.load_state_dict(self._pending_state.pop(idx))
             self._cores[idx] = core
+        if idx in self._pending_state:
+            core.load_state_dict(self._pending_state.pop(idx))
         return idx, core
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -378,6 +450,11 @@ class GradGuardLogic:
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # fused optimizers unscale inside step(): unscale now so the guard sees true grads
             unscale_once_(scaler, optimizer)
+        if self._stopping:
+            # halted, but the Trainer's min_steps/min_epochs keep it running: skip, once told
+            skip_step_(core.params)
+            self._loss = None
+            return
         others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
         consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
         loss = self._loss if consensus is None else consensus.arm(self._loss)
@@ -421,9 +498,26 @@ class GradGuardLogic:
             self._halt(trainer, pl_module, core)
 
     # ----------------------------------------------------------------- halt
-    def _checkpoint_path(self, trainer: pl.Trainer) -> Path:
-        base = self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir
-        return Path(base) / "gradguard_last_good.ckpt"
+    def _checkpoint_path(self, trainer: pl.Trainer) -> Path | str:
+        base = os.fspath(self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir)
+        if "://" in base:  # a URL (s3://, gs://, memory://): never through pathlib
+            return base.rstrip("/") + "/" + _CKPT_NAME
+        return Path(base) / _CKPT_NAME
+
+    def _save_halt_checkpoint(self, trainer: pl.Trainer, path: Path | str) -> str | None:
+        """Save through the Trainer's fsspec-aware checkpoint IO; return why it failed, or None.
+
+        The write is atomic (``_atomic_save``), local or remote (s3://, gs://, memory://).
+        """
+        error: str | None = None
+        try:
+            if trainer.is_global_zero:
+                get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+            trainer.save_checkpoint(path)
+        except Exception as exc:  # a failed save must not lose the diagnosis
+            error = f"{type(exc).__name__}: {exc}"
+        trainer.strategy.barrier("gradguard_halt_checkpoint")
+        return error
 
     def _halt(self, trainer: pl.Trainer, pl_module: pl.LightningModule, core: GuardCore) -> None:
         # the same answer on every rank (what follows saves a checkpoint: a collective)
@@ -433,29 +527,32 @@ class GradGuardLogic:
         if not params_ok:
             others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
             params_ok = core.restore_snapshot(others)
+        first, sep, causes = core.halt_message.partition("\nLikely causes")
+        head = f"GradGuard halted training: {first.rstrip('.')}."
+        kept = _min_keeps_running(trainer)
+        if kept:
+            head += (f" The Trainer's {kept} keeps the run going past this stop: GradGuard "
+                     "skips every remaining step (the weights stay as they are now).")
         path = self._checkpoint_path(trainer)
         where: str
         if params_ok:
-            tmp = path.with_name(path.name + ".tmp")
-            if trainer.is_global_zero:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(tmp)
-            if trainer.is_global_zero:
-                os.replace(tmp, path)
-            trainer.strategy.barrier("gradguard_halt_checkpoint")
-            self.halt_checkpoint = path
-            where = f"The last good weights were saved to {path}"
+            error = self._save_halt_checkpoint(trainer, path)
+            if error is None:
+                self.halt_checkpoint = path
+                where = f"The last good weights were saved to {path}"
+            else:
+                where = (f"The last good weights could NOT be saved to {path} ({error}); set "
+                         "GradGuard(checkpoint_dir=...) to a writable directory")
         else:
             where = ("The weights themselves are non-finite and no snapshot exists: nothing "
                      "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
-        head, sep, causes = core.halt_message.partition("\nLikely causes")
-        msg = f"GradGuard halted training: {head.rstrip('.')}. {where}." + (
-            f"\nLikely causes{causes}" if sep else "")
-        log.error(msg)
+        msg = f"{head} {where}." + (f"\nLikely causes{causes}" if sep else "")
+        log.error(msg)  # whatever happened to the checkpoint, the diagnosis is not lost
         self._text(trainer, f"**halt** — {msg}")
         if self.on_halt == "raise":
             raise GradGuardHalt(msg)
         trainer.should_stop = True
+        self._stopping = True
 
     # ----------------------------------------------------------------- messages
     def _warn(self, trainer: pl.Trainer, message: str) -> None:
@@ -575,6 +672,11 @@ class GradGuardLogic:
                     seen.add(entry["cause"])
                     out["diagnosis"].append(entry)
         return out
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """The fit is over: a later ``load_state_dict`` waits for the next fit."""
+        if stage == "fit":
+            self._in_fit = False
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put scheduled learning rates back; one line on rank 0 if the guard did anything."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -76,6 +77,23 @@ class GradientMonitorLogic:
         """Stable key (no hyperparameters in it)."""
         return "GradientMonitor"
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new fit counts from zero (a resumed one gets its count in ``load_state_dict``)."""
+        if stage == "fit":
+            self._nonfinite = None
+            self._max_norm = None
+            self._groups = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cumulative non-finite count (one host read, at checkpoint time only)."""
+        count = 0.0 if self._nonfinite is None else to_host(self._nonfinite.reshape(1))[0]
+        return {"nonfinite_steps": int(count)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the cumulative non-finite count."""
+        self._nonfinite = torch.tensor(float(state_dict.get("nonfinite_steps", 0)))
+        self._max_norm = torch.zeros(())
+
     def _layer_groups(self, names: list[str]) -> list[tuple[str, list[int]]]:
         groups: OrderedDict[str, list[int]] = OrderedDict()
         for i, n in enumerate(names):
@@ -100,9 +118,12 @@ class GradientMonitorLogic:
         norms = grad_norms(grads, self.norm_type)
         total = norms.total
         finite = torch.isfinite(total)
-        if self._nonfinite is None or self._nonfinite.device != total.device:
+        if self._nonfinite is None or self._max_norm is None:
             self._nonfinite = torch.zeros((), dtype=torch.float32, device=total.device)
             self._max_norm = torch.zeros((), dtype=torch.float32, device=total.device)
+        elif self._nonfinite.device != total.device:  # a restored count, or a moved model
+            self._nonfinite = self._nonfinite.to(device=total.device, dtype=torch.float32)
+            self._max_norm = self._max_norm.to(device=total.device, dtype=torch.float32)
         assert self._max_norm is not None
         self._nonfinite = self._nonfinite + (~finite).float()
         self._max_norm = torch.where(finite, torch.maximum(self._max_norm, total.float()),

@@ -213,6 +213,13 @@ def _facts(d: Diagnosis) -> Diagnosis:
                    else "")
 
 
+def _group_layout(optimizer: Optimizer | None) -> tuple[int, ...]:
+    """The sizes of the optimizer's param groups (compared by ``follow_optimizer``)."""
+    if optimizer is None:
+        return ()
+    return tuple(len(g["params"]) for g in optimizer.param_groups)
+
+
 class GuardCore(Stateful):
     """Gradient guard for one optimizer, usable in any training loop.
 
@@ -258,6 +265,8 @@ class GuardCore(Stateful):
         self.module = model if isinstance(model, torch.nn.Module) else None
         self.optimizer = optimizer
         self.names, self.params = _named_params(model, optimizer)
+        self._layout = _group_layout(optimizer)
+        self._snapshot_due = False
         self.reducer = reducer
         self.meter = Meter(self.params, s.norm_type, reducer)
         self.policy: ClipPolicy = copy.deepcopy(s.policy)
@@ -333,9 +342,34 @@ class GuardCore(Stateful):
         """
         self.counters.steps += 1
         step = self.counters.steps if step is None else step
+        self.follow_optimizer()
         measurement, grads = self.measure(loss, amp_overflow=amp_overflow, step=step)
         decision = decide(measurement, self.state(measurement), self.settings)
         return self.apply(measurement, decision, grads, snapshot_extra, batch=batch)
+
+    def follow_optimizer(self) -> bool:
+        """Watch the parameters the optimizer holds now (e.g. after ``add_param_group``).
+
+        Called by :meth:`step` (a comparison of the group sizes: no cost when nothing
+        changed). When the optimizer's param groups changed, the watched parameters are
+        rebuilt, and the last-good snapshot (whose optimizer state no longer matches) is
+        dropped and taken again at the next finite step.
+
+        Returns:
+            Whether the parameters changed.
+        """
+        layout = _group_layout(self.optimizer)
+        if layout == self._layout:
+            return False
+        self._layout = layout
+        source: Any = (self.module if self.module is not None
+                       else list(zip(self.names, self.params, strict=True)))
+        self.names, self.params = _named_params(source, self.optimizer)
+        self.meter = Meter(self.params, self.settings.norm_type, self.reducer)
+        if self.snapshot is not None:
+            self.snapshot.clear()
+            self._snapshot_due = True
+        return True
 
     def measure(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
                 step: int | None = None) -> tuple[Measurement, Gradients | None]:
@@ -355,7 +389,8 @@ class GuardCore(Stateful):
                 extra["weight_norms"] = weights
         count = c.steps
         take_snapshot = (self.snapshot is not None and self.module is not None
-                         and count % s.snapshot_every == 1 % s.snapshot_every)
+                         and (count % s.snapshot_every == 1 % s.snapshot_every
+                              or self._snapshot_due))
         # counted in finite steps, so that a skipped step leaves no trace in the schedule
         finite_steps = count - c.nonfinite_steps - c.amp_overflow_steps
         return self.meter.measure(
@@ -402,6 +437,7 @@ class GuardCore(Stateful):
         rolled_back = d.rollback and self.restore_snapshot(snapshot_extra)
         if d.snapshot and self.snapshot is not None and self.module is not None:
             self.snapshot.capture(self.module, self._optimizers(snapshot_extra), m.step)
+            self._snapshot_due = False
         lr_scale = self.backoff.scale
         if d.path == "finite":
             lr_scale = self._apply_lr()

@@ -83,6 +83,18 @@ class HostValues:
         return dict(zip(self._names, host[:len(self._values)], strict=True))
 
 
+def _scalar_loss(loss: Tensor) -> Tensor:
+    """A one-element summary of ``loss`` (the mean of a non-scalar per-sample loss).
+
+    Example:
+        >>> _scalar_loss(torch.tensor([1.0, float("nan")]))
+        tensor(nan)
+    """
+    if loss.numel() == 1:
+        return loss
+    return loss.detach().float().mean()
+
+
 @dataclass(frozen=True, slots=True)
 class Measurement:
     """What one step measured: host floats only (the input of the decision).
@@ -184,6 +196,16 @@ class Meter:
         return grad_norms(list(tensors), per_tensor=False, groups=groups, reducer=self.reducer,
                           device=device, **kwargs).total
 
+    def _exact_norm(self, grads: Sequence[Tensor], device: torch.device) -> float:
+        """The total norm accumulated in float64 (one more host read; only on an inf total).
+
+        A float32 norm overflows to ``inf`` once it exceeds about 3.4e38, although every
+        element may be finite; ``clip_grad_norm_`` would overflow the same way. In float64 such
+        a norm is finite, so the step is judged (and clipped) as the explosion it is.
+        """
+        wide = [g.to(torch.complex128 if g.is_complex() else torch.float64) for g in grads]
+        return to_host(self.total(wide, device, norm_type=self.norm_type).reshape(1))[0]
+
     def measure(self, step: int, loss: Tensor | float | None, policy: ClipPolicy,
                 names: Sequence[str], *, amp_overflow: bool,
                 weights_of: torch.nn.Module | None, weight_norm: bool,
@@ -219,7 +241,7 @@ class Meter:
             values.add("clipped_norm", grad_norms(grads.grads, self.norm_type,
                                                   reducer=self.reducer).total)
         if isinstance(loss, Tensor):
-            values.add("loss", loss)
+            values.add("loss", _scalar_loss(loss))
         if weights_of is not None:
             # reduced like the gradients: every rank must agree on "the weights are finite"
             values.add("params_norm", self.total([p.detach() for p in weights_of.parameters()],
@@ -235,6 +257,9 @@ class Meter:
         host = values.read()  # the one host synchronisation of the step
         grads.host = values.vectors
         norm = host["grad_norm"]
+        if norm == math.inf and not math.isinf(self.norm_type):
+            # inf from finite elements (e.g. 6e19 in fp32): an explosion, not an overflow
+            norm = self._exact_norm(grads.grads, total.device)
         loss_v = host.get("loss", None if loss is None or isinstance(loss, Tensor)
                           else float(loss))
         params_finite = (math.isfinite(host["params_norm"]) if "params_norm" in host else None)

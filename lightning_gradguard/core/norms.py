@@ -114,7 +114,36 @@ def group_by_device_and_dtype(
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _foreach_norms(tensors: list[Tensor], p: float, dtype: torch.dtype) -> list[Tensor]:
+    """Per-tensor norms accumulated in :func:`_acc_dtype` (complex: of the moduli ``|z|``)."""
+    if dtype.is_complex:  # as clip_grad_norm_: the norm of |z|, a real number
+        return list(torch._foreach_norm(tensors, p))
+    return list(torch._foreach_norm(tensors, p, dtype=_acc_dtype(dtype)))
+
+
+def _result_device(devices: Iterable[torch.device]) -> torch.device:
+    """Where the per-tensor norms are gathered: the first accelerator device, else the CPU.
+
+    Mixed CPU/accelerator gradients (a CPU-offloaded embedding table) are reduced on the
+    accelerator: the CPU partial norms are copied there (a host-to-device copy is ordered on
+    the accelerator's stream), never the other way, where an asynchronous device-to-host copy
+    would be read before it completes.
+
+    Example:
+        >>> _result_device([torch.device("cpu"), torch.device("meta")])
+        device(type='meta')
+        >>> _result_device([torch.device("cpu")])
+        device(type='cpu')
+    """
+    first: torch.device | None = None
+    for d in devices:
+        if d.type != "cpu":
+            return d
+        first = first or d
+    return first if first is not None else torch.device("cpu")
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -243,7 +272,8 @@ def grad_norms(
         per_tensor: Also return the per-tensor norms (free: they are computed anyway).
         reducer: Optional all-reduce of the partial statistic for sharded gradients.
         device: Where the result lives when ``grads`` is empty (default: CPU); otherwise the
-            device of the first gradient.
+            first accelerator (non-CPU) device among the gradients', else the CPU: mixed
+            CPU/accelerator gradients are reduced on the accelerator.
         groups: The indices of ``grads`` by ``(device, dtype)``, known in advance (e.g. from
             the parameters they belong to, see :func:`group_by_device_and_dtype`): skips the
             per-tensor layout checks and grouping. Only for dense, plain (non-``DTensor``)
@@ -274,7 +304,7 @@ def grad_norms(
         groups = group_by_device_and_dtype(dense)
     else:  # the caller vouches for plain dense tensors in these groups
         dense, shard_groups = list(grads), None
-    out_device = dense[0].device
+    out_device = _result_device(d for d, _ in groups)
     out_dtype = torch.float32
     for _, dtype in groups:
         out_dtype = torch.promote_types(out_dtype, _acc_dtype(dtype))
@@ -283,8 +313,7 @@ def grad_norms(
     order: list[int] = []
     for (_, dtype), idx in groups.items():
         tensors = [dense[i] for i in idx]
-        norms = torch._foreach_norm(tensors, p, dtype=_acc_dtype(dtype))
-        chunk = torch.stack(norms)
+        chunk = torch.stack(_foreach_norms(tensors, p, dtype))
         if chunk.device != out_device or chunk.dtype != out_dtype:
             chunk = chunk.to(device=out_device, dtype=out_dtype, non_blocking=True)
         chunks.append(chunk)

@@ -371,6 +371,41 @@ class AdaptiveGradClip(ClipPolicy):
         """No global threshold: ``inf``."""
         return _INF
 
+    def _unit_scale(self, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Which units are over their limit, and the factor of every unit."""
+        max_norm = unitwise_norm(w).clamp_min(self.eps) * self.clipping
+        g_norm = unitwise_norm(g)
+        over = g_norm > max_norm
+        return over, torch.where(over, max_norm / g_norm.clamp_min(1e-6),
+                                 torch.ones_like(g_norm))
+
+    def _clip_sparse_(self, p: torch.nn.Parameter) -> Tensor:
+        """AGC of a row-sparse COO gradient (``nn.Embedding(sparse=True)``), in place.
+
+        Each row the gradient holds is clipped against the same row of the weights (the
+        stored values are scaled: the gradient tensor stays the same object).
+
+        Raises:
+            TypeError: For a sparse gradient that is not row-sparse (``sparse_dim() == 1``)
+                over a matrix.
+        """
+        g = p.grad
+        assert g is not None
+        if g.sparse_dim() != 1 or p.ndim < 2:
+            raise TypeError(
+                "AdaptiveGradClip supports sparse gradients only when they are row-sparse "
+                f"(sparse_dim()=1) over a matrix, got sparse_dim()={g.sparse_dim()} for a "
+                f"{p.ndim}-D parameter; exclude it with `exclude=` or use ZScoreClip")
+        summed = g.coalesce()
+        rows = summed.indices()[0]
+        over, scale = self._unit_scale(p.detach()[rows], summed.values())
+        factor = torch.ones(p.shape[0], dtype=scale.dtype, device=scale.device)
+        factor = factor.index_copy(0, rows, scale.reshape(-1))
+        values = g._values()
+        values.mul_(factor[g._indices()[0]].to(values.dtype).reshape(
+            (-1,) + (1,) * (values.dim() - 1)))
+        return over.sum()
+
     def _excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
@@ -383,10 +418,10 @@ class AdaptiveGradClip(ClipPolicy):
             g = p.grad
             if g is None or (names is not None and self._excluded(names[i])):
                 continue
-            max_norm = unitwise_norm(p.detach()).clamp_min(self.eps) * self.clipping
-            g_norm = unitwise_norm(g.detach())
-            over = g_norm > max_norm
-            scale = torch.where(over, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm))
+            if g.is_sparse:
+                clipped.append(self._clip_sparse_(p))
+                continue
+            over, scale = self._unit_scale(p.detach(), g.detach())
             g.mul_(scale.to(g.dtype))
             clipped.append(over.sum())
         if not clipped:

@@ -79,6 +79,12 @@ class Snapshot:
         self._optim = [_copy_to(opt.state_dict(), self.device) for opt in optimizers]
         self.step = step
 
+    def clear(self) -> None:
+        """Drop the snapshot (e.g. when it no longer matches the optimizer's param groups)."""
+        self._model = None
+        self._optim = []
+        self.step = None
+
     def restore(self, module: torch.nn.Module, optimizers: Sequence[Optimizer]) -> int:
         """Copy the snapshot back in place; returns the step it was taken at.
 
@@ -89,6 +95,7 @@ class Snapshot:
         """
         if self._model is None or self.step is None:
             raise RuntimeError("no snapshot to restore: none was captured yet")
+        self._check_matches(optimizers)
         with torch.no_grad():
             module.load_state_dict(self._model)
         for opt, state in zip(optimizers, self._optim, strict=True):
@@ -99,6 +106,21 @@ class Snapshot:
             for g, lr in zip(opt.param_groups, lrs, strict=True):
                 g["lr"] = lr
         return self.step
+
+    def _check_matches(self, optimizers: Sequence[Optimizer]) -> None:
+        """Refuse, before writing anything, a restore that would leave the two inconsistent."""
+        if len(optimizers) != len(self._optim):
+            raise RuntimeError(
+                f"the snapshot holds {len(self._optim)} optimizer states but "
+                f"{len(optimizers)} optimizers were given; nothing was restored")
+        for i, (opt, state) in enumerate(zip(optimizers, self._optim, strict=True)):
+            saved = [len(g["params"]) for g in state["param_groups"]]
+            now = [len(g["params"]) for g in opt.param_groups]
+            if saved != now:
+                raise RuntimeError(
+                    f"the snapshot of optimizer {i} has param groups of sizes {saved} but the "
+                    f"optimizer now has {now} (param groups were added after it was taken); "
+                    "nothing was restored")
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshot itself (so a resumed run keeps its last good state)."""
