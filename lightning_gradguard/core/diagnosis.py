@@ -387,6 +387,8 @@ class Diagnostician(Stateful):
         if self.optimizer is None or not self.optimizer.param_groups:
             return None
         lr = self.optimizer.param_groups[0].get("lr")
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            return None  # reading it would add a host synchronisation every step
         return float(lr) if isinstance(lr, (int, float, Tensor)) else None
 
     def observe(self, step: int, loss: float | None = None,

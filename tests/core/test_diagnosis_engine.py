@@ -285,3 +285,16 @@ def test_held_out_model_seeds(one_thread: None) -> None:
     healthy = [run_case(replace(c, seed=s)) for s in (2, 3, 4) for c in healthy_cases()
                if c.name.endswith("-s0")]
     assert sum(not r.causes and not r.preflight for r in healthy) / len(healthy) >= 0.95
+
+
+def test_observe_never_reads_a_tensor_lr_on_an_accelerator() -> None:
+    # a CUDA tensor LR (fused/capturable optimizers) would cost a host sync every step; on CPU
+    # a 'meta' tensor stands in for it: float() of it raises, so any read fails the test
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = Diagnostician(model, opt)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
+    for step in range(1, 4):
+        diag.observe(step, loss=1.0, grad_norm=1.0)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    assert diag._lr() == pytest.approx(0.1)
