@@ -73,15 +73,10 @@ from rescue_split import (  # noqa: E402
     VALIDATION_ONLY_WORKLOADS,
     VALIDATION_SEEDS,
 )
-from stability import (  # noqa: E402  (peers, for now; see issue 14)
-    Monitor,
-    average_ranks,
-    build_method,
-    fmt,
-    library_id,
-    method_slug,
-    quiet,
-)
+from gradbench.analysis import average_ranks  # noqa: E402
+from gradbench.common import fmt, library_id, quiet  # noqa: E402
+from gradbench.methods import get_method, method_slug  # noqa: E402
+from gradbench.run import Monitor  # noqa: E402
 
 from lightning_gradguard.callbacks import GradGuard  # noqa: E402
 from lightning_gradguard.testing import Fault, FaultInjector  # noqa: E402
@@ -152,7 +147,8 @@ def make_method(method: str) -> tuple[list[Callback], dict[str, Any]]:
         return [], {"gradient_clip_val": float(method[4:])}
     if method.startswith("proto:"):
         return _prototypes().build(method[len("proto:"):]), {}
-    return build_method(method)
+    setup = get_method(method).build()
+    return setup.callbacks, setup.trainer_kwargs
 
 
 # ----------------------------------------------------------------------------- guard events
