@@ -66,6 +66,10 @@ if str(ROOT) not in sys.path:
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import rescue_workloads as rw  # noqa: E402
+from gradbench.analysis import average_ranks  # noqa: E402
+from gradbench.common import fmt, library_id, quiet  # noqa: E402
+from gradbench.methods import get_method, method_slug  # noqa: E402
+from gradbench.run import Monitor  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from rescue_split import (  # noqa: E402
     TUNING_SEEDS,
@@ -73,10 +77,6 @@ from rescue_split import (  # noqa: E402
     VALIDATION_ONLY_WORKLOADS,
     VALIDATION_SEEDS,
 )
-from gradbench.analysis import average_ranks  # noqa: E402
-from gradbench.common import fmt, library_id, quiet  # noqa: E402
-from gradbench.methods import get_method, method_slug  # noqa: E402
-from gradbench.run import Monitor  # noqa: E402
 
 from lightning_gradguard.callbacks import GradGuard  # noqa: E402
 from lightning_gradguard.testing import Fault, FaultInjector  # noqa: E402

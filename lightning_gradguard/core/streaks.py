@@ -1,7 +1,7 @@
-"""Step-to-step bookkeeping: the non-finite and GradScaler-overflow streaks, and the recent
-non-finite and clipped steps the decision looks back on.
+"""Step-to-step bookkeeping: the streaks, and the recent steps the decision looks back on.
 
-A small immutable state machine: every transition returns a new :class:`Streaks`, so the
+The non-finite and GradScaler-overflow streaks, the last non-finite step and the recently
+clipped steps. A small immutable state machine: every transition returns a new :class:`Streaks`, so the
 decision (:func:`~lightning_gradguard.core.decide.decide`) can compute the next state without
 changing the current one.
 """
