@@ -1,8 +1,8 @@
 """Step-to-step bookkeeping: the streaks, and the recent steps the decision looks back on.
 
 The non-finite and GradScaler-overflow streaks, the last non-finite step and the recently
-clipped steps. A small immutable state machine: every transition returns a new :class:`Streaks`, so the
-decision (:func:`~lightning_gradguard.core.decide.decide`) can compute the next state without
+clipped steps. A small immutable state machine: every transition returns a new
+:class:`Streaks`, so the decision (:func:`~lightning_gradguard.core.decide.decide`) can compute the next state without
 changing the current one.
 """
 
