@@ -2,8 +2,8 @@
 
 The non-finite and GradScaler-overflow streaks, the last non-finite step and the recently
 clipped steps. A small immutable state machine: every transition returns a new
-:class:`Streaks`, so the decision (:func:`~lightning_gradguard.core.decide.decide`) can compute the next state without
-changing the current one.
+:class:`Streaks`, so the decision (:func:`~lightning_gradguard.core.decide.decide`) can
+compute the next state without changing the current one.
 """
 
 from __future__ import annotations
