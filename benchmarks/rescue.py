@@ -66,21 +66,16 @@ if str(ROOT) not in sys.path:
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import rescue_workloads as rw  # noqa: E402
+from gradbench.analysis import average_ranks  # noqa: E402
+from gradbench.common import fmt, library_id, quiet  # noqa: E402
+from gradbench.methods import get_method, method_slug  # noqa: E402
+from gradbench.run import Monitor  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from rescue_split import (  # noqa: E402
     TUNING_SEEDS,
     TUNING_WORKLOADS,
     VALIDATION_ONLY_WORKLOADS,
     VALIDATION_SEEDS,
-)
-from stability import (  # noqa: E402  (peers, for now; see issue 14)
-    Monitor,
-    average_ranks,
-    build_method,
-    fmt,
-    library_id,
-    method_slug,
-    quiet,
 )
 
 from lightning_gradguard.callbacks import GradGuard  # noqa: E402
@@ -152,7 +147,8 @@ def make_method(method: str) -> tuple[list[Callback], dict[str, Any]]:
         return [], {"gradient_clip_val": float(method[4:])}
     if method.startswith("proto:"):
         return _prototypes().build(method[len("proto:"):]), {}
-    return build_method(method)
+    setup = get_method(method).build()
+    return setup.callbacks, setup.trainer_kwargs
 
 
 # ----------------------------------------------------------------------------- guard events

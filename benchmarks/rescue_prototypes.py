@@ -1,5 +1,11 @@
 """Scratch prototypes of candidate GradGuard rules (issue 14), tried without editing the package.
 
+**Historical (round 1).** ``ProtoCore`` overrides ``GuardCore._nonfinite`` / ``_backoff`` of the
+core at commit d472c44; the refactored core (measure / decide / apply) has neither, so against
+today's package every prototype silently equals ``GradGuard()``. Round 2 implemented the
+adopted rules in ``lightning_gradguard/core/decide.py`` (``nonfinite_window`` and the
+evidence-gated spike/growth backoff); rerun these prototypes only at d472c44.
+
 ``build(name)`` returns the callbacks of prototype ``name`` (``rescue.py --methods proto:NAME``).
 Each prototype is a :class:`GradGuard` whose :class:`GuardCore` is :class:`ProtoCore`, a
 subclass that gates the LR backoff (the only thing it changes unless a recipe says otherwise);

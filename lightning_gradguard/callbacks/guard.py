@@ -180,7 +180,9 @@ class GradGuardLogic:
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (updates
             clipped by ``max_update_ratio`` count like spikes; with ``torch.optim.SGD`` only
             spikes with a large update count, see
-            :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`).
+            :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`). The LR backs off
+            only with evidence that it is too high: this update capped, 5 of the last 10
+            steps clipped, or the LR already backed off; otherwise the count restarts.
         spike_window: Window for ``spike_patience``.
         growth_patience: Consecutive rising norms that trigger a backoff (0: off); growth
             counts under the same condition as a spike.
@@ -197,6 +199,9 @@ class GradGuardLogic:
             too high learning rate. ``None`` disables it. Other optimizers are not affected.
         amp_halt_after: Consecutive GradScaler-skipped steps with a finite loss after which
             the gradients are non-finite at any loss scale: halt (unless ``halt_after`` is 0).
+        nonfinite_window: A non-finite step is skipped; it backs the LR off only if another
+            non-finite step came within this many steps (an isolated bad batch costs one
+            skipped step, not a lower LR); ``0``: every non-finite step backs off.
         diagnose: Name the cause of an explosion with its evidence and remedy (ranked, see
             "Why did it explode?" in the README): in the first-non-finite warning, the halt
             message, TensorBoard text and ``summary()["diagnosis"]``.
@@ -244,6 +249,7 @@ class GradGuardLogic:
         halt_after: int = 25,
         max_update_ratio: float | None = 0.1,
         amp_halt_after: int = 40,
+        nonfinite_window: int = 50,
         diagnose: bool = True,
         preflight: bool = True,
         verbose: bool = True,
@@ -260,8 +266,8 @@ class GradGuardLogic:
             growth_patience=growth_patience, growth_min_rise=growth_min_rise,
             rollback=rollback, snapshot_every=snapshot_every, rollback_after=rollback_after,
             halt_after=halt_after, max_update_ratio=max_update_ratio,
-            amp_halt_after=amp_halt_after, diagnose=diagnose, preflight=preflight,
-            verbose=verbose,
+            amp_halt_after=amp_halt_after, nonfinite_window=nonfinite_window,
+            diagnose=diagnose, preflight=preflight, verbose=verbose,
         )
         self.on_halt = check_choice("on_halt", on_halt, ("stop", "raise"))
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):

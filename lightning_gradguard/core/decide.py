@@ -10,9 +10,11 @@ the decision table is one function below:
 situation                       action                                  function
 ==============================  ======================================  ====================
 no gradient at all              nothing (statistics untouched)          :func:`_empty`
-non-finite gradient or loss     **skip**, LR backoff, rollback every    :func:`_nonfinite`
-                                ``rollback_after`` in a row, halt at
-                                ``halt_after``
+non-finite gradient or loss     **skip**; LR backoff only if another    :func:`_nonfinite`
+                                non-finite step came within
+                                ``nonfinite_window`` steps; rollback
+                                every ``rollback_after`` in a row,
+                                halt at ``halt_after``
 non-finite under a GradScaler   nothing (the scaler skips it itself);   :func:`_amp_overflow`
 (finite loss)                   ``amp_halt_after`` in a row halt
 finite step, non-finite         **skip**, LR backoff, rollback          :func:`_nonfinite_weights`
@@ -20,11 +22,32 @@ weights (snapshot steps)
 norm > threshold (spike)        **clip** to the threshold               :func:`_clip`
 update over the optimizer's     **clip** to the update cap; counts      :func:`_clip`
 update cap                      like a spike
-spikes or cap hits within       LR backoff (a spike counts only if      :func:`_backoff_due`
-``spike_window`` reach          the update control says it is large)
-``spike_patience``; growth
+spikes or cap hits within       LR backoff if the LR is shown too       :func:`_backoff_due`,
+``spike_window`` reach          high (this update capped, clipping on   :func:`_lr_too_high`
+``spike_patience``; growth      most recent steps, or the LR already
+                                backed off); otherwise the spike count
+                                restarts (a spike counts only if the
+                                update control says it is large)
 clean step                      LR scale recovers toward 1              :func:`_finite`
 ==============================  ======================================  ====================
+
+Why a backoff needs evidence (the rules and their mechanisms):
+
+* **An isolated non-finite step costs one skip.** One corrupt batch (a NaN in the data, an
+  Inf loss) is a property of the batch, not of the learning rate, and the skip leaves the
+  weights and the optimizer state untouched: nothing is left to repair. Non-finite steps
+  that repeat within ``nonfinite_window`` steps mean the weights or the LR produce them: the
+  second one backs the LR off.
+* **A spike-count or growth backoff needs evidence that the LR is too high.** A z-score
+  spike of a healthy run is a gradient a little above its own recent history, and the clip
+  has already answered it. Too high an LR shows otherwise: (a) this step's update was
+  clipped by the optimizer's update cap (the LR times this gradient would move the weights
+  by more than ``max_update_ratio`` of their norm), (b) clipping is the rule, not the
+  exception (at least :data:`CLIP_RULE` of the last
+  :data:`~lightning_gradguard.core.streaks.CLIP_HISTORY` steps clipped, this one included),
+  or (c) the LR is already backed off (``lr_scale < 1``): spikes that return while it
+  recovers are that instability returning. Without any of these the step is clipped and
+  the spike count restarts.
 
 Example:
     >>> from lightning_gradguard.core.measure import Measurement
@@ -47,7 +70,10 @@ from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import Streaks
 
-__all__ = ["Action", "Decision", "GuardState", "decide"]
+__all__ = ["CLIP_RULE", "Action", "Decision", "GuardState", "decide"]
+
+#: clipped steps among the last ``CLIP_HISTORY`` that make clipping the rule (evidence (b))
+CLIP_RULE = 5
 
 Path = Literal["empty", "finite", "nonfinite", "amp_overflow", "nonfinite_weights"]
 
@@ -66,17 +92,21 @@ class GuardState:
     """The guard's state as the decision sees it (host values only; a value, never changed).
 
     Attributes:
-        streaks: The non-finite and GradScaler streaks before this step.
+        streaks: The non-finite and GradScaler streaks, the last non-finite step and the
+            recent clipped steps, before this step.
         spike_steps: Steps of the spikes (and cap hits) that count toward a backoff, in the
             window.
         diagnosed: The run's first non-finite step has been diagnosed already.
         growth_fires: The growth detector fires on this step's norm.
+        lr_scale: The LR backoff scale before this step (below 1: backed off, not yet
+            recovered).
     """
 
     streaks: Streaks = field(default_factory=Streaks)
     spike_steps: tuple[int, ...] = ()
     diagnosed: bool = False
     growth_fires: bool = False
+    lr_scale: float = 1.0
 
 
 @dataclass(slots=True)
@@ -148,13 +178,20 @@ def _empty(m: Measurement, state: GuardState) -> Decision:
 
 
 def _nonfinite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
-    """Non-finite gradient or loss: skip, back off, roll back / halt on a long streak."""
+    """Non-finite gradient or loss: skip; back off if it repeats; roll back / halt on a streak.
+
+    An isolated one costs the skip only (the batch's fault; the skip left weights and
+    optimizer state untouched); another within ``nonfinite_window`` steps backs the LR off.
+    """
+    last = state.streaks.last_nonfinite
+    repeated = s.nonfinite_window == 0 or (last is not None
+                                           and 0 <= m.step - last < s.nonfinite_window)
     streaks = state.streaks.on_nonfinite(m.step)
     n = streaks.nonfinite
     return Decision(
         "nonfinite", Action.SKIP if s.skip_nonfinite else Action.NONE, streaks,
         state.spike_steps, m.threshold, m.grad_norm, skip=s.skip_nonfinite,
-        backoff=s.lr_backoff, rollback=n % s.rollback_after == 0,
+        backoff=s.lr_backoff and repeated, rollback=n % s.rollback_after == 0,
         halt=s.halt_after > 0 and n >= s.halt_after,
         diagnose=not state.diagnosed or n >= s.halt_after > 0)
 
@@ -204,8 +241,18 @@ def _clip(m: Measurement, spike: bool) -> tuple[Action, tuple[float, ...], float
 
 
 def _backoff_due(window: tuple[int, ...], grew: bool, s: GuardSettings) -> bool:
-    """Sustained growth, or ``spike_patience`` counted spikes within the window."""
+    """The trigger: sustained growth, or ``spike_patience`` counted spikes within the window."""
     return s.lr_backoff and (grew or (s.spike_patience > 0 and len(window) >= s.spike_patience))
+
+
+def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float) -> bool:
+    """Evidence that the LR, not the batch, is the problem (a triggered backoff needs it).
+
+    (a) this update was clipped by the update cap, (b) at least :data:`CLIP_RULE` of the
+    recent steps (``clipped``, this one included) were clipped, or (c) the LR is already
+    backed off and has not recovered.
+    """
+    return capped or len(clipped) >= CLIP_RULE or lr_scale < 1.0
 
 
 def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
@@ -223,9 +270,12 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     if window:  # forget counted steps that left the window
         oldest = m.step - s.spike_window
         window = tuple([t for t in window if t > oldest])
-    backoff = _backoff_due(window, grew, s)
+    streaks = state.streaks.on_finite(m.step, clipped=action is Action.CLIP)
+    triggered = _backoff_due(window, grew, s)
+    # without evidence that the LR is too high the clip has answered it: the count restarts
+    backoff = triggered and _lr_too_high(capped, streaks.clipped, state.lr_scale)
     return Decision(
-        "finite", action, state.streaks.on_finite(), () if backoff else window, threshold,
+        "finite", action, streaks, () if triggered else window, threshold,
         clipped, scales=scales, observe=True, spike=spike, growth=grew,
         hold_growth=fired and not large, backoff=backoff, recover=not (spike or backoff),
         snapshot=m.params_finite is True)

@@ -408,7 +408,8 @@ class GuardCore(Stateful):
         """The guard's state as :func:`~lightning_gradguard.core.decide.decide` sees it."""
         return GuardState(streaks=self.streaks, spike_steps=self.spike_steps,
                           diagnosed=self.first_nonfinite_step is not None,
-                          growth_fires=self.growth.fires(measurement.grad_norm))
+                          growth_fires=self.growth.fires(measurement.grad_norm),
+                          lr_scale=self.backoff.scale)
 
     def apply(self, m: Measurement, d: Decision, grads: Gradients | None,
               snapshot_extra: Sequence[Optimizer] = (), *, batch: Any = None) -> StepReport:

@@ -33,8 +33,14 @@ class GuardSettings:
             Steps clipped by the update control (``max_update_ratio``) count like spikes; the
             update control may also decide that a small spike does not count (with
             ``torch.optim.SGD``: see :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`).
+            When the count (or ``growth_patience``) is reached, the LR backs off only with
+            evidence that it is too high: this update was clipped by the update cap, at least
+            5 of the last 10 steps were clipped, or the LR is already backed off; otherwise the
+            clip has answered the spikes and the count restarts
+            (:mod:`~lightning_gradguard.core.decide`).
         spike_window: Window (in optimizer steps) for ``spike_patience``.
-        growth_patience: Consecutive rising norms that trigger a backoff (0: off). Growth
+        growth_patience: Consecutive rising norms that trigger a backoff (0: off; the backoff
+            needs the same evidence as a spike-count one). Growth
             counts under the same condition as a spike; until it counts the detector stays
             armed (a rise that goes on counts at its first large update) and nothing is
             recorded (``growth_events``, ``StepReport.growth``).
@@ -59,6 +65,14 @@ class GuardSettings:
             each one, so gradients still non-finite are non-finite at any scale (e.g. sqrt or
             log at 0 in the backward). Training halts there, with the diagnosis (unless
             ``halt_after`` is 0).
+        nonfinite_window: A non-finite step (gradients or loss) is skipped; it backs the LR
+            off only if another non-finite step came within this many steps (the one
+            ``nonfinite_window`` steps earlier does not count). One corrupt batch is the
+            batch's fault and the skip left weights and optimizer state untouched, so it
+            costs one skipped step; repeated ones mean the weights or the LR produce them.
+            Rollback (``rollback_after``) and halt (``halt_after``) count consecutive
+            non-finite steps as before. ``0``: every non-finite step backs the LR off (the
+            behaviour before this setting existed).
         diagnose: Diagnose the cause of an explosion (ranked causes with evidence and
             remedy, see :class:`~lightning_gradguard.core.diagnosis.Diagnostician`): the model
             is inspected when the guard is built, the first forward pass is probed, the
@@ -98,6 +112,7 @@ class GuardSettings:
     halt_after: int = 25
     max_update_ratio: float | None = 0.1
     amp_halt_after: int = 40
+    nonfinite_window: int = 50
     diagnose: bool = True
     preflight: bool = True
     verbose: bool = True
@@ -126,6 +141,7 @@ class GuardSettings:
         check_int("rollback_after", self.rollback_after, low=1)
         check_int("halt_after", self.halt_after, low=0)
         check_int("amp_halt_after", self.amp_halt_after, low=1)
+        check_int("nonfinite_window", self.nonfinite_window, low=0)
         check_bool("diagnose", self.diagnose)
         check_bool("preflight", self.preflight)
         check_bool("verbose", self.verbose)

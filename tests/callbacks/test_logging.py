@@ -54,7 +54,9 @@ class MemLogger(Logger):
 
 def test_every_design_tag_logged_and_events_between_intervals() -> None:
     logger = MemLogger()
-    fit(TinyModule(), 60, [FaultInjector([Fault(7)]), GradGuard()], logger=logger,
+    # nonfinite_window=0: the NaN step backs off, so the event carries a backed-off scale
+    fit(TinyModule(), 60, [FaultInjector([Fault(7)]), GradGuard(nonfinite_window=0)],
+        logger=logger,
         log_every_n_steps=50)
     tags = {k for _, m in logger.calls for k in m}
     assert tags >= DESIGN_TAGS
@@ -105,7 +107,7 @@ class _BarSeen(Callback):
 
 def test_progress_bar_shows_skips_clips_and_lr_scale(tmp_path: Path) -> None:
     seen = _BarSeen()
-    guard = GradGuard()
+    guard = GradGuard(nonfinite_window=0)  # the NaN step backs off: gg_lr shows
     logged: list[dict[str, float]] = []
 
     class Rec(CSVLogger):

@@ -35,7 +35,8 @@ class Reports(Callback):
 
 def _guarded(sched: str | None, group_lrs: tuple[float, float] | None = None,
              recovery_steps: int = RECOVERY) -> tuple[GradGuard, Recorder, Reports]:
-    guard = GradGuard(recovery_steps=recovery_steps)
+    # nonfinite_window=0: the one NaN step backs off (by default an isolated one does not)
+    guard = GradGuard(recovery_steps=recovery_steps, nonfinite_window=0)
     rec = Recorder()
     reports = Reports(guard)
     module = TinyModule(opt="sgd", sched=sched, max_steps=STEPS, group_lrs=group_lrs)
@@ -114,7 +115,7 @@ def test_manual_optimization_two_optimizers_separate_guards(net: str, idx: int) 
     batch = 3
     # global_step counts opt.step() calls: opt1 steps at even, opt2 at odd global steps
     step = 2 * batch + idx
-    guard = GradGuard()
+    guard = GradGuard(nonfinite_window=0)  # the one NaN step backs off
     track = ParamsPerBatch()
     module = TwoNetManual()
     injector = FaultInjector([Fault(step, params=f"{net}.*")])

@@ -108,7 +108,7 @@ def test_state_key_is_stable_across_hyperparameters(tmp_path: Path) -> None:
 def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
     """A different policy *type* cannot take the old statistics: the documented warning, the
     policy starts fresh, and everything else (counters, LR backoff, growth) is restored."""
-    g1 = GradGuard()
+    g1 = GradGuard(nonfinite_window=0)  # the NaN step backs off: a scale to restore
     t1 = fit(_module(), 10, [FaultInjector([Fault(3)]), g1])
     s1 = g1.summary()
     assert (s1["steps"], s1["skipped_steps"], s1["lr_backoffs"]) == (10, 1, 1)
@@ -116,7 +116,7 @@ def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
     t1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)["callbacks"][g1.state_key]["cores"][0]
     assert saved["policy_type"] == "ZScoreClip"
-    g2 = GradGuard(clip=PercentileClip())
+    g2 = GradGuard(clip=PercentileClip(), nonfinite_window=0)
     with pytest.warns(UserWarning, match="saved with clip policy ZScoreClip but this guard "
                                          "uses PercentileClip: its statistics start fresh"):
         fit(_module(), 12, [g2], ckpt_path=str(ckpt))
@@ -153,8 +153,9 @@ def test_two_named_guards_in_one_trainer(tmp_path: Path) -> None:
 
 
 def test_two_named_guards_both_backing_off_keep_schedule() -> None:
-    a = GradGuard(name="a")
-    b = GradGuard(name="b", clip=FixedNormClip(1e-3), spike_patience=1)  # backs off always
+    a = GradGuard(name="a", nonfinite_window=0)  # backs off at the NaN step
+    # clips every step: from the 5th, clipping is the rule and each spike backs off
+    b = GradGuard(name="b", clip=FixedNormClip(1e-3), spike_patience=1)
     rec = Recorder()
     trainer = fit(TinyModule(lr=0.05), 20, [FaultInjector([Fault(5)]), a, b, rec])
     assert a.summary()["lr_backoffs"] >= 1

@@ -47,8 +47,8 @@ def test_the_callback_passes_every_argument_through() -> None:
                "spike_patience": 2, "spike_window": 9, "growth_patience": 0,
                "growth_min_rise": 0.5, "rollback": True, "snapshot_every": 3,
                "rollback_after": 2, "halt_after": 4, "max_update_ratio": None,
-               "amp_halt_after": 6, "diagnose": False, "preflight": False,
-               "verbose": False}
+               "amp_halt_after": 6, "nonfinite_window": 11, "diagnose": False,
+               "preflight": False, "verbose": False}
     assert set(changed) == {f.name for f in FIELDS} - {"clip"}
     settings = GradGuard(**changed).settings  # type: ignore[arg-type]
     assert {k: getattr(settings, k) for k in changed} == changed

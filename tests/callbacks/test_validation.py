@@ -61,6 +61,8 @@ BAD: list[tuple[str, Any, type[Exception]]] = [
     ("halt_after", 25.0, TypeError),
     ("amp_halt_after", 0, ValueError),
     ("amp_halt_after", 40.0, TypeError),
+    ("nonfinite_window", -1, ValueError),
+    ("nonfinite_window", 50.0, TypeError),
     ("diagnose", 1, TypeError),
     ("preflight", "yes", TypeError),
     ("verbose", None, TypeError),

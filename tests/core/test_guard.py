@@ -177,24 +177,27 @@ def test_report_grad_norm_matches_torch() -> None:
 # ----------------------------------------------------------------------------- NaN / Inf
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 @pytest.mark.parametrize("k", [3, 40])
-def test_nonfinite_grad_is_skipped_exactly(k: int, bad: float) -> None:
+@pytest.mark.parametrize("window", [50, 0])
+def test_nonfinite_grad_is_skipped_exactly(k: int, bad: float, window: int) -> None:
+    # default window: an isolated non-finite step costs the skip only; 0: it backs off too
+    backs_off = window == 0
     r = run(k + 5, faults={k: nan_in("2.weight", bad)}, record=(k,),
-            spike_patience=0, growth_patience=0)
+            spike_patience=0, growth_patience=0, nonfinite_window=window)
     rep = r.reports[k]
     assert rep.action is Action.SKIP
     assert not rep.finite
     assert not math.isfinite(rep.grad_norm)
-    assert rep.backoff
-    assert rep.lr_scale == 0.5
+    assert rep.backoff is backs_off
+    assert rep.lr_scale == (0.5 if backs_off else 1.0)
     # weights and optimizer state are bit-identical to before the step
     assert_params_equal(r.after[k][0], r.before[k][0])
     assert_opt_state_equal(r.after[k][1], r.before[k][1])
     c = r.guard.counters
     assert c.nonfinite_steps == 1
     assert c.skipped_steps == 1
-    assert c.lr_backoffs == 1
+    assert c.lr_backoffs == int(backs_off)
     assert r.guard.first_nonfinite_step == k
-    assert r.guard.summary()["lr_backoffs"] == 1
+    assert r.guard.summary()["lr_backoffs"] == int(backs_off)
     d = r.guard.first_diagnosis
     assert d is not None
     assert d is rep.diagnosis
@@ -206,9 +209,12 @@ def test_nonfinite_grad_is_skipped_exactly(k: int, bad: float) -> None:
     assert all(rep2.finite for t, rep2 in r.reports.items() if t != k)
     # recovery: clean steps move the scale back up; each update used lr * report.lr_scale
     scales = [r.reports[t].lr_scale for t in range(k + 1, k + 6)]
-    assert all(0.5 <= x < 1.0 for x in scales)
-    assert scales == sorted(scales)
-    assert scales[-1] > 0.5
+    if backs_off:
+        assert all(0.5 <= x < 1.0 for x in scales)
+        assert scales == sorted(scales)
+        assert scales[-1] > 0.5
+    else:
+        assert scales == [1.0] * 5
     for t in range(k + 1, k + 6):
         assert r.lr_in_step[t] == pytest.approx(1e-2 * r.reports[t].lr_scale, rel=1e-12)
     assert r.opt.param_groups[0]["lr"] == 1e-2
@@ -430,11 +436,31 @@ def test_geometric_growth_triggers_backoff() -> None:
         opt.step()
     fired = [i + 1 for i, rep in enumerate(reports) if rep.growth]
     assert fired == [6, 11]
-    assert reports[5].backoff
-    assert reports[5].lr_scale == 0.5
-    assert reports[-1].lr_scale < 0.5
+    # no evidence that the LR is too high (no cap, nothing clipped, LR scale 1): no backoff
+    assert not any(rep.backoff for rep in reports)
+    assert reports[-1].lr_scale == 1.0
     assert guard.counters.growth_events == 2
-    assert guard.counters.lr_backoffs == 2
+    assert guard.counters.lr_backoffs == 0
+
+
+def test_geometric_growth_backs_off_while_the_lr_is_backed_off() -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    guard = GuardCore([p], opt, clip=NoClip(), growth_patience=5, spike_patience=0,
+                      max_update_ratio=None, nonfinite_window=0)
+    p.grad = torch.full((4,), NAN)
+    assert guard.step().backoff  # nonfinite_window=0: every non-finite step backs off
+    reports = []
+    for t in range(12):
+        p.grad = torch.full((4,), 1.2**t)
+        reports.append(guard.step())
+        opt.step()
+    fired = [i + 1 for i, rep in enumerate(reports) if rep.growth]
+    assert fired == [6, 11]
+    # evidence (c): the LR is backed off and has not recovered
+    assert [i + 1 for i, rep in enumerate(reports) if rep.backoff] == [6, 11]
+    assert guard.counters.lr_backoffs == 3
+    assert guard.backoff.scale < 0.25  # three halvings, partly recovered
 
 
 def test_growth_with_default_policy_backs_off() -> None:
@@ -463,19 +489,24 @@ def test_growth_patience_zero_disables() -> None:
 def test_spike_patience_backoff() -> None:
     r = run(9, clip=FixedNormClip(1e-4), growth_patience=0, spike_patience=3)
     backoffs = [t for t, rep in r.reports.items() if rep.backoff]
-    assert backoffs == [3, 6, 9]
+    # step 3: the count is reached but only 3 steps were clipped: no evidence, count restarts;
+    # step 6: 6 of the last 6 steps clipped (clipping is the rule); step 9: LR backed off
+    assert backoffs == [6, 9]
     assert all(rep.action is Action.CLIP for rep in r.reports.values())
-    assert r.reports[9].lr_scale == 0.125
-    assert r.guard.counters.lr_backoffs == 3
+    assert r.reports[9].lr_scale == 0.25
+    assert r.guard.counters.lr_backoffs == 2
     assert r.guard.counters.spikes == 9
 
 
 def test_spike_window() -> None:
     # a spike every 3 steps, window 5: never 3 spikes within 5 steps
+    # (a non-finite step at 20 backs the LR off first, so that a spike count has evidence)
     faults = {t: scale_all(1e6) for t in (30, 33, 36, 39, 42)}
-    r = run(45, faults=faults, spike_patience=3, spike_window=5, growth_patience=0)
-    assert not any(r.reports[t].backoff for t in faults)
-    r2 = run(45, faults=faults, spike_patience=3, spike_window=7, growth_patience=0)
+    faults[20] = nan_in("0.weight")
+    kw: dict[str, Any] = {"spike_patience": 3, "growth_patience": 0, "nonfinite_window": 0}
+    r = run(45, faults=faults, spike_window=5, **kw)
+    assert not any(r.reports[t].backoff for t in faults if t != 20)
+    r2 = run(45, faults=faults, spike_window=7, **kw)
     assert r2.reports[36].backoff
 
 
@@ -483,7 +514,7 @@ def test_recovery_to_exactly_one_and_scaled_update() -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = GuardCore(model, opt, clip=NoClip(), recovery_steps=4, growth_patience=0,
-                      spike_patience=0)
+                      spike_patience=0, nonfinite_window=0)
     r = run(2, start=Run(model, opt, guard), faults={2: nan_in("0.bias")})
     assert guard.backoff.scale == 0.5
     # next clean step: the update uses lr * reported scale, lr restored after the step
@@ -688,8 +719,8 @@ def test_summary_keys() -> None:
     assert set(s) == SUMMARY_KEYS
     assert s["steps"] == 3
     assert s["nonfinite_steps"] == 1
-    assert s["lr_backoffs"] == 1
-    assert s["lr_scale"] == r.guard.backoff.scale
+    assert s["lr_backoffs"] == 0  # an isolated non-finite step costs one skip
+    assert s["lr_scale"] == r.guard.backoff.scale == 1.0
     assert s["halted"] is False
 
 
@@ -739,7 +770,8 @@ def test_user_policy_not_mutated_and_settings_object() -> None:
 def test_close_restores_lr() -> None:
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = GuardCore(model, opt, clip=NoClip(), growth_patience=0, spike_patience=0)
+    guard = GuardCore(model, opt, clip=NoClip(), growth_patience=0, spike_patience=0,
+                      nonfinite_window=0)
     run(2, start=Run(model, opt, guard), faults={1: nan_in("0.weight")})
     loss_fn(model, DATA[3]).backward()
     guard.step()

@@ -72,7 +72,8 @@ def test_round_trip_keeps_streaks_window_and_update_control() -> None:
     _, fresh = _sgd_guard(spike_patience=5)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
-    assert fresh.streaks == guard.streaks == Streaks(nonfinite=1, nonfinite_start=8)
+    assert fresh.streaks == guard.streaks == Streaks(nonfinite=1, nonfinite_start=8,
+                                                     last_nonfinite=8, clipped=(6,))
     assert fresh.summary() == guard.summary()
 
 
@@ -83,8 +84,9 @@ def test_summary_is_the_counters_and_the_lr_scale() -> None:
     summary = guard.summary()
     assert summary == {
         "steps": 1, "nonfinite_steps": 1, "skipped_steps": 1, "spikes": 0,
-        "clipped_steps": 0, "lr_backoffs": 1, "growth_events": 0, "rollbacks": 0,
-        "amp_overflow_steps": 0, "halted": False, "lr_scale": 0.5, "diagnosis": []}
+        "clipped_steps": 0, "lr_backoffs": 0, "growth_events": 0, "rollbacks": 0,
+        "amp_overflow_steps": 0, "halted": False, "lr_scale": 1.0,
+        "diagnosis": []}  # isolated: one skip
 
 
 def test_listeners_see_every_step_once() -> None:

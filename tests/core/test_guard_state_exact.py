@@ -112,7 +112,11 @@ def test_nan_step_leaves_statistics_exactly_as_if_unseen(policy: str, k: int) ->
 
 # ----------------------------------------------------------------- resume across a growth streak
 GROW_FROM, PATIENCE, END = 12, 4, 24
-SETTINGS: dict[str, Any] = {"growth_patience": PATIENCE, "spike_patience": 0}
+#: a non-finite step at NAN_AT backs the LR off (``nonfinite_window=0``), so that the growth
+#: backoffs have evidence (the LR scale is still below 1)
+NAN_AT = 2
+SETTINGS: dict[str, Any] = {"growth_patience": PATIENCE, "spike_patience": 0,
+                            "nonfinite_window": 0}
 
 
 def _scale(t: int) -> float:
@@ -123,7 +127,7 @@ def _scale(t: int) -> float:
 def _uninterrupted() -> Loop:
     loop = Loop(**SETTINGS)
     while loop.t < END:
-        loop.step(loss_scale=_scale(loop.t + 1))
+        loop.step(loss_scale=_scale(loop.t + 1), nan=loop.t + 1 == NAN_AT)
     return loop
 
 
@@ -133,11 +137,12 @@ def test_resume_mid_growth_streak_backs_off_at_the_same_step(split: int) -> None
     growth_steps = [t for t, r in full.reports.items() if r.growth]
     # the streak crosses the split: it started before it and fires after it (at 14 and 23)
     assert growth_steps == [14, 23], "the scaled loss must trigger the growth detector"
+    assert full.reports[NAN_AT].backoff
     assert all(full.reports[t].backoff for t in growth_steps)
 
     first = Loop(**SETTINGS)
     while first.t < split:
-        first.step(loss_scale=_scale(first.t + 1))
+        first.step(loss_scale=_scale(first.t + 1), nan=first.t + 1 == NAN_AT)
     ckpt = first.checkpoint()
     assert ckpt["guard"]["growth"]["streak"] >= 2  # mid-streak at the checkpoint
     second = Loop.resumed(ckpt, **SETTINGS)
@@ -186,7 +191,8 @@ ROLLBACK: dict[str, Any] = {"rollback": True, "snapshot_every": 2}
 
 
 def test_load_state_dict_restores_every_field() -> None:
-    model, opt, guard = _sgd_guard(**ROLLBACK)
+    # nonfinite_window=0: the one non-finite step backs the LR off (a scale away from 1)
+    model, opt, guard = _sgd_guard(**ROLLBACK, nonfinite_window=0)
     _drive(model, opt, guard, "...n..")
     state = copy.deepcopy(guard.state_dict())
     # every part is away from its default, so a part that is not restored shows
@@ -195,7 +201,7 @@ def test_load_state_dict_restores_every_field() -> None:
     assert state["snapshot"]["model"]
     assert state["backoff"]["scale"] < 1.0
     assert state["counters"]["nonfinite_steps"] == 1
-    _, _, fresh = _sgd_guard(**ROLLBACK)
+    _, _, fresh = _sgd_guard(**ROLLBACK, nonfinite_window=0)
     fresh.load_state_dict(copy.deepcopy(state))
     assert_state_equal(fresh.state_dict(), state, "guard")
     assert fresh.summary() == guard.summary()
@@ -219,7 +225,8 @@ def test_load_state_dict_after_a_halt_is_a_fresh_attempt() -> None:
     fresh.load_state_dict(state)
     assert_state_equal(fresh.state_dict()["counters"], dict(c, halted=False), "counters")
     assert_state_equal(fresh.state_dict()["streaks"], {"amp": 0, "amp_start": None,
-                                                       "nonfinite": 0, "nonfinite_start": None},
+                                                       "nonfinite": 0, "nonfinite_start": None,
+                                                       "last_nonfinite": None, "clipped": ()},
                        "streaks")
     # the attempt starts over: one more NaN step does not halt (halt_after=2), two do
     r = _drive(fresh_model, fresh_opt, fresh, "nn")
@@ -332,13 +339,14 @@ def test_nonfinite_reports_carry_step_norm_threshold_loss_and_diagnosis() -> Non
     assert math.isnan(amp.grad_norm_clipped)
     assert amp.threshold == threshold
     for i, r in enumerate(nans):
-        assert (r.step, r.finite, r.action, r.backoff) == (5 + i, False, Action.SKIP, True)
+        # the first one is isolated (one skip); the next ones repeat within nonfinite_window
+        assert (r.step, r.finite, r.action, r.backoff) == (5 + i, False, Action.SKIP, i > 0)
         assert math.isnan(r.grad_norm)
         assert math.isnan(r.grad_norm_clipped)
         assert r.threshold == threshold  # a skipped step never enters the statistics
         # the weights did not move since step 5: the loss of each step recomputes exactly
         assert r.loss == float(loss_fn(model, DATA[1 + i]).detach())
-        assert r.lr_scale == 0.5 ** (i + 1)
+        assert r.lr_scale == 0.5 ** i
         assert guard.last_report is nans[-1]
     # diagnosed at the first non-finite step and at the halt, not in between
     assert [r.halt for r in nans] == [False, False, True]
@@ -349,7 +357,7 @@ def test_nonfinite_reports_carry_step_norm_threshold_loss_and_diagnosis() -> Non
     assert (st["streaks"]["nonfinite"], st["streaks"]["nonfinite_start"],
             st["first_nonfinite_step"]) == (3, 5, 5)
     c = st["counters"]
-    assert (c["skipped_steps"], c["lr_backoffs"], c["amp_overflow_steps"]) == (3, 3, 1)
+    assert (c["skipped_steps"], c["lr_backoffs"], c["amp_overflow_steps"]) == (3, 2, 1)
 
 
 def test_halt_after_one_halts_at_the_first_nonfinite_step() -> None:
@@ -364,8 +372,9 @@ def test_halt_after_one_halts_at_the_first_nonfinite_step() -> None:
 
 def test_amp_overflow_streak_halts_with_a_diagnosis() -> None:
     """40 GradScaler overflows in a row are no overflow any more: halt (``halt_after=1``);
-    the reports carry the backed-off LR scale."""
-    model, opt, guard = _sgd_guard(halt_after=1)
+    the reports carry the backed-off LR scale (``nonfinite_window=0``: the one non-finite
+    step backs off)."""
+    model, opt, guard = _sgd_guard(halt_after=1, nonfinite_window=0)
     reports = _drive(model, opt, guard, "..n." + "a" * 40)
     amp = reports[4:]
     assert all(r.action is Action.AMP_SKIP for r in amp)

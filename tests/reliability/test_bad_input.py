@@ -58,6 +58,8 @@ _SETTINGS: list[tuple[str, Any, type[Exception]]] = [
     ("max_update_ratio", "0.1", TypeError),
     ("amp_halt_after", 0, ValueError),
     ("amp_halt_after", 40.0, TypeError),
+    ("nonfinite_window", -1, ValueError),
+    ("nonfinite_window", 50.0, TypeError),
     ("diagnose", "yes", TypeError),
     ("preflight", 0, TypeError),
     ("verbose", 1, TypeError),

@@ -158,7 +158,7 @@ def _param_case(kind: str, k: int, precision: str, tmp_path: Path,
     if kind == "scale" and not fp16:
         # finite but huge weights: the output layer's gradients explode every step; the guard
         # clips them (repeated spikes also enter the statistics clamped, so it follows the
-        # new scale) and backs off the LR; nothing is non-finite, training goes on
+        # new scale); nothing is non-finite, training goes on
         r = run(precision, fault, GradGuard(halt_after=HALT_AFTER), tmp_path)
         s = r.summary
         assert r.trainer.global_step == N_STEPS
@@ -166,11 +166,17 @@ def _param_case(kind: str, k: int, precision: str, tmp_path: Path,
         assert _all_finite(r.params)
         assert s["nonfinite_steps"] == s["skipped_steps"] == 0
         # measured: 2 spikes for a fault during warmup (only norms over 10x the running mean
-        # are spikes there; the backoff then comes from the growth detector), 9 after it
+        # are spikes there), 9 after it
         assert s["spikes"] >= (2 if k < 25 else 3)
         assert s["clipped_steps"] == s["spikes"]
-        assert s["lr_backoffs"] >= 1
-        assert s["lr_scale"] < 1.0
+        if k < 25:
+            # two clips contain it, and nothing says the LR is too high (no update over the
+            # cap, clipping not the rule, LR scale 1): no backoff
+            assert (s["lr_backoffs"], s["lr_scale"]) == (0, 1.0)
+        else:
+            # spikes on most steps: clipping is the rule, the evidence for a backoff
+            assert s["lr_backoffs"] >= 1
+            assert s["lr_scale"] < 1.0
         assert all(t == t for t in r.rec.threshold.values())
         return
 
