@@ -25,6 +25,9 @@ from lightning_gradguard.core.policies import (
 
 
 class _Nested(Stateful):
+    rows: list[list[float]]
+    n: int
+
     def __init__(self) -> None:
         super().__init__()
         self._add_state("rows", [[0.0, 0.0], [0.0]])
@@ -32,6 +35,8 @@ class _Nested(Stateful):
 
 
 class _Parent(Stateful):
+    k: int
+
     def __init__(self) -> None:
         super().__init__()
         self.child = _Nested()
@@ -81,7 +86,8 @@ def test_load_state_dict_missing_keys_names_class_and_keys() -> None:
 def test_load_state_dict_reads_tensor_era_numbers() -> None:
     s = _Nested()
     s.load_state_dict({"rows": [], "n": torch.tensor([3])})
-    assert s.n == 3 and type(s.n) is int
+    assert s.n == 3
+    assert type(s.n) is int
 
 
 def test_parent_round_trip_and_reset() -> None:
@@ -136,7 +142,9 @@ def test_threshold_tensor_is_float32_whatever_the_default_dtype() -> None:
 
 def test_threshold_tensor_on_the_requested_device() -> None:
     t = NoClip().threshold(torch.device("meta"))
-    assert t.device.type == "meta" and t.dtype == torch.float32 and t.ndim == 0
+    assert t.device.type == "meta"
+    assert t.dtype == torch.float32
+    assert t.ndim == 0
 
 
 def test_repr_lists_every_argument() -> None:
@@ -151,9 +159,15 @@ def test_repr_lists_every_argument() -> None:
 
 def test_unitwise_norm_of_a_vector_is_a_scalar() -> None:
     n = unitwise_norm(torch.tensor([3.0, 4.0]))
-    assert n.shape == () and n.item() == 5.0
+    assert n.shape == ()
+    assert n.item() == 5.0
     assert unitwise_norm(torch.tensor(-2.0)).shape == ()
     assert unitwise_norm(torch.ones(2, 3, 4)).shape == (2, 1, 1)
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad
 
 
 def _param(w: list[list[float]], g: list[list[float]]) -> torch.nn.Parameter:
@@ -166,15 +180,15 @@ def test_agc_unit_exactly_at_its_bound_is_not_clipped() -> None:
     # ||W|| = 5, clipping 0.5 -> bound 2.5 = ||G|| exactly (all values exact in float32)
     p = _param([[3.0, 4.0]], [[1.5, 2.0]])
     assert AdaptiveGradClip(clipping=0.5).clip_unitwise_([p]).item() == 0
-    assert p.grad.tolist() == [[1.5, 2.0]]
+    assert _grad(p).tolist() == [[1.5, 2.0]]
 
 
 def test_agc_small_gradients_are_scaled_to_the_bound_exactly() -> None:
     # ||W|| = 5, clipping 0.1 -> bound 0.5; ||G|| = 0.8 (below 1: no floor may interfere)
     p = _param([[3.0, 4.0]], [[0.48, 0.64]])
     assert AdaptiveGradClip(clipping=0.1).clip_unitwise_([p]).item() == 1
-    assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(0.5, rel=1e-6)
-    assert p.grad[0].tolist() == pytest.approx([0.3, 0.4], rel=1e-6)
+    assert torch.linalg.vector_norm(_grad(p)).item() == pytest.approx(0.5, rel=1e-6)
+    assert _grad(p)[0].tolist() == pytest.approx([0.3, 0.4], rel=1e-6)
 
 
 def test_agc_an_excluded_parameter_does_not_stop_the_others() -> None:
@@ -185,9 +199,9 @@ def test_agc_an_excluded_parameter_does_not_stop_the_others() -> None:
     agc = AdaptiveGradClip(clipping=0.1, exclude=["head"])
     n = agc.clip_unitwise_([head, none, body, tail], ["head", "none", "body", "tail"])
     assert n.item() == 2
-    assert head.grad.tolist() == [[100.0]]
-    assert body.grad[0].tolist() == pytest.approx([0.3, 0.4])
-    assert tail.grad[0].tolist() == pytest.approx([0.3, 0.4])
+    assert _grad(head).tolist() == [[100.0]]
+    assert _grad(body)[0].tolist() == pytest.approx([0.3, 0.4])
+    assert _grad(tail)[0].tolist() == pytest.approx([0.3, 0.4])
 
 
 # --- growth ---------------------------------------------------------------------------------
@@ -198,4 +212,5 @@ def test_hold_leaves_the_detector_one_rise_short_of_firing() -> None:
     assert [d.update(x) for x in [1.0, 2.0, 3.0, 4.0]] == [False, False, False, True]
     d.hold()
     assert d.state_dict() == {"prev": 4.0, "streak": 2}
-    assert d.fires(5.0) and not d.fires(4.0)
+    assert d.fires(5.0)
+    assert not d.fires(4.0)
