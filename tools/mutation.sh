@@ -50,45 +50,4 @@ fi
 start=$(date +%s)
 mutmut run --max-children "${JOBS:-2}" "${patterns[@]}" || true  # non-zero when mutants survive
 echo "wall time: $(( $(date +%s) - start )) s"
-python - "${patterns[@]}" <<'PY'
-import fnmatch
-import json
-import subprocess
-import sys
-
-pats = sys.argv[1:] or ["lightning_gradguard.core.*"]
-out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True,
-                     check=False).stdout
-counts: dict[str, dict[str, int]] = {}
-for line in out.splitlines():
-    name, _, status = line.strip().rpartition(": ")
-    if not name or not any(fnmatch.fnmatch(name, p) for p in pats):
-        continue
-    module = name.split(".x")[0].rsplit(".", 1)[-1] if ".x" in name else name
-    module = name.removeprefix("lightning_gradguard.core.").split(".")[0]
-    c = counts.setdefault(module, {})
-    c[status] = c.get(status, 0) + 1
-total: dict[str, int] = {}
-print(f"{'module':<14} {'killed':>7} {'survived':>9} {'no tests':>9} {'other':>6} {'score':>7}")
-for module in sorted(counts):
-    c = counts[module]
-    for k, v in c.items():
-        total[k] = total.get(k, 0) + v
-    rows = [("    " + module, c)]
-    for label, c in rows:
-        k = c.get("killed", 0) + c.get("timeout", 0)
-        s = c.get("survived", 0)
-        other = sum(v for key, v in c.items()
-                    if key not in {"killed", "timeout", "survived", "no tests"})
-        print(f"{label:<14} {k:>7} {s:>9} {c.get('no tests', 0):>9} {other:>6} "
-              f"{100.0 * k / max(k + s, 1):>6.1f}%")
-k = total.get("killed", 0) + total.get("timeout", 0)
-s = total.get("survived", 0)
-print(f"total: killed {k}, survived {s}, no tests {total.get('no tests', 0)}, "
-      f"all statuses {json.dumps(total)}")
-print(f"score: {k}/{k + s} = {100.0 * k / max(k + s, 1):.1f} % of covered mutants killed "
-      "(timeouts count as killed; 'no tests' and skipped mutants are not in the denominator)")
-PY
-echo "survivors:"
-mutmut results | grep -F -f <(printf '%s\n' "${patterns[@]:-lightning_gradguard.core.}" \
-    | sed 's/\*.*//') || true
+python tools/mutation_summary.py --survivors "${patterns[@]}"  # per-module table (markdown)
