@@ -1,9 +1,9 @@
 """Per-module mutation score from ``mutmut results --all true`` (run from the project root).
 
 Usage: ``python tools/mutation_summary.py [--survivors] [GLOB ...]``, with mutant-name globs
-(fnmatch), e.g. ``'lightning_gradguard.core.decide.*'``; none: every mutant mutmut knows. Mutants mutmut has
-not run yet ("not checked") are listed but not scored. ``--survivors``: also list the
-surviving mutants (``mutmut show NAME`` prints one's diff).
+(fnmatch), e.g. ``'lightning_gradguard.core.decide.*'``; none: every mutant mutmut knows.
+Mutants mutmut has not run yet ("not checked") are listed but not scored. ``--survivors``:
+also list the surviving mutants (``mutmut show NAME`` prints one's diff).
 """
 
 from __future__ import annotations
