@@ -156,6 +156,12 @@ def test_bad_arguments(kwargs: dict[str, float], match: str) -> None:
         _cap(1.0, **kwargs)
 
 
+def test_far_below_one_is_allowed() -> None:
+    cap = _cap(1.0, max_ratio=0.1, far=0.5)
+    cap.observe_weight_norm(10.0)
+    assert cap.limit(1.0) == UpdateLimit(cap=1.0, far=0.5)
+
+
 def test_make_update_control_picks_by_optimizer() -> None:
     w = torch.nn.Parameter(torch.ones(1))
     sgd = torch.optim.SGD([w], lr=0.1)
