@@ -2,33 +2,52 @@
 # Mutation testing of the pure core (lightning_gradguard/core) with mutmut 3.
 #
 # Configuration: [tool.mutmut] in pyproject.toml (mutates lightning_gradguard/core/* only,
-# runs the tests under tests/core, -m "not slow"). Not part of the default CI run: it takes
-# about an hour on 2 shared CPU cores. Results and the surviving mutants are explained in
+# runs the tests under tests/core, -m "not slow"). Not part of the default CI run: a full run
+# takes hours on 2 shared CPU cores. Results and the surviving mutants are explained in
 # docs/mutation.md.
 #
-# Usage (from anywhere, inside the project's virtual environment):
-#   tools/mutation.sh            # fresh run: regenerate every mutant, run, summarise
-#   JOBS=4 tools/mutation.sh     # more parallel workers (default 2)
-#   KEEP=1 tools/mutation.sh     # reuse mutants/ and cached results (only changed code reruns)
-#   mutmut show <mutant-name>    # the diff of one mutant; mutmut browse: interactive
+# Usage (from anywhere):
+#   tools/mutation.sh                      # fresh run of every core module, 2 workers
+#   tools/mutation.sh streaks update_cap   # only these core modules (mutant-name globs)
+#   JOBS=1 tools/mutation.sh               # parallel workers (default 2)
+#   KEEP=1 tools/mutation.sh decide        # reuse mutants/ and cached results
+#   VENV=/path/to/venv tools/mutation.sh   # the virtual environment to use (default: the
+#                                          # active one, else ./.venv, else python on PATH)
+#   mutmut show <mutant-name>              # the diff of one mutant; mutmut browse: interactive
+#
+# Module arguments are core module names (``decide``, ``_stateful``) or any mutmut mutant-name
+# glob (``lightning_gradguard.core.guard.xǁGuardCoreǁstep*``). The score printed at the end
+# covers exactly the modules asked for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+venv="${VENV:-${VIRTUAL_ENV:-}}"
+if [[ -z "$venv" && -d .venv ]]; then
+    venv=.venv
+fi
+if [[ -n "$venv" ]]; then
+    if [[ ! -f "$venv/bin/activate" ]]; then
+        echo "VENV=$venv has no bin/activate" >&2
+        exit 2
+    fi
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+fi
+command -v mutmut >/dev/null || { echo "mutmut not found (pip install 'mutmut>=3')" >&2; exit 2; }
+
 export PYTHONPATH="$PWD"  # this checkout's package, not an editable install elsewhere
+patterns=()
+for m in "$@"; do
+    if [[ "$m" == *.* || "$m" == *"*"* ]]; then
+        patterns+=("$m")
+    else
+        patterns+=("lightning_gradguard.core.$m.*")
+    fi
+done
 if [[ "${KEEP:-0}" != "1" ]]; then
     rm -rf mutants
 fi
 start=$(date +%s)
-mutmut run --max-children "${JOBS:-2}" || true  # exits non-zero when mutants survive
+mutmut run --max-children "${JOBS:-2}" "${patterns[@]}" || true  # non-zero when mutants survive
 echo "wall time: $(( $(date +%s) - start )) s"
-mutmut export-cicd-stats >/dev/null
-python - <<'PY'
-import json
-s = json.load(open("mutants/mutmut-cicd-stats.json"))
-done = s["killed"] + s["survived"] + s.get("timeout", 0) + s.get("suspicious", 0)
-killed = s["killed"] + s.get("timeout", 0)
-print(json.dumps(s, indent=1))
-print(f"score: {killed}/{done} = {100.0 * killed / max(done, 1):.1f} % killed "
-      "(timeouts count as killed; 'no tests' and skipped mutants are not in the denominator)")
-PY
-echo "survivors:"
-mutmut results
+python tools/mutation_summary.py --survivors "${patterns[@]}"  # per-module table (markdown)
