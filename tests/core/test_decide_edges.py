@@ -128,8 +128,12 @@ CASES: list[tuple[str, Measurement, GuardState, dict[str, Any], dict[str, Any]]]
     ("growth with lr_backoff=False: reported, no backoff", meas(),
      GuardState(growth_fires=True), {"lr_backoff": False},
      dict(CLEAN, growth=True, hold_growth=False)),
-    ("growth_patience=1: growth counts", meas(), GuardState(growth_fires=True),
+    # growth counts, but a backoff needs evidence that the LR is too high (here: the LR is
+    # already backed off); without it the growth is reported and nothing else happens
+    ("growth_patience=1: growth counts", meas(), GuardState(growth_fires=True, lr_scale=0.5),
      {"growth_patience": 1}, dict(observe=True, growth=True, backoff=True)),
+    ("growth_patience=1 without evidence: reported, no backoff", meas(),
+     GuardState(growth_fires=True), {"growth_patience": 1}, dict(CLEAN, growth=True)),
     ("growth_patience=0 with small updates: nothing held", meas(limit=UpdateLimit(cap=100.0,
                                                                                   far=10.0)),
      GuardState(growth_fires=True), {"growth_patience": 0}, dict(CLEAN)),
