@@ -600,15 +600,7 @@ class GuardCore(Stateful):
                          "steps left the weights untouched: the data or the loss function "
                          "(log(0), division by zero, corrupt batches) is the likely cause, "
                          "unless the weights had already diverged")
-        first = self.first_diagnosis
-        if first is not None and self.causes:
-            parts.append(f"first non-finite step: {_facts(first).message()}"
-                         .removesuffix(". Likely cause: "))
-            return "; ".join(parts) + ".\nLikely causes, most likely first:\n" + causes_text(
-                self.causes)
-        if first is not None:
-            parts.append(f"first non-finite step: {first.message()}")
-        return "; ".join(parts)
+        return self._with_diagnosis(parts, "first non-finite step", self.first_diagnosis)
 
     def _amp_halt_message(self, end: int) -> str:
         last = self.last_report.diagnosis if self.last_report else None
@@ -618,13 +610,17 @@ class GuardCore(Stateful):
                  "fp16 overflows but gradients that are non-finite at any scale (sqrt or "
                  "log at 0, division by zero in the backward, NaN reaching only the "
                  "backward)"]
-        if last is not None and self.causes:
-            parts.append(f"last step: {_facts(last).message()}"
+        return self._with_diagnosis(parts, "last step", last)
+
+    def _with_diagnosis(self, parts: list[str], label: str, diagnosis: Diagnosis | None) -> str:
+        """``parts`` joined, then the labelled step's facts and the ranked causes (if any)."""
+        if diagnosis is not None and self.causes:
+            parts.append(f"{label}: {_facts(diagnosis).message()}"
                          .removesuffix(". Likely cause: "))
             return "; ".join(parts) + ".\nLikely causes, most likely first:\n" + causes_text(
                 self.causes)
-        if last is not None:
-            parts.append(f"last step: {last.message()}")
+        if diagnosis is not None:
+            parts.append(f"{label}: {diagnosis.message()}")
         return "; ".join(parts)
 
     def summary(self) -> dict[str, Any]:
