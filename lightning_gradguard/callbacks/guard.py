@@ -427,17 +427,18 @@ class GradGuardLogic:
         training step did not call the module itself (one read, on the first step only).
         """
         value = loss.detach()
-        if value.numel() != 1:
-            value = value.float().mean()
-        self._loss = value.reshape(()) if self._loss is None else self._loss + value.reshape(())
+        if value.dim():  # (a 0-dim loss, the usual case, needs no reshape: a view costs µs)
+            value = value.reshape(()) if value.numel() == 1 else value.float().mean()
+        self._loss = value if self._loss is None else self._loss + value
         for core in self._cores.values():
             if core.diagnostician is not None and not core.preflight_done:
                 core.diagnostician.finish_probe()
 
     def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                   optimizer: Optimizer) -> tuple[int, GuardCore]:
-        optimizers = [_raw(o) for o in trainer.optimizers]
-        idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+        optimizers = trainer.optimizers
+        idx = (0 if len(optimizers) == 1
+               else next((i for i, o in enumerate(optimizers) if _raw(o) is optimizer), 0))
         core = self._cores.get(idx)
         if core is None or core.optimizer is not optimizer:
             # several processes: one decision on all ranks, global norms of sharded grads
@@ -461,7 +462,8 @@ class GradGuardLogic:
             skip_step_(core.params)
             self._loss = None
             return
-        others = [_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
+        others = ([_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
+                  if len(trainer.optimizers) > 1 else ())
         consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
         loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:

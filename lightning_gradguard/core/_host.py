@@ -22,7 +22,12 @@ def to_host(values: torch.Tensor) -> list[float]:
         [1.0, 2.0]
     """
     _COUNTER[0] += 1
-    out: list[float] = values.detach().double().reshape(-1).tolist()
+    # tolist() converts each element to a Python float exactly (float16/bfloat16/float32
+    # widen without rounding), so no float64 copy is made on the device first
+    if values.dtype.is_floating_point:
+        out: list[float] = values.detach().reshape(-1).tolist()
+    else:
+        out = values.detach().double().reshape(-1).tolist()
     return out
 
 

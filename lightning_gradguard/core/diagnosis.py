@@ -400,13 +400,15 @@ class Diagnostician(Stateful):
             loss: The step's loss, if known.
             grad_norm: The step's total gradient norm, if known.
         """
-        check_int("step", step)
+        if type(step) is not int:
+            check_int("step", step)
         self.last_step = step
         lr = self._lr()
-        for name, value in (("losses", loss), ("grad_norms", grad_norm), ("lrs", lr)):
-            seq: list[float] = getattr(self, name)
+        keep = self.history
+        for seq, value in ((self.losses, loss), (self.grad_norms, grad_norm), (self.lrs, lr)):
             seq.append(math.nan if value is None else float(value))
-            del seq[:-self.history]
+            if len(seq) > keep:
+                del seq[:-keep]
 
     def _names_with_grad(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if p.grad is not None]

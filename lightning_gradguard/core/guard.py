@@ -217,7 +217,7 @@ def _group_layout(optimizer: Optimizer | None) -> tuple[int, ...]:
     """The sizes of the optimizer's param groups (compared by ``follow_optimizer``)."""
     if optimizer is None:
         return ()
-    return tuple(len(g["params"]) for g in optimizer.param_groups)
+    return tuple([len(g["params"]) for g in optimizer.param_groups])
 
 
 class GuardCore(Stateful):

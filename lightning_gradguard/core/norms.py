@@ -295,7 +295,9 @@ def grad_norms(
         >>> grad_norms([torch.tensor([float("nan")])]).finite
         tensor(False)
     """
-    p = check_number("norm_type", norm_type, low=0, low_inclusive=False, allow_inf=True)
+    # the common case (a float already validated by the caller) without the generic check
+    p = (norm_type if type(norm_type) is float and norm_type > 0.0
+         else check_number("norm_type", norm_type, low=0, low_inclusive=False, allow_inf=True))
     if not grads:
         return _no_grads(p, per_tensor, reducer, device)
     if groups is None:
@@ -304,10 +306,14 @@ def grad_norms(
         groups = group_by_device_and_dtype(dense)
     else:  # the caller vouches for plain dense tensors in these groups
         dense, shard_groups = list(grads), None
-    out_device = _result_device(d for d, _ in groups)
-    out_dtype = torch.float32
-    for _, dtype in groups:
-        out_dtype = torch.promote_types(out_dtype, _acc_dtype(dtype))
+    if len(groups) == 1:  # one device and dtype (the usual case)
+        ((out_device, only),) = groups
+        out_dtype = _acc_dtype(only)
+    else:
+        out_device = _result_device(d for d, _ in groups)
+        out_dtype = torch.float32
+        for _, dtype in groups:
+            out_dtype = torch.promote_types(out_dtype, _acc_dtype(dtype))
 
     chunks: list[Tensor] = []
     order: list[int] = []
