@@ -58,7 +58,7 @@ class GradientMonitorLogic:
         >>> GradientMonitor(layer_depth=-1)
         Traceback (most recent call last):
         ...
-        ValueError: `layer_depth` must be an int in [0, inf], got -1
+        ValueError: `layer_depth` must be an int >= 0, got -1
     """
 
     def __init__(self, norm_type: float = 2.0, layer_depth: int = 2, max_layers: int = 32,

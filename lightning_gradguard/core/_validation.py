@@ -92,9 +92,9 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an int, got {_fmt(value)} ({type(value).__name__})")
     if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else str(low)
-        hi = "inf" if high is None else str(high)
-        raise ValueError(f"`{name}` must be an int in [{lo}, {hi}], got {value!r}")
+        allowed = (f">= {low}" if high is None else f"<= {high}" if low is None
+                   else f"in [{low}, {high}]")
+        raise ValueError(f"`{name}` must be an int {allowed}, got {value!r}")
     return value
 
 

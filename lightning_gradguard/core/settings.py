@@ -92,7 +92,7 @@ class GuardSettings:
         >>> GuardSettings(halt_after=-1)
         Traceback (most recent call last):
         ...
-        ValueError: `halt_after` must be an int in [0, inf], got -1
+        ValueError: `halt_after` must be an int >= 0, got -1
     """
 
     clip: ClipPolicy | None = None

@@ -10,8 +10,8 @@ from torch.optim import Optimizer
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..core._validation import check_choice, check_int, check_number
 from ._optim import OPTIMIZERS, OptimizerName, build_optimizer
-from ._validation import check_choice, check_int, check_positive_float
 
 __all__ = ["TASKS", "DemoModule", "Task"]
 
@@ -46,10 +46,10 @@ class DemoModule(LightningModule):
         super().__init__()
         self.task = check_choice("task", task, TASKS)
         self.out_features = check_int(
-            "out_features", out_features, minimum=2 if task == "classification" else 1
+            "out_features", out_features, low=2 if task == "classification" else 1
         )
         self.optimizer_name = check_choice("optimizer", optimizer, OPTIMIZERS)
-        self.lr = check_positive_float("lr", lr)
+        self.lr = check_number("lr", lr, low=0, low_inclusive=False)
         self.val_metrics: MetricCollection
         if task == "regression":
             self.val_metrics = MetricCollection(

@@ -9,7 +9,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._validation import check_fraction, check_int, check_non_negative_float
+from ..core._validation import check_int, check_number
 
 __all__ = ["AddingProblemDataModule", "ClassificationDataModule", "RegressionDataModule"]
 
@@ -26,10 +26,11 @@ class _SyntheticDataModule(LightningDataModule):
 
     def __init__(self, num_samples: int, batch_size: int, val_fraction: float, seed: int) -> None:
         super().__init__()
-        self.num_samples = check_int("num_samples", num_samples, minimum=2)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.val_fraction = check_fraction("val_fraction", val_fraction)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.num_samples = check_int("num_samples", num_samples, low=2)
+        self.batch_size = check_int("batch_size", batch_size, low=1)
+        self.val_fraction = check_number("val_fraction", val_fraction, low=0, high=1,
+                                         low_inclusive=False, high_inclusive=False)
+        self.seed = check_int("seed", seed, low=0)
         self.num_val = min(max(1, round(self.num_samples * self.val_fraction)), num_samples - 1)
         self.num_train = self.num_samples - self.num_val
         if self.num_train < self.batch_size:
@@ -122,10 +123,10 @@ class RegressionDataModule(_SyntheticDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(num_samples, batch_size, val_fraction, seed)
-        self.in_features = check_int("in_features", in_features, minimum=1)
-        self.out_features = check_int("out_features", out_features, minimum=1)
-        self.noise_std = check_non_negative_float("noise_std", noise_std)
-        self.teacher_hidden = check_int("teacher_hidden", teacher_hidden, minimum=1)
+        self.in_features = check_int("in_features", in_features, low=1)
+        self.out_features = check_int("out_features", out_features, low=1)
+        self.noise_std = check_number("noise_std", noise_std, low=0)
+        self.teacher_hidden = check_int("teacher_hidden", teacher_hidden, low=1)
         self.save_hyperparameters()
 
     def generate(self, generator: torch.Generator) -> Batch:
@@ -172,10 +173,10 @@ class ClassificationDataModule(_SyntheticDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(num_samples, batch_size, val_fraction, seed)
-        self.in_features = check_int("in_features", in_features, minimum=1)
-        self.num_classes = check_int("num_classes", num_classes, minimum=2)
-        self.noise_std = check_non_negative_float("noise_std", noise_std)
-        self.teacher_hidden = check_int("teacher_hidden", teacher_hidden, minimum=1)
+        self.in_features = check_int("in_features", in_features, low=1)
+        self.num_classes = check_int("num_classes", num_classes, low=2)
+        self.noise_std = check_number("noise_std", noise_std, low=0)
+        self.teacher_hidden = check_int("teacher_hidden", teacher_hidden, low=1)
         self.save_hyperparameters()
 
     def generate(self, generator: torch.Generator) -> Batch:
@@ -222,7 +223,7 @@ class AddingProblemDataModule(_SyntheticDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(num_samples, batch_size, val_fraction, seed)
-        self.seq_len = check_int("seq_len", seq_len, minimum=2)
+        self.seq_len = check_int("seq_len", seq_len, low=2)
         self.save_hyperparameters()
 
     def generate(self, generator: torch.Generator) -> Batch:

@@ -7,7 +7,7 @@ from typing import Final, Literal
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_choice, check_positive_float
+from ..core._validation import check_choice, check_number
 
 __all__ = [
     "ACTIVATIONS",
@@ -58,8 +58,9 @@ class SteepLeakyReLU(nn.Module):
 
     def __init__(self, gain: float = 2.0, negative_slope: float = 0.1) -> None:
         super().__init__()
-        self.gain = check_positive_float("gain", gain)
-        self.negative_slope = check_positive_float("negative_slope", negative_slope)
+        self.gain = check_number("gain", gain, low=0, low_inclusive=False)
+        self.negative_slope = check_number("negative_slope", negative_slope, low=0,
+                                           low_inclusive=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the activation elementwise."""

@@ -8,7 +8,7 @@ from typing import Final, Literal
 import torch
 from torch import nn
 
-from ._validation import check_choice, check_positive_float
+from ..core._validation import check_choice, check_number
 
 __all__ = ["OPTIMIZERS", "OptimizerName", "build_optimizer"]
 
@@ -45,7 +45,7 @@ def build_optimizer(
         0.9
     """
     check_choice("optimizer", name, OPTIMIZERS)
-    lr = check_positive_float("lr", lr)
+    lr = check_number("lr", lr, low=0, low_inclusive=False)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "sgd_momentum":

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..core._validation import check_int
 from ._base import DemoModule, Task
 from ._config import DemoConfig
 from ._data import RegressionDataModule
 from ._layers import ActivationName, InitName, init_weights, make_activation
 from ._optim import OptimizerName
-from ._validation import check_int
 
 __all__ = ["DeepMLP"]
 
@@ -69,9 +69,9 @@ class DeepMLP(DemoModule):
         task: Task = "regression",
     ) -> None:
         super().__init__(task=task, out_features=out_features, optimizer=optimizer, lr=lr)
-        in_features = check_int("in_features", in_features, minimum=1)
-        depth = check_int("depth", depth, minimum=1)
-        width = check_int("width", width, minimum=1)
+        in_features = check_int("in_features", in_features, low=1)
+        depth = check_int("depth", depth, low=1)
+        width = check_int("width", width, low=1)
         make_activation(activation)  # validates the name before anything is built
         if not isinstance(batch_norm, bool):
             raise TypeError(f"`batch_norm` must be a bool, got {type(batch_norm).__name__}")

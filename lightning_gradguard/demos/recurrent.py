@@ -6,12 +6,12 @@ from typing import Final, Literal
 
 from torch import Tensor, nn
 
+from ..core._validation import check_choice, check_int
 from ._base import DemoModule
 from ._config import DemoConfig
 from ._data import AddingProblemDataModule
 from ._layers import InitName, init_weights
 from ._optim import OptimizerName
-from ._validation import check_choice, check_int
 
 __all__ = ["CELLS", "AddingProblemRNN", "CellName"]
 
@@ -74,9 +74,9 @@ class AddingProblemRNN(DemoModule):
     ) -> None:
         super().__init__(task="regression", out_features=1, optimizer=optimizer, lr=lr)
         cell = check_choice("cell", cell, CELLS)
-        hidden_size = check_int("hidden_size", hidden_size, minimum=1)
-        num_layers = check_int("num_layers", num_layers, minimum=1)
-        input_size = check_int("input_size", input_size, minimum=1)
+        hidden_size = check_int("hidden_size", hidden_size, low=1)
+        num_layers = check_int("num_layers", num_layers, low=1)
+        input_size = check_int("input_size", input_size, low=1)
         self.save_hyperparameters()
 
         rnn_cls = nn.LSTM if cell == "lstm" else nn.RNN

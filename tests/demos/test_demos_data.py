@@ -126,9 +126,9 @@ def test_adding_problem_invariants(seq_len: int, num_samples: int, seed: int) ->
         ({"seq_len": 1}, ValueError, ["`seq_len`", ">= 2", "got 1"]),
         ({"seq_len": 2.5}, TypeError, ["`seq_len`", "int", "2.5"]),
         ({"batch_size": 0}, ValueError, ["`batch_size`", ">= 1", "got 0"]),
-        ({"num_samples": True}, TypeError, ["`num_samples`", "got bool True"]),
-        ({"val_fraction": 1.0}, ValueError, ["`val_fraction`", "(0, 1)", "got 1.0"]),
-        ({"val_fraction": "0.1"}, TypeError, ["`val_fraction`", "got str '0.1'"]),
+        ({"num_samples": True}, TypeError, ["`num_samples`", "got True (bool)"]),
+        ({"val_fraction": 1.0}, ValueError, ["`val_fraction`", "> 0 and < 1", "got 1.0"]),
+        ({"val_fraction": "0.1"}, TypeError, ["`val_fraction`", "got '0.1' (str)"]),
         ({"seed": -1}, ValueError, ["`seed`", ">= 0", "got -1"]),
         (
             {"num_samples": 10, "batch_size": 64},

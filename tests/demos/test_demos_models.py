@@ -113,7 +113,7 @@ def test_build_optimizer_rejects_bad_args() -> None:
     params = list(nn.Linear(2, 1).parameters())
     with pytest.raises(ValueError, match=r"`optimizer` must be one of \('sgd', "):
         build_optimizer(params, "lbfgs", 0.1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"`lr` must be a finite float > 0, got -1"):
+    with pytest.raises(ValueError, match=r"`lr` must be a finite number > 0, got -1"):
         build_optimizer(params, "sgd", -1)
 
 
@@ -166,12 +166,12 @@ def test_steep_activation_has_derivative_two() -> None:
          ["`optimizer`", "('sgd', 'sgd_momentum', 'adam', 'rmsprop')", "got 'lbfgs'"]),
         (DeepMLP, {"depth": 0}, ValueError, ["`depth`", ">= 1", "got 0"]),
         (ResidualMLP, {"depth": -2}, ValueError, ["`depth`", ">= 1", "got -2"]),
-        (DeepMLP, {"depth": 2.0}, TypeError, ["`depth`", "int", "got float 2.0"]),
+        (DeepMLP, {"depth": 2.0}, TypeError, ["`depth`", "int", "got 2.0 (float)"]),
         (DeepMLP, {"width": 0}, ValueError, ["`width`", ">= 1", "got 0"]),
         (DeepMLP, {"lr": 0.0}, ValueError, ["`lr`", "> 0", "got 0.0"]),
         (ResidualMLP, {"lr": -0.1}, ValueError, ["`lr`", "> 0", "got -0.1"]),
         (AddingProblemRNN, {"lr": float("nan")}, ValueError, ["`lr`", "finite", "got nan"]),
-        (AddingProblemRNN, {"lr": "0.1"}, TypeError, ["`lr`", "got str '0.1'"]),
+        (AddingProblemRNN, {"lr": "0.1"}, TypeError, ["`lr`", "got '0.1' (str)"]),
         (DeepMLP, {"task": "ranking"}, ValueError,
          ["`task`", "('regression', 'classification')", "got 'ranking'"]),
         (DeepMLP, {"task": "classification", "out_features": 1}, ValueError,
