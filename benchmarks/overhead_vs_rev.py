@@ -88,7 +88,18 @@ def interleaved(fns: dict[str, Callable[[], int]], rounds: int, calls: int) -> d
     for r in range(rounds):
         for k in orders[r % len(orders)]:
             res[k].append(statistics.median(fns[k]() for _ in range(calls)))
-    return {k: statistics.median(v) / 1000 for k, v in res.items()}
+    out = {k: statistics.median(v) / 1000 for k, v in res.items()}
+    if "rev" in res and "this" in res:  # paired within each round: the machine's drift cancels
+        out["diff"] = statistics.median(b - a for a, b in zip(res["rev"], res["this"],
+                                                              strict=True)) / 1000
+        out["diff_lo"], out["diff_hi"] = (q / 1000 for q in _quartiles(
+            [b - a for a, b in zip(res["rev"], res["this"], strict=True)]))
+    return out
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], q[2]
 
 
 def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]], cores: dict[str, Any],
@@ -214,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}. Medians in µs; the floor is one fused read of the "
         "gradients and one host read.",
         "",
-        "| measurement | revision | this tree | this - revision | this / revision "
-        "| floor | beyond the floor: revision -> this |",
+        "| measurement | revision | this tree | this - revision, paired per round (quartiles) "
+        "| this / revision | floor | beyond the floor: revision -> this |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, r in rows:
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         beyond = (f"{r['rev'] - floor:.1f} -> {r['this'] - floor:.1f}" if floor is not None
                   else "–")
         lines.append(f"| {label} | {r['rev']:.1f} | {r['this']:.1f} | "
-                     f"{r['this'] - r['rev']:+.1f} | {r['this'] / r['rev']:.3f} | "
+                     f"{r['diff']:+.1f} ({r['diff_lo']:+.1f} .. {r['diff_hi']:+.1f}) | "
+                     f"{r['this'] / r['rev']:.3f} | "
                      f"{'–' if floor is None else f'{floor:.1f}'} | {beyond} |")
     text = "\n".join(lines) + "\n"
     if args.out:
