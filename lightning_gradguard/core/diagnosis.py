@@ -56,6 +56,7 @@ from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_bool, check_choice, check_int, check_number
 from lightning_gradguard.core.evidence import (
+    LossTrend,
     batch_nonfinite,
     fit_growth,
     loss_trend,
@@ -571,86 +572,25 @@ class Diagnostician(Stateful):
     # ------------------------------------------------------------------ ranking
     def _rank(self, event: str, grads: dict[str, float], loss: float | None,
               batch: Any) -> list[Cause]:
+        """Every cause the evidence supports, most likely first (one entry per cause id)."""
         self._sync_probe()
-        t = self.thresholds
-        s = self.structure
-        ev = self.step0
-        explosion = event in _EXPLOSIONS
-        causes: list[Cause] = []
         losses = list(self.losses)
         same = bool(losses) and (losses[-1] == loss or (
             loss is not None and math.isnan(losses[-1]) and math.isnan(loss)))
         if loss is not None and not same:
             losses.append(float(loss))
         trend = loss_trend(losses)
-        norms_hist = [v for v in self.grad_norms if math.isfinite(v)]
-        grads_bad = [n for n, v in grads.items() if not math.isfinite(v)]
-        loss_bad = loss is not None and not math.isfinite(loss)
-
-        # -- the batch (only read on a non-finite step)
+        explosion = event in _EXPLOSIONS
+        causes: list[Cause] = []
         if event in ("nonfinite", "halt") and batch is not None:
-            bad = batch_nonfinite(batch)
-            if bad:
-                where = "; ".join(f"{p} holds {c} NaN/Inf of {n} values" for p, c, n in bad[:3])
-                causes.append(Cause(
-                    "data_nonfinite", f"the batch of this step is not finite: {where}",
-                    "clean the data: drop or repair those samples in the Dataset (e.g. keep "
-                    "rows with torch.isfinite(x).all(dim=1), or torch.nan_to_num(x)); "
-                    "GradGuard skips such steps meanwhile", 100.0))
-
-        # -- a loss that broke by itself
-        growth_hist = (len(norms_hist) >= 3 and norms_hist[-1]
-                       > 10 * statistics.median(norms_hist[:-1]))
-        prior = [v for v in losses[:-1] if math.isfinite(v)]
-        steady = len(prior) >= 3 and prior[-1] <= 3 * statistics.median(prior)
-        if (event in ("nonfinite", "halt") and not causes and (loss_bad or grads_bad)
-                and trend.kind != "rise" and not growth_hist and steady and norms_hist
-                and not self._growth(ev)[1]):
-            lo, hi = min(norms_hist), max(norms_hist)
-            before = f"{trend.before:.4g}" if math.isfinite(trend.before) else "finite"
-            what = (f"the loss became {loss} right after {before}" if loss_bad else
-                    f"the loss is finite ({loss}) but {len(grads_bad)} gradient(s) are not "
-                    f"(first: {grads_bad[0]})")
-            causes.append(Cause(
-                "loss_nonfinite",
-                f"{what}, with no run-up: the gradient norms before were finite and steady "
-                f"({lo:.3g}..{hi:.3g}) and the batch is finite",
-                "make the loss numerically safe: clamp inside log/sqrt/division "
-                "(torch.log(p.clamp_min(1e-12)), x / (d + 1e-8)), or use the fused stable "
-                "forms (F.cross_entropy / F.binary_cross_entropy_with_logits on logits, "
-                "torch.logsumexp)", 50.0))
-
-        # -- amplification through depth (step-0 evidence)
-        growth, grows = self._growth(ev)
-        n_layers = int(ev.get("layers", 0))
-        amp_causes = self._amplification(ev, growth, grows, explosion)
-        causes += amp_causes
-        if grows and growth is not None and not amp_causes:
-            causes += self._structural(growth, n_layers, 10.0 + math.log(growth))
-        elif explosion and not grows and n_layers >= t.min_layers and not causes:
-            causes += self._structural(None, n_layers, 1.0)
-
-        # -- recurrent weights
-        for r in sorted(s.recurrent, key=lambda r: -r.sigma_max)[:1]:
-            if r.sigma_max >= t.recurrent_sigma:
-                gated = r.kind in ("LSTM", "GRU")
-                remedy = ("orthogonal init of the recurrent weights, per gate block: "
-                          f"for w in {r.module or 'rnn'}.{r.param.rsplit('.', 1)[-1]}.data"
-                          f".chunk({ {'LSTM': 4, 'GRU': 3}.get(r.kind, 1) }): "
-                          "nn.init.orthogonal_(w)")
-                if not gated:
-                    remedy += "; or a gated cell (nn.LSTM / nn.GRU) instead of nn.RNN"
-                causes.append(Cause(
-                    "recurrent_weights",
-                    f"largest singular value of {r.param} is {r.sigma_max:.3g} (> 1): a "
-                    f"gradient through T time steps can grow like {r.sigma_max:.3g}^T",
-                    remedy, 15.0 + math.log(r.sigma_max)))
-
-        # -- the learning rate
+            causes += self._data_cause(batch)
+        if event in ("nonfinite", "halt") and not causes:
+            causes += self._loss_cause(grads, loss, losses, trend)
+        causes += self._depth_causes(explosion, bool(causes))
+        causes += self._recurrent_cause()
         lr_cause = self._lr_cause(event, explosion, grads, trend)
         if lr_cause is not None:
             causes.append(lr_cause)
-
         causes.sort(key=lambda c: -c.score)
         seen: set[str] = set()
         out = []
@@ -659,6 +599,77 @@ class Diagnostician(Stateful):
                 seen.add(c.cause)
                 out.append(c)
         return out
+
+    @staticmethod
+    def _data_cause(batch: Any) -> list[Cause]:
+        """``data_nonfinite``: the step's batch holds NaN/Inf (read on a non-finite step only)."""
+        bad = batch_nonfinite(batch)
+        if not bad:
+            return []
+        where = "; ".join(f"{p} holds {c} NaN/Inf of {n} values" for p, c, n in bad[:3])
+        return [Cause(
+            "data_nonfinite", f"the batch of this step is not finite: {where}",
+            "clean the data: drop or repair those samples in the Dataset (e.g. keep "
+            "rows with torch.isfinite(x).all(dim=1), or torch.nan_to_num(x)); "
+            "GradGuard skips such steps meanwhile", 100.0)]
+
+    def _loss_cause(self, grads: dict[str, float], loss: float | None, losses: list[float],
+                    trend: LossTrend) -> list[Cause]:
+        """``loss_nonfinite``: a loss that broke by itself, with no run-up in the norms."""
+        norms_hist = [v for v in self.grad_norms if math.isfinite(v)]
+        grads_bad = [n for n, v in grads.items() if not math.isfinite(v)]
+        loss_bad = loss is not None and not math.isfinite(loss)
+        growth_hist = (len(norms_hist) >= 3 and norms_hist[-1]
+                       > 10 * statistics.median(norms_hist[:-1]))
+        prior = [v for v in losses[:-1] if math.isfinite(v)]
+        steady = len(prior) >= 3 and prior[-1] <= 3 * statistics.median(prior)
+        if not ((loss_bad or grads_bad) and trend.kind != "rise" and not growth_hist
+                and steady and norms_hist and not self._growth(self.step0)[1]):
+            return []
+        lo, hi = min(norms_hist), max(norms_hist)
+        before = f"{trend.before:.4g}" if math.isfinite(trend.before) else "finite"
+        what = (f"the loss became {loss} right after {before}" if loss_bad else
+                f"the loss is finite ({loss}) but {len(grads_bad)} gradient(s) are not "
+                f"(first: {grads_bad[0]})")
+        return [Cause(
+            "loss_nonfinite",
+            f"{what}, with no run-up: the gradient norms before were finite and steady "
+            f"({lo:.3g}..{hi:.3g}) and the batch is finite",
+            "make the loss numerically safe: clamp inside log/sqrt/division "
+            "(torch.log(p.clamp_min(1e-12)), x / (d + 1e-8)), or use the fused stable "
+            "forms (F.cross_entropy / F.binary_cross_entropy_with_logits on logits, "
+            "torch.logsumexp)", 50.0)]
+
+    def _depth_causes(self, explosion: bool, have_causes: bool) -> list[Cause]:
+        """Amplification through depth (step-0 evidence: init, norms, activations, skips)."""
+        ev = self.step0
+        growth, grows = self._growth(ev)
+        n_layers = int(ev.get("layers", 0))
+        causes = self._amplification(ev, growth, grows, explosion)
+        if grows and growth is not None and not causes:
+            causes += self._structural(growth, n_layers, 10.0 + math.log(growth))
+        elif (explosion and not grows and n_layers >= self.thresholds.min_layers
+              and not have_causes and not causes):
+            causes += self._structural(None, n_layers, 1.0)
+        return causes
+
+    def _recurrent_cause(self) -> list[Cause]:
+        """``recurrent_weights``: the recurrent matrix with the largest singular value > 1."""
+        for r in sorted(self.structure.recurrent, key=lambda r: -r.sigma_max)[:1]:
+            if r.sigma_max >= self.thresholds.recurrent_sigma:
+                gated = r.kind in ("LSTM", "GRU")
+                remedy = ("orthogonal init of the recurrent weights, per gate block: "
+                          f"for w in {r.module or 'rnn'}.{r.param.rsplit('.', 1)[-1]}.data"
+                          f".chunk({ {'LSTM': 4, 'GRU': 3}.get(r.kind, 1) }): "
+                          "nn.init.orthogonal_(w)")
+                if not gated:
+                    remedy += "; or a gated cell (nn.LSTM / nn.GRU) instead of nn.RNN"
+                return [Cause(
+                    "recurrent_weights",
+                    f"largest singular value of {r.param} is {r.sigma_max:.3g} (> 1): a "
+                    f"gradient through T time steps can grow like {r.sigma_max:.3g}^T",
+                    remedy, 15.0 + math.log(r.sigma_max))]
+        return []
 
     def _growth(self, ev: Mapping[str, Any]) -> tuple[float | None, bool]:
         """The strongest fitted per-layer factor, and whether it counts as growth."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,9 +96,10 @@ def _scalar_loss(loss: Tensor) -> Tensor:
     return loss.detach().float().mean()
 
 
-@dataclass(frozen=True, slots=True)
-class Measurement:
+class Measurement(NamedTuple):
     """What one step measured: host floats only (the input of the decision).
+
+    Immutable (a named tuple: built every step, it costs a fraction of a frozen dataclass).
 
     Attributes:
         step: The step number for reports (the caller's, or the guard's 1-based count).

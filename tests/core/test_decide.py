@@ -210,9 +210,9 @@ def test_every_path_of_the_table_is_covered() -> None:
 
 def test_decide_is_pure() -> None:
     m, state, s = meas(grad_norm=8.0), GuardState(spike_steps=(9,)), GuardSettings()
-    before = (dataclasses.asdict(m), dataclasses.asdict(state), repr(s), s.policy.state_dict())
+    before = (m._asdict(), dataclasses.asdict(state), repr(s), s.policy.state_dict())
     assert decide(m, state, s) == decide(m, state, s)
-    assert (dataclasses.asdict(m), dataclasses.asdict(state), repr(s),
+    assert (m._asdict(), dataclasses.asdict(state), repr(s),
             s.policy.state_dict()) == before
 
 

@@ -131,3 +131,11 @@ def test_non_finite_measurement() -> None:
     assert not m.finite
     assert not Measurement(step=1, grad_norm=1.0, threshold=1.0, clipped_norm=1.0,
                            loss=math.inf).finite
+
+
+def test_measurement_is_immutable() -> None:
+    m = Measurement(step=1, grad_norm=1.0, threshold=2.0, clipped_norm=1.0)
+    with pytest.raises(AttributeError):
+        m.grad_norm = 5.0  # type: ignore[misc]
+    assert m._replace(grad_norm=5.0).grad_norm == 5.0
+    assert m.grad_norm == 1.0
