@@ -27,6 +27,7 @@ The result is a ratio of this tree to REV measured in the same run (no stored ba
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import io
 import itertools
@@ -89,11 +90,12 @@ def interleaved(fns: dict[str, Callable[[], int]], rounds: int, calls: int) -> d
         for k in orders[r % len(orders)]:
             res[k].append(statistics.median(fns[k]() for _ in range(calls)))
     out = {k: statistics.median(v) / 1000 for k, v in res.items()}
-    if "rev" in res and "this" in res:  # paired within each round: the machine's drift cancels
-        out["diff"] = statistics.median(b - a for a, b in zip(res["rev"], res["this"],
-                                                              strict=True)) / 1000
-        out["diff_lo"], out["diff_hi"] = (q / 1000 for q in _quartiles(
-            [b - a for a, b in zip(res["rev"], res["this"], strict=True)]))
+    for k in res:  # paired with the revision within each round: the machine's drift cancels
+        if "rev" in res and k.startswith("this"):
+            d = [b - a for a, b in zip(res["rev"], res[k], strict=True)]
+            lo, hi = _quartiles(d)
+            out[f"diff:{k}"] = statistics.median(d) / 1000
+            out[f"diff_lo:{k}"], out[f"diff_hi:{k}"] = lo / 1000, hi / 1000
     return out
 
 
@@ -102,7 +104,8 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]], cores: dict[str, Any],
+def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
+              cores: dict[str, Callable[..., Any]],
               rounds: int, calls: int) -> dict[str, float]:
     model, x = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -111,7 +114,7 @@ def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]], cores: 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     base = [g.clone() for g in grads]
     value = loss.detach()
-    guards = {name: cls(model, opt) for name, cls in cores.items()}
+    guards = {name: make(model, opt) for name, make in cores.items()}
 
     def step(guard: Any) -> Callable[[], int]:
         def run() -> int:
@@ -205,17 +208,22 @@ def main(argv: list[str] | None = None) -> int:
         dirty = subprocess.run(["git", "status", "--porcelain", PKG], cwd=ROOT,
                                capture_output=True, text=True).stdout.strip()
         this = f"{head}{' (+ uncommitted changes)' if dirty else ''}"
-        cores = {"rev": rev_guard.GuardCore, "this": GuardCore}
-        rows = []
-        for label, build in (("tiny model, GuardCore.step", tiny_model),
-                             ("DeepMLP 6x1024, GuardCore.step", deep_model)):
-            r = core_case(build, cores, args.rounds, args.calls)
-            rows.append((label, r))
-            print(f"{label}: {r}", file=sys.stderr)
+        cores: dict[str, Callable[..., Any]] = {"rev": rev_guard.GuardCore, "this": GuardCore}
+        rows: list[tuple[str, str, dict[str, float]]] = []
+        # the tiny model also without the cause diagnosis (added after the redesign)
+        tiny_cores: dict[str, Callable[..., Any]] = {
+            **cores, "this_nodiag": functools.partial(GuardCore, diagnose=False)}
+        r = core_case(tiny_model, tiny_cores, args.rounds, args.calls)
+        rows += [("tiny model, GuardCore.step", "this", r),
+                 ("tiny model, GuardCore.step, this tree with diagnose=False", "this_nodiag", r)]
+        print(f"tiny: {r}", file=sys.stderr)
+        r = core_case(deep_model, cores, args.rounds, args.calls)
+        rows.append(("DeepMLP 6x1024, GuardCore.step", "this", r))
+        print(f"DeepMLP: {r}", file=sys.stderr)
         cbs = {"rev": rev_pkg.GradGuard(**_quiet(rev_pkg.GradGuard)),
                "this": GradGuard(**_quiet(GradGuard))}
         r = hooks_case(cbs, args.rounds, args.calls)
-        rows.append(("tiny model, GradGuard hooks of one step", r))
+        rows.append(("tiny model, GradGuard hooks of one step", "this", r))
         print(f"hooks: {r}", file=sys.stderr)
     lines = [
         "# Overhead against a revision: one process, interleaved",
@@ -229,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         "| this / revision | floor | beyond the floor: revision -> this |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, r in rows:
+    for label, k, r in rows:
         floor = r.get("floor")
-        beyond = (f"{r['rev'] - floor:.1f} -> {r['this'] - floor:.1f}" if floor is not None
+        beyond = (f"{r['rev'] - floor:.1f} -> {r[k] - floor:.1f}" if floor is not None
                   else "–")
-        lines.append(f"| {label} | {r['rev']:.1f} | {r['this']:.1f} | "
-                     f"{r['diff']:+.1f} ({r['diff_lo']:+.1f} .. {r['diff_hi']:+.1f}) | "
-                     f"{r['this'] / r['rev']:.3f} | "
+        lines.append(f"| {label} | {r['rev']:.1f} | {r[k]:.1f} | "
+                     f"{r[f'diff:{k}']:+.1f} ({r[f'diff_lo:{k}']:+.1f} .. "
+                     f"{r[f'diff_hi:{k}']:+.1f}) | {r[k] / r['rev']:.3f} | "
                      f"{'–' if floor is None else f'{floor:.1f}'} | {beyond} |")
     text = "\n".join(lines) + "\n"
     if args.out:
