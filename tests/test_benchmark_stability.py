@@ -177,3 +177,22 @@ def test_run_cache_keys(tmp_path: Path) -> None:
     # another workload configuration (e.g. the momentum grid's optimizer) is not reused
     m = w.with_optimizer("sgd_momentum", "SGD + momentum", 1.0)
     assert cache.load(m, 0.1, 0, "none", 300) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_report_written_elsewhere_keeps_its_plot_beside_it(tmp_path: Path) -> None:
+    """A subset run with ``--out`` (no ``--png``) never overwrites the committed plot."""
+    pytest.importorskip("matplotlib")
+    committed = SCRIPT.parent / "results" / "stability.png"
+    before = committed.read_bytes() if committed.exists() else None
+    out = tmp_path / "subset.md"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(SCRIPT), "--models", "DeepMLP", "--lrs", "0.01", "--seeds", "0",
+           "--methods", "none", "--steps", "3", "--cache", str(tmp_path / "cache"),
+           "--out", str(out), "--json", str(tmp_path / "s.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=110, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert out.exists()
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (committed.read_bytes() if committed.exists() else None) == before

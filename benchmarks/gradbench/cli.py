@@ -95,7 +95,9 @@ def main(suite: Suite, argv: Sequence[str] | None = None) -> int:
         steps = {mo: args.steps or suite.workloads[mo].steps for mo in models}
         cache_dir = args.cache or suite.cache_dir
         out = args.out or suite.md_path
-        png = args.png or suite.png_path
+        # a report written elsewhere (e.g. a subset run) keeps its plot beside it: only the
+        # committed report updates the committed plot
+        png = args.png or (args.out.with_suffix(".png") if args.out else suite.png_path)
         js = args.json or cache_dir / "summary.json"
     resolved = {m: get_method(m) for m in methods}  # validate names before any run
     run_variants = [m for m in methods if m not in suite.methods]
