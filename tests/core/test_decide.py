@@ -7,33 +7,18 @@ exact decision expected.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import pytest
 
 from lightning_gradguard.core.clip import clip_coef
-from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
+from lightning_gradguard.core.decide import Action, GuardState, decide
 from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import Streaks
 from lightning_gradguard.core.update_cap import UpdateLimit
 
-NAN, INF = math.nan, math.inf
-STEP = 10
-
-
-def meas(**kw: Any) -> Measurement:
-    kw.setdefault("step", STEP)
-    kw.setdefault("grad_norm", 1.0)
-    kw.setdefault("threshold", 2.0)
-    kw.setdefault("clipped_norm", kw["grad_norm"])
-    return Measurement(**kw)
-
-
-def run(m: Measurement, state: GuardState | None = None, **settings: Any) -> Decision:
-    return decide(m, state or GuardState(), GuardSettings(**settings))
-
+from ._decide_cases import INF, NAN, STEP, meas, run
 
 # (id, measurement, state, settings, expected fields of the decision)
 CASES: list[tuple[str, Measurement, GuardState, dict[str, Any], dict[str, Any]]] = [

@@ -9,30 +9,20 @@ The streaks are compared on their two counts and start steps.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
 
 from lightning_gradguard.core.clip import clip_coef
-from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
+from lightning_gradguard.core.decide import Action, Decision, GuardState
 from lightning_gradguard.core.measure import Measurement
-from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import Streaks
 from lightning_gradguard.core.update_cap import UpdateLimit
 
-NAN, INF = math.nan, math.inf
-STEP = 10
+from ._decide_cases import INF, NAN, STEP, meas, run
+
 FLAGS = ("observe", "spike", "growth", "hold_growth", "skip", "backoff", "recover",
          "rollback", "snapshot", "halt", "diagnose")
-
-
-def meas(**kw: Any) -> Measurement:
-    kw.setdefault("step", STEP)
-    kw.setdefault("grad_norm", 1.0)
-    kw.setdefault("threshold", 2.0)
-    kw.setdefault("clipped_norm", kw["grad_norm"])
-    return Measurement(**kw)
 
 
 def streaks(nonfinite: int = 0, nonfinite_start: int | None = None, amp: int = 0,
@@ -50,10 +40,6 @@ def check(d: Decision, expected: dict[str, Any]) -> None:
     assert got == expected
     raised = [f for f in FLAGS if f not in expected and getattr(d, f)]
     assert raised == [], f"flags set but not expected: {raised}"
-
-
-def run(m: Measurement, state: GuardState | None = None, **settings: Any) -> Decision:
-    return decide(m, state or GuardState(), GuardSettings(**settings))
 
 
 CLEAN = dict(path="finite", action=Action.NONE, observe=True, recover=True, scales=())
