@@ -78,22 +78,27 @@ def peak_rss_added(fn: Callable[[], Any]) -> int | None:
         return None
 
 
-def _memory_row(n_tensors: int, n_params: int, state0: dict[str, Any],
-                zclip0: Any) -> dict[str, Any]:
-    """Persistent state and bytes allocated during one call, for one parameter set."""
+def _gradient_set(n_tensors: int, n_params: int) -> tuple[
+        ParamSet, list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor], GuardCore,
+        dict[str, Any]]:
+    """A parameter set with clean gradients (``base``, and the live ``grads`` to reset), a
+    guard on it, and the row's size columns."""
     ps = ParamSet(n_tensors, n_params)
     params = list(ps.parameters())
     base = make_grads(params, CLEAN_NORM)
-    grads = grads_of(params)
-    core = GuardCore(params)
+    row: dict[str, Any] = {"tensors": len(params), "params": ps.numel,
+                           "grad_bytes": sum(b.numel() * b.element_size() for b in base)}
+    return ps, params, base, grads_of(params), GuardCore(params), row
+
+
+def _memory_row(n_tensors: int, n_params: int, state0: dict[str, Any],
+                zclip0: Any) -> dict[str, Any]:
+    """Persistent state and bytes allocated during one call, for one parameter set."""
+    ps, params, base, grads, core, row = _gradient_set(n_tensors, n_params)
     core.load_state_dict(state0)
     torch._foreach_copy_(grads, base)
     core.step()
-    row: dict[str, Any] = {
-        "tensors": len(params), "params": ps.numel,
-        "grad_bytes": sum(b.numel() * b.element_size() for b in base),
-        "state_bytes": _tensor_bytes(core.state_dict()),
-    }
+    row["state_bytes"] = _tensor_bytes(core.state_dict())
     for spike in (False, True):
         core.load_state_dict(state0)
         torch._foreach_copy_(grads, base)
@@ -116,13 +121,7 @@ def _memory_row(n_tensors: int, n_params: int, state0: dict[str, Any],
 def _rss_check(n_tensors: int, n_params: int, state0: dict[str, Any],
                zclip0: Any) -> dict[str, Any]:
     """Peak RSS added by one call of each method on a large gradient set."""
-    ps = ParamSet(n_tensors, n_params)
-    params = list(ps.parameters())
-    base = make_grads(params, CLEAN_NORM)
-    grads = grads_of(params)
-    core = GuardCore(params)
-    rss: dict[str, Any] = {"tensors": len(params), "params": ps.numel,
-                           "grad_bytes": sum(b.numel() * b.element_size() for b in base)}
+    ps, params, base, grads, core, rss = _gradient_set(n_tensors, n_params)
     holder: dict[str, Any] = {}
     cases: list[tuple[str, Callable[[], Any], bool]] = [
         ("guard", core.step, False), ("guard_spike", core.step, True),
