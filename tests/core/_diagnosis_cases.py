@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,21 +282,33 @@ def _opt(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr)
 
 
-def run_case(case: Case) -> Result:
-    torch.manual_seed(case.seed)
-    model = case.model()
-    opt = _opt(case.optimizer, model.parameters(), case.lr)
-    doc = Diagnostician(model, opt)
-    doc.watch_forward()
+@dataclass
+class Fed:
+    """Where :func:`feed` stopped: the event (``"on_demand"``: none), its step, the pre-flight
+    causes, and the last step's per-tensor gradient norms, loss and batch."""
+
+    event: str
+    step: int
+    pre: list[Cause]
+    norms: dict[str, float]
+    loss: float
+    batch: tuple[Tensor, Tensor] | None
+
+
+def feed(doc: Diagnostician, model: nn.Module, opt: torch.optim.Optimizer,
+         batches: Iterable[tuple[Tensor, Tensor]],
+         loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Fed:
+    """Train on ``batches`` feeding ``doc`` as the guard would (pre-flight at step 0, then the
+    host floats of every step) until the first non-finite step or spike (> 10x the median
+    total norm so far, from step 3 on); that step is not taken."""
     totals: list[float] = []
     pre: list[Cause] = []
-    event, causes, norms, loss_f = "on_demand", [], {}, math.nan
-    step = 0
-    for step in range(case.steps):
-        x, y = case.data(step)
-        loss = case.loss(model(x), y)
+    event, norms, loss_f, step, batch = "on_demand", {}, math.nan, 0, None
+    for step, (x, y) in enumerate(batches):
+        batch = (x, y)
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         per = torch.stack([g.norm() for _, g in named]).tolist()
         norms = {n: v for (n, _), v in zip(named, per, strict=False)}
@@ -311,13 +323,25 @@ def run_case(case: Case) -> Result:
         elif step >= 3 and total > 10 * statistics.median(totals):
             event = "spike"
         if event != "on_demand":
-            causes = doc.diagnose(event, norms, loss_f, batch=(x, y))  # type: ignore[arg-type]
             break
         totals.append(total)
         opt.step()
+    return Fed(event, step, pre, norms, loss_f, batch)
+
+
+def run_case(case: Case) -> Result:
+    torch.manual_seed(case.seed)
+    model = case.model()
+    opt = _opt(case.optimizer, model.parameters(), case.lr)
+    doc = Diagnostician(model, opt)
+    doc.watch_forward()
+    fed = feed(doc, model, opt, (case.data(s) for s in range(case.steps)), case.loss)
+    if fed.event != "on_demand":
+        causes = doc.diagnose(fed.event, fed.norms, fed.loss,  # type: ignore[arg-type]
+                              batch=fed.batch)
     else:
-        causes = doc.diagnose("on_demand", norms, loss_f)
-    return Result(case, event, step, causes, pre)
+        causes = doc.diagnose("on_demand", fed.norms, fed.loss)
+    return Result(case, fed.event, fed.step, causes, fed.pre)
 
 
 BN = ("BatchNorm", "LayerNorm", "normalisation layer")

@@ -6,7 +6,6 @@ The demo modules are used as plain ``nn.Module`` s in a plain loop (no Trainer).
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,8 @@ from lightning_gradguard.core.diagnosis import Cause, Diagnostician
 
 pytest.importorskip("lightning")
 from lightning_gradguard.demos import AddingProblemRNN, DeepMLP, ResidualMLP
+
+from ._diagnosis_cases import feed
 
 
 @pytest.fixture(autouse=True)
@@ -34,32 +35,9 @@ def _run(cfg: Any, max_steps: int) -> tuple[str, list[Cause], list[Cause]]:
     opt = model.configure_optimizers()
     doc = Diagnostician(model, opt)
     doc.watch_forward()
-    totals: list[float] = []
-    pre: list[Cause] = []
-    event = "on_demand"
-    norms: dict[str, float] = {}
-    loss_f = math.nan
-    for step, (x, y) in zip(range(max_steps), dm.train_dataloader(), strict=False):
-        loss = model.compute_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()
-                 if p.grad is not None}
-        total = math.sqrt(sum(v * v for v in norms.values()))
-        loss_f = loss.item()
-        if step == 0:
-            pre = doc.preflight(norms, loss_f)
-        else:
-            doc.observe(step, loss_f, total)
-        if not (math.isfinite(total) and math.isfinite(loss_f)):
-            event = "nonfinite"
-        elif step >= 3 and total > 10 * statistics.median(totals):
-            event = "spike"
-        if event != "on_demand":
-            break
-        totals.append(total)
-        opt.step()
-    return event, pre, doc.diagnose(event, norms, loss_f)  # type: ignore[arg-type]
+    batches = (b for _, b in zip(range(max_steps), dm.train_dataloader(), strict=False))
+    fed = feed(doc, model, opt, batches, model.compute_loss)
+    return fed.event, fed.pre, doc.diagnose(fed.event, fed.norms, fed.loss)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("cls", "first", "also"), [
