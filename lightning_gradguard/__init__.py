@@ -24,6 +24,7 @@ from lightning_gradguard.core import (
 if TYPE_CHECKING:
     from lightning_gradguard.callbacks import GradGuard, GradientMonitor
 
+#: The one source of the version: pyproject.toml reads it ([tool.setuptools.dynamic]).
 __version__ = "0.1.0"
 
 __all__ = [

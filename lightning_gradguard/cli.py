@@ -6,6 +6,7 @@
   ``gradguard report`` commands to look at it.
 * ``gradguard report LOGDIR [-o PNG]`` — a picture of what happened, from the event files
   (one panel per run folder under ``LOGDIR``).
+* ``gradguard --version`` — the distribution name and version, e.g. ``lightning-gradguard 0.1.0``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["build_parser", "main", "positive_int"]
+
+#: The distribution name (``pip install lightning-gradguard``), printed by ``--version``.
+DISTRIBUTION = "lightning-gradguard"
 
 
 def positive_int(text: str) -> int:
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradguard",
         description="Stop exploding gradients from wrecking Lightning training runs.",
     )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--version", action="store_true",
+                        help=f"print '{DISTRIBUTION} VERSION' and exit")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser(
         "demo", help="train a model that explodes, without and with GradGuard",
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         from lightning_gradguard import __version__
 
-        print(__version__)
+        print(f"{DISTRIBUTION} {__version__}")
         return 0
     if args.command == "demo":
         return _demo(args)

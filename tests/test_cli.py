@@ -19,6 +19,10 @@ pytestmark = [
 ]
 
 
+#: what ``gradguard --version`` prints: the distribution name, then the version
+VERSION_LINE = f"lightning-gradguard {lightning_gradguard.__version__}"
+
+
 def test_version_subprocess(tmp_path: Path) -> None:
     root = Path(lightning_gradguard.__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -26,12 +30,12 @@ def test_version_subprocess(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "lightning_gradguard", "--version"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == lightning_gradguard.__version__
+    assert proc.stdout.strip() == VERSION_LINE
 
 
 def test_version_and_help_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == lightning_gradguard.__version__
+    assert capsys.readouterr().out.strip() == VERSION_LINE
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "demo" in out

@@ -18,10 +18,12 @@ def test_ci_runs_readme_test_command_verbatim() -> None:
 
 
 def test_version_matches_pyproject() -> None:
-    import lightning_gradguard
-
+    # one source: the metadata's version is read from __version__ (tests/test_release.py
+    # checks the built wheel's metadata against it)
     text = (ROOT / "pyproject.toml").read_text()
-    assert f'version = "{lightning_gradguard.__version__}"' in text
+    assert 'dynamic = ["version"]' in text
+    assert 'version = { attr = "lightning_gradguard.__version__" }' in text
+    assert not re.search(r'^version = "', text, flags=re.M)
 
 
 def test_readme_quickstart_installs_and_runs_the_demo() -> None:
