@@ -198,9 +198,10 @@ def test_sdist_has_what_a_packager_needs(built: Built) -> None:
 def test_installed_wheel_imports_from_its_own_site_packages(venv: Venv) -> None:
     """The public API and every module import from the new environment's site-packages;
     nothing on ``sys.path`` points into the source tree; the metadata's version is
-    ``__version__``; ``gradguard --version`` prints both names."""
+    ``__version__``; ``--version`` prints both names (the console script itself runs in the
+    next test: one Lightning import less here)."""
     script = f"""
-import importlib, importlib.metadata as md, importlib.util, json, pkgutil, sys
+import contextlib, importlib, importlib.metadata as md, importlib.util, io, json, pkgutil, sys
 import lightning_gradguard as lg
 from lightning_gradguard import GradGuard, GradientMonitor, GuardCore, __version__
 from lightning_gradguard.demos import DeepMLP
@@ -210,10 +211,14 @@ modules = [m.name for m in pkgutil.walk_packages(lg.__path__, "lightning_gradgua
 files = [importlib.import_module(m).__file__ for m in modules]
 others = {{n: getattr(importlib.util.find_spec(n), "origin", None)
           for n in ("tests", "benchmarks", "examples")}}
+from lightning_gradguard.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as version:
+    main(["--version"])
 print(json.dumps({{"file": lg.__file__, "files": files, "version": __version__,
                   "metadata": md.version("{DISTRIBUTION}"),
                   "dist": str(md.distribution("{DISTRIBUTION}")._path),
                   "api": api, "path": sys.path, "others": others,
+                  "version_line": version.getvalue().strip(),
                   "meta_path": [repr(f) for f in sys.meta_path]}}))
 """
     out = json.loads(venv.run(venv.python, "-c", script))
@@ -229,7 +234,7 @@ print(json.dumps({{"file": lg.__file__, "files": files, "version": __version__,
     assert out["version"] == out["metadata"] == VERSION
     assert set(out["api"]) == set(lightning_gradguard.__all__)
     assert out["api"]["GradGuard"] == out["api"]["GuardCore"] == "type"
-    assert venv.run(venv.bin / "gradguard", "--version").strip() == f"{DISTRIBUTION} {VERSION}"
+    assert out["version_line"] == f"{DISTRIBUTION} {VERSION}"
 
 
 def test_installed_wheel_runs_demo_and_report(venv: Venv) -> None:
