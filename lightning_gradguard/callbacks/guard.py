@@ -57,6 +57,7 @@ from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.amp import unscale_once_
 from lightning_gradguard.core.clip import skip_step_
 from lightning_gradguard.core.diagnosis import Cause
+from lightning_gradguard.core.evidence import MicroBatches
 from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
 from lightning_gradguard.core.messages import causes_text, end_of_fit_line, nonfinite_message
 from lightning_gradguard.core.norms import grad_norms
@@ -287,7 +288,9 @@ class GradGuardLogic:
         self._stopping = False
         self._in_fit = False
         self.last_reports: dict[int, StepReport] = {}
-        self._batch: Any = None
+        #: the micro-batches of the current optimizer step (read only on a non-finite step)
+        self._batches: list[Any] = []
+        self._window_done = False
         self._notice_step = -_NOTICE_EVERY
         self._notices_held = 0
 
@@ -407,8 +410,20 @@ class GradGuardLogic:
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        """Keep a reference to the batch (read for NaN/Inf only on a non-finite step)."""
-        self._batch = batch
+        """Keep a reference to the batch (read for NaN/Inf only on a non-finite step).
+
+        Under gradient accumulation every micro-batch of the optimizer step is kept (a NaN
+        in the first of them is as much the step's as one in the last).
+        """
+        if self._window_done:
+            self._batches, self._window_done = [], False
+        self._batches.append(batch)
+
+    def _step_batch(self) -> Any:
+        """The batch of this optimizer step: the batch, or all its micro-batches."""
+        if len(self._batches) == 1:
+            return self._batches[0]
+        return MicroBatches(self._batches) if self._batches else None
 
     def _text(self, trainer: pl.Trainer, message: str) -> None:
         for writer in tensorboard_writers(trainer):
@@ -461,6 +476,7 @@ class GradGuardLogic:
             # halted, but the Trainer's min_steps/min_epochs keep it running: skip, once told
             skip_step_(core.params)
             self._loss = None
+            self._window_done = True
             return
         others = ([_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
                   if len(trainer.optimizers) > 1 else ())
@@ -468,11 +484,12 @@ class GradGuardLogic:
         loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:
             report = core.step(loss, amp_overflow=scaler is not None, snapshot_extra=others,
-                               step=trainer.global_step, batch=self._batch)
+                               step=trainer.global_step, batch=self._step_batch())
         finally:
             if consensus is not None:
                 consensus.disarm()
         self._loss = None
+        self._window_done = True
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
         self._show_progress(trainer, pl_module)

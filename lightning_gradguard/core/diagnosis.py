@@ -42,6 +42,7 @@ Two layers of API:
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import textwrap  # noqa: F401  (used in doctests)
@@ -256,10 +257,19 @@ class DiagnosisThresholds:
         check_int("min_layers", self.min_layers, low=3)
 
 
+_MIN_WEIGHT_RMS = 1e-4
+
+
 def _pct(ratio: float) -> str:
-    if not math.isfinite(ratio):
-        return "an infinite amount"
     return f"{100 * ratio:.0f} %" if ratio >= 1 else f"{100 * ratio:.2g} %"
+
+
+def _weight_counts(norm: float, numel: int) -> bool:
+    """Whether a ratio to a tensor's weights means something: an RMS of at least 1e-4.
+
+    No init gives less, except zero / near-zero init.
+    """
+    return math.isfinite(norm) and numel > 0 and norm >= _MIN_WEIGHT_RMS * math.sqrt(numel)
 
 
 def _round_lr(lr: float) -> str:
@@ -314,6 +324,8 @@ class Diagnostician(Stateful):
     last_step: int
     step0: dict[str, Any]
     residual: list[str] | None
+    probed_norms: list[str] | None
+    skips: int
     causes: list[dict[str, str]]
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -341,14 +353,18 @@ class Diagnostician(Stateful):
         self._add_state("last_step", -1)
         self._add_state("step0", {})
         self._add_state("residual", None)
+        self._add_state("probed_norms", None)
+        self._add_state("skips", 0)
         self._add_state("causes", [])
 
     # ------------------------------------------------------------------ gathering
     def watch_forward(self) -> ForwardProbe:
         """Install one-shot forward hooks (call before the first forward pass).
 
-        They detect residual connections and the activation scale of each weight layer in the
-        first forward pass, then remove themselves.
+        They read the first forward pass with autograd (skip connections and normalisation
+        from its autograd graph, the activation scale of each weight layer), then remove
+        themselves. They call nothing and draw no random number; a compiled model is not
+        hooked (its structure is then unknown, and no structural cause is named).
         """
         if self._probe is not None:
             self._probe.remove()
@@ -361,6 +377,8 @@ class Diagnostician(Stateful):
         The probe ends by itself when the root module's forward returns; a training step that
         calls a submodule instead (``self.net(x)`` in a ``LightningModule``) ends it here.
         """
+        if self._probe is not None:
+            self._probe.end()
         self._sync_probe()
 
     def weight_norm_request(self) -> tuple[list[tuple[str, int]], Tensor | None]:
@@ -377,12 +395,23 @@ class Diagnostician(Stateful):
         return [(n, p.numel()) for n, p in named], norms
 
     def _sync_probe(self) -> None:
-        if self._probe is not None:
-            self._probe.apply_to(self.structure)
-            if self._probe.done:
-                self.residual = list(self._probe.residual)
-        if self.residual is not None and self.structure.residual is None:
-            self.structure.residual = tuple(self.residual)
+        probe = self._probe
+        if probe is not None:
+            probe.apply_to(self.structure)
+            if probe.done and probe.readable and probe.residual is not None:
+                self.residual = list(probe.residual)
+                self.probed_norms = list(probe.norms or ())
+                self.skips = probe.skips
+        self._restore_probe()
+
+    def _restore_probe(self) -> None:
+        """What a probe found (possibly in a run this state was saved from) into the structure."""
+        s = self.structure
+        if self.residual is not None and s.residual is None:
+            s.residual = tuple(self.residual)
+            s.skips = self.skips
+        if self.probed_norms is not None and s.probed_norms is None:
+            s.probed_norms = tuple(self.probed_norms)
 
     def _lr(self) -> float | None:
         if self.optimizer is None or not self.optimizer.param_groups:
@@ -462,21 +491,25 @@ class Diagnostician(Stateful):
         return out
 
     def _update_ratios(self, grads: dict[str, float], weights: dict[str, tuple[float, int]],
-                       lr: float) -> tuple[float, str, float]:
-        """Total ratio, the tensor with the largest ratio, and that ratio."""
-        adaptive = is_adaptive(self.optimizer)
-        total_w = math.sqrt(sum(w * w for w, _ in weights.values()))
-        n_total = sum(n for _, n in weights.values())
-        g_total = math.sqrt(sum(v * v for v in grads.values())) if grads else math.nan
+                       lr: float, adaptive: bool) -> tuple[float | None, str, float]:
+        """Total ratio, the tensor with the largest ratio, and that ratio.
+
+        Every parameter counts (``weight_ih_l0`` as much as ``decoder.weight``), except
+        tensors whose weights are (near) zero: a ratio to a zero norm means nothing (a
+        zero-initialised layer, a bias). The total is taken over the same tensors, so it
+        never exceeds the largest per-tensor ratio. ``None``: no tensor counts.
+        """
+        kept = {n: (w, k) for n, (w, k) in weights.items()
+                if n in grads and _weight_counts(w, k)}
+        if not kept:
+            return None, "", 0.0
+        total_w = math.sqrt(sum(w * w for w, _ in kept.values()))
+        n_total = sum(k for _, k in kept.values())
+        g_total = math.sqrt(sum(grads[n] ** 2 for n in kept))
         total = update_ratio(lr, g_total, total_w, adaptive=adaptive, numel=n_total)
         worst, worst_r = "", 0.0
-        for name, g in grads.items():
-            if name not in weights or not name.endswith("weight"):
-                continue
-            w, n = weights[name]
-            if w <= 0:  # a zero-initialised layer (e.g. a residual branch's last one)
-                continue
-            r = update_ratio(lr, g, w, adaptive=adaptive, numel=n)
+        for name, (w, k) in kept.items():
+            r = update_ratio(lr, grads[name], w, adaptive=adaptive, numel=k)
             if r > worst_r:
                 worst, worst_r = name, r
         return total, worst, worst_r
@@ -496,14 +529,24 @@ class Diagnostician(Stateful):
         lr = self._lr()
         if weights is None:
             weights = self._weight_norms()
-        ev["weight_norm"] = math.sqrt(sum(w * w for w, _ in weights.values()))
-        ev["numel"] = sum(n for _, n in weights.values())
+        kept = [(w, n) for w, n in weights.values() if _weight_counts(w, n)]
+        ev["weight_norm"] = math.sqrt(sum(w * w for w, _ in kept))
+        ev["numel"] = sum(n for _, n in kept)
         finite = {k: v for k, v in grads.items() if math.isfinite(v)}
         if lr is not None and finite:
-            total, worst_t, worst_r = self._update_ratios(finite, weights, lr)
-            ev["update_ratio"] = total
-            ev["update_worst"] = [worst_t, worst_r]
-            ev["lr0"] = lr
+            # both forms: whether the optimizer is adaptive is known for sure from its
+            # state after its first step (see is_adaptive)
+            forms: dict[str, list[Any]] = {}
+            for form, adaptive in (("sgd", False), ("adaptive", True)):
+                total, worst_t, worst_r = self._update_ratios(finite, weights, lr, adaptive)
+                if total is not None:
+                    forms[form] = [total, worst_t, worst_r]
+            if forms:
+                form = "adaptive" if is_adaptive(self.optimizer) else "sgd"
+                ev["ratios"] = forms
+                ev["update_ratio"] = forms[form][0]
+                ev["update_worst"] = forms[form][1:]
+                ev["lr0"] = lr
         return ev
 
     # ------------------------------------------------------------------ entry points
@@ -580,13 +623,15 @@ class Diagnostician(Stateful):
         if loss is not None and not same:
             losses.append(float(loss))
         trend = loss_trend(losses)
-        explosion = event in _EXPLOSIONS
+        explosion = event in _EXPLOSIONS and (event != "spike" or self._grew(grads, trend))
         causes: list[Cause] = []
+        bad: list[tuple[str, int, int]] | None = None
         if event in ("nonfinite", "halt") and batch is not None:
-            causes += self._data_cause(batch)
+            bad = batch_nonfinite(batch)
+            causes += self._data_cause(bad)
         if event in ("nonfinite", "halt") and not causes:
-            causes += self._loss_cause(grads, loss, losses, trend)
-        causes += self._depth_causes(explosion, bool(causes))
+            causes += self._loss_cause(grads, loss, losses, trend, batch_read=bad is not None)
+        causes += self._depth_causes(explosion)
         causes += self._recurrent_cause()
         lr_cause = self._lr_cause(event, explosion, grads, trend)
         if lr_cause is not None:
@@ -600,10 +645,31 @@ class Diagnostician(Stateful):
                 out.append(c)
         return out
 
+    def _grew(self, grads: dict[str, float], trend: LossTrend) -> bool:
+        """Whether a spike is an explosion: growth, not one large step.
+
+        The loss rising step over step, the gradient norm rising 3 steps in a row to x3 or
+        more, or a norm 10x the median of the steps before. A spike short of that (a
+        z-score alarm 1.0-1.4x its threshold, the kind clipping contains) is not one.
+        """
+        if trend.kind == "rise":
+            return True
+        norms = [v for v in self.grad_norms if math.isfinite(v)]
+        if grads and all(map(math.isfinite, grads.values())):
+            total = math.sqrt(sum(v * v for v in grads.values()))
+            if not norms or not math.isclose(norms[-1], total, rel_tol=1e-6):
+                norms.append(total)
+        if len(norms) < 4:
+            return False
+        cur, prior = norms[-1], norms[:-1]
+        if cur >= 10 * statistics.median(prior):
+            return True
+        run = norms[-4:]
+        return all(b > a for a, b in itertools.pairwise(run)) and run[-1] >= 3 * run[0]
+
     @staticmethod
-    def _data_cause(batch: Any) -> list[Cause]:
+    def _data_cause(bad: list[tuple[str, int, int]] | None) -> list[Cause]:
         """``data_nonfinite``: the step's batch holds NaN/Inf (read on a non-finite step only)."""
-        bad = batch_nonfinite(batch)
         if not bad:
             return []
         where = "; ".join(f"{p} holds {c} NaN/Inf of {n} values" for p, c, n in bad[:3])
@@ -614,7 +680,7 @@ class Diagnostician(Stateful):
             "GradGuard skips such steps meanwhile", 100.0)]
 
     def _loss_cause(self, grads: dict[str, float], loss: float | None, losses: list[float],
-                    trend: LossTrend) -> list[Cause]:
+                    trend: LossTrend, *, batch_read: bool = False) -> list[Cause]:
         """``loss_nonfinite``: a loss that broke by itself, with no run-up in the norms."""
         norms_hist = [v for v in self.grad_norms if math.isfinite(v)]
         grads_bad = [n for n, v in grads.items() if not math.isfinite(v)]
@@ -634,23 +700,22 @@ class Diagnostician(Stateful):
         return [Cause(
             "loss_nonfinite",
             f"{what}, with no run-up: the gradient norms before were finite and steady "
-            f"({lo:.3g}..{hi:.3g}) and the batch is finite",
+            f"({lo:.3g}..{hi:.3g})" + (" and the batch is finite" if batch_read else ""),
             "make the loss numerically safe: clamp inside log/sqrt/division "
             "(torch.log(p.clamp_min(1e-12)), x / (d + 1e-8)), or use the fused stable "
             "forms (F.cross_entropy / F.binary_cross_entropy_with_logits on logits, "
             "torch.logsumexp)", 50.0)]
 
-    def _depth_causes(self, explosion: bool, have_causes: bool) -> list[Cause]:
+    def _depth_causes(self, explosion: bool) -> list[Cause]:
         """Amplification through depth (step-0 evidence: init, norms, activations, skips)."""
         ev = self.step0
         growth, grows = self._growth(ev)
         n_layers = int(ev.get("layers", 0))
         causes = self._amplification(ev, growth, grows, explosion)
+        # a structural cause rests on measured growth through the depth, never on the
+        # explosion alone (a deep plain net that blew up may have had a too-high LR)
         if grows and growth is not None and not causes:
             causes += self._structural(growth, n_layers, 10.0 + math.log(growth))
-        elif (explosion and not grows and n_layers >= self.thresholds.min_layers
-              and not have_causes and not causes):
-            causes += self._structural(None, n_layers, 1.0)
         return causes
 
     def _recurrent_cause(self) -> list[Cause]:
@@ -740,20 +805,24 @@ class Diagnostician(Stateful):
                 base + math.log(gain)))
         return out
 
-    def _structural(self, growth: float | None, n_layers: int, score: float) -> list[Cause]:
+    def _structural(self, growth: float, n_layers: int, score: float) -> list[Cause]:
+        """``no_normalization`` / ``no_residual``: only what was looked for and not found.
+
+        Normalisation by what the code computes, skip connections by the forward probe.
+        """
         s = self.structure
         out: list[Cause] = []
-        words = self._growth_words(self.step0) if growth is not None else (
-            f"{n_layers} weight layers in a row")
+        words = self._growth_words(self.step0)
         conv = any(layer.kind.startswith("Conv") for layer in s.layers)
         norm = ("nn.BatchNorm2d after each Conv2d" if conv else
                 "nn.BatchNorm1d after each Linear (nn.LayerNorm for sequences or small batches)")
-        if not s.has_norm:
+        if s.norm_known and not s.has_norm:
             if s.has_residual:
                 remedy = (f"add a normalisation layer in each residual branch ({norm}), or "
                           "zero-init each branch's last layer (nn.init.zeros_(branch[-1].weight))"
                           " so every block starts as the identity")
-                what = (f"residual blocks ({len(s.residual or ())}) without normalisation add "
+                what = (f"residual blocks ({max(s.skips, len(s.residual or ()))}) without "
+                        "normalisation add "
                         "their branch's variance to the stream at every block")
             else:
                 remedy = f"add {norm}"
@@ -770,27 +839,43 @@ class Diagnostician(Stateful):
                 score - (0.0 if s.has_norm else 0.5)))
         return out
 
+    def _step0_ratio(self, adaptive: bool) -> tuple[float | None, str, float]:
+        """The step-0 update ratio for the optimizer's form, at the step-0 LR (not rescaled).
+
+        Returns ``(total, most-moved tensor, its ratio)``.
+        """
+        ev = self.step0
+        saved = (ev.get("ratios") or {}).get("adaptive" if adaptive else "sgd")
+        if saved is None and ev.get("update_ratio") is not None:  # a state of an earlier version
+            saved = [ev["update_ratio"], *(ev.get("update_worst") or ["", 0.0])]
+        if not saved or not math.isfinite(float(saved[0])):
+            return None, "", 0.0
+        return float(saved[0]), str(saved[1]), float(saved[2])
+
+    def _later_ratios(self, adaptive: bool) -> list[float]:
+        """The update ratio of each later step in the history, at the LR of that step."""
+        w0, numel = self.step0.get("weight_norm"), int(self.step0.get("numel", 1))
+        if not w0:
+            return []
+        out = []
+        for g, lr_t in zip(self.grad_norms, self.lrs, strict=False):
+            if math.isfinite(g) and math.isfinite(lr_t):
+                r = update_ratio(lr_t, g, w0, adaptive=adaptive, numel=numel)
+                if math.isfinite(r):
+                    out.append(r)
+        return out
+
     def _lr_cause(self, event: str, explosion: bool, grads: dict[str, float],
                   trend: Any) -> Cause | None:
         t = self.thresholds
-        ev = self.step0
         lr = self._lr()
         if lr is None:
             return None
         adaptive = is_adaptive(self.optimizer)
-        w0 = ev.get("weight_norm")
-        ratios: list[float] = []
-        scale = lr / float(ev.get("lr0") or lr)
-        ratio0 = float(ev["update_ratio"]) * scale if ev.get("update_ratio") is not None \
-            else None
-        if ratio0 is not None:
-            ratios.append(ratio0)
-        if w0:
-            for g, lr_t in zip(self.grad_norms, self.lrs, strict=False):
-                if math.isfinite(g) and math.isfinite(lr_t):
-                    ratios.append(update_ratio(lr_t, g, w0, adaptive=adaptive,
-                                               numel=int(ev.get("numel", 1))))
-        ratio = max(ratios) if ratios else 0.0
+        ratio0, worst, worst0 = self._step0_ratio(adaptive)
+        lr0 = float(self.step0.get("lr0") or lr)
+        ratio = max([*([ratio0] if ratio0 is not None else []), *self._later_ratios(adaptive)],
+                    default=0.0)
         rising = explosion and trend.kind == "rise"
         limit = t.update_ratio if explosion else t.update_ratio_alone
         if ratio < limit and not rising:
@@ -801,13 +886,15 @@ class Diagnostician(Stateful):
         if ratio < t.update_ratio:
             score = 3.0
         kind = "Adam-like" if adaptive else "SGD"
-        worst: list[Any] = ev.get("update_worst") or ["", 0.0]
-        worst0 = float(worst[1]) * scale if worst[0] else None
+        moved = lr != lr0 and abs(lr / lr0 - 1) > 0.01
         words = []
         if ratio0 is not None:
-            words.append(f"at step 0 one {kind} step moved the weights by {_pct(ratio0)} of "
-                         f"their norm (lr {lr:.3g}" + (f"; most: {worst[0]} {_pct(worst0)})"
-                                                       if worst0 is not None else ")"))
+            words.append(f"at step 0 (lr {lr0:.3g}) one {kind} step moved the weights by "
+                         f"{_pct(ratio0)} of their norm"
+                         + (f" (most: {worst} {_pct(worst0)})" if worst else ""))
+            if moved:
+                words.append(f"the same step at the current lr {lr:.3g} would move them by "
+                             f"{_pct(ratio0 * lr / lr0)}")
         if ratio0 is None or ratio > 2 * ratio0:
             words.append(f"{'later ' if ratio0 is not None else ''}up to {_pct(ratio)} in one "
                          "step")
@@ -818,13 +905,16 @@ class Diagnostician(Stateful):
         sched = schedule_position(self.lrs)
         if sched:
             words.append(sched)
-        # the suggestion rests on the step before divergence, not on the diverging steps
-        base = ratio0 if ratio0 is not None and ratio0 >= t.target_ratio else ratio
+        # the suggestion rests on the step before divergence, not on the diverging steps,
+        # taken at the current LR
+        now0 = ratio0 * lr / lr0 if ratio0 is not None else None
+        base = now0 if now0 is not None and now0 >= t.target_ratio else ratio
         factor = t.target_ratio / base if base > 0 else 0.1
-        if worst0:
-            factor = min(factor, 10 * t.target_ratio / worst0)
+        if worst and worst0 > 0:
+            factor = min(factor, 10 * t.target_ratio / (worst0 * lr / lr0))
         target = lr * factor if factor < 1 else lr / 10
-        remedy = (f"lower the LR to ~{_round_lr(target)}: the update moved the weights by "
+        verb = "would move" if moved and base == now0 else "moved"
+        remedy = (f"lower the LR to ~{_round_lr(target)}: the update {verb} the weights by "
                   f"{_pct(base)} in one step (aim for ~{_pct(t.target_ratio)}, and "
                   f"~{_pct(10 * t.target_ratio)} for the most-moved tensor)")
         if sched and "warmup" in sched:
@@ -834,7 +924,11 @@ class Diagnostician(Stateful):
         return Cause("lr_too_high", "; ".join(words), remedy, score)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load state from :meth:`state_dict` (the residual probe result included)."""
-        super().load_state_dict(state_dict)
-        if self.residual is not None:
-            self.structure.residual = tuple(self.residual)
+        """Load state from :meth:`state_dict` (the probe's findings included).
+
+        A state saved before normalisation was probed loads with it unknown.
+        """
+        state = {"probed_norms": None, "skips": len(state_dict.get("residual") or ()),
+                 **state_dict}
+        super().load_state_dict(state)
+        self._restore_probe()

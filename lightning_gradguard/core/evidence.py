@@ -17,6 +17,7 @@ r"""Cheap evidence for the diagnosis: pure functions of host floats (and, rarely
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "LossTrend",
+    "MicroBatches",
     "batch_nonfinite",
     "fit_growth",
     "loss_trend",
@@ -69,15 +71,21 @@ def update_ratio(lr: float, grad_norm: float, weight_norm: float, *, adaptive: b
         adaptive: Adam-like optimizer (each coordinate moves by about ``lr``).
         numel: Number of weights (used when ``adaptive``).
 
+    Returns:
+        The ratio; NaN when it means nothing: zero (or non-finite) weights, whose relative
+        change is not a measure of the step (never an infinite ratio).
+
     Example:
         >>> update_ratio(0.1, 5.0, 2.0)
         0.25
         >>> update_ratio(1e-3, 123.0, 1.0, adaptive=True, numel=10_000)
         0.1
+        >>> update_ratio(0.1, 5.0, 0.0)
+        nan
     """
     step = lr * math.sqrt(numel) if adaptive else lr * grad_norm
     if weight_norm <= 0 or not math.isfinite(weight_norm):
-        return math.inf if step > 0 else 0.0
+        return math.nan
     return step / weight_norm
 
 
@@ -127,7 +135,8 @@ def loss_trend(losses: Sequence[float], *, jump: float = 10.0, rise: float = 2.0
     steps = len(seq) - 1 - k
     start = seq[k] if seq else math.nan
     last_finite = seq[-1] if seq else math.nan
-    grown = last_finite / start if start > 0 else math.inf
+    # a ratio only to a positive start (a loss at or below 0 gives no growth factor)
+    grown = last_finite / start if start > 0 else 1.0
     if not math.isfinite(cur):
         if steps >= 2 and grown >= rise:
             return LossTrend("rise", math.inf, steps + 1, start)
@@ -166,21 +175,77 @@ def schedule_position(lrs: Sequence[float], *, recent: int = 5) -> str | None:
     return None
 
 
-def _walk(value: Any, path: str, out: list[tuple[str, Tensor]]) -> None:
+class MicroBatches(tuple):  # type: ignore[type-arg]
+    """The micro-batches of one optimizer step under gradient accumulation (oldest first).
+
+    :func:`batch_nonfinite` names each one's tensors ``micro-batch i/k: batch[...]``.
+
+    Example:
+        >>> bad = batch_nonfinite(MicroBatches([torch.ones(2), torch.tensor([float("nan")])]))
+        >>> bad
+        [('micro-batch 2/2: batch', 1, 1)]
+    """
+
+    __slots__ = ()
+
+
+_MAX_TENSORS = 1024  # tensors read from one batch at most
+_MAX_DEPTH = 6       # containers walked into
+_MAX_CONTAINERS = 10_000  # containers and objects visited at most
+
+
+def _values(t: Tensor) -> list[Tensor]:
+    """The stored values of ``t``: the values of a sparse or nested tensor, else ``t``."""
+    if t.is_nested:
+        try:
+            return [t.values()]
+        except Exception:  # a strided nested tensor: its components
+            return list(t.unbind())
+    if t.layout == torch.sparse_coo:
+        return [t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return [t.values()]
+    return [t]
+
+
+def _walk(value: Any, path: str, out: list[tuple[str, Tensor]], depth: int,
+          seen: set[int]) -> None:
+    if len(out) >= _MAX_TENSORS or depth > _MAX_DEPTH or len(seen) > _MAX_CONTAINERS:
+        return
     if isinstance(value, Tensor):
-        out.append((path or "batch", value))
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            _walk(v, f"{path}[{k!r}]" if path else f"batch[{k!r}]", out)
+        out.extend((path, v) for v in _values(value))
+        return
+    if isinstance(value, (str, bytes, int, float, bool, type(None))) or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, Mapping):
+        items = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        items = [(f".{k}", getattr(value, k)) for k in value._fields]
     elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _walk(v, f"{path}[{i}]" if path else f"batch[{i}]", out)
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f".{f.name}", getattr(value, f.name, None))
+                 for f in dataclasses.fields(value)]
+    elif isinstance(value, torch.nn.Module):
+        return  # a model is not data
+    else:  # an object holding tensors (a custom batch class)
+        attrs = getattr(value, "__dict__", None)
+        if not isinstance(attrs, dict):
+            return
+        items = [(f".{k}", v) for k, v in attrs.items() if not k.startswith("__")]
+    for suffix, v in items:
+        _walk(v, path + suffix, out, depth + 1, seen)
 
 
 def batch_nonfinite(batch: Any) -> list[tuple[str, int, int]]:
     """Floating tensors of ``batch`` that hold NaN/Inf: ``(path, bad count, numel)``.
 
-    Nested tuples, lists and mappings are walked. One host read for all the tensors.
+    Every kind of batch is read: nested tuples, lists, namedtuples, mappings (a Hugging
+    Face ``BatchEncoding`` too), dataclasses, objects holding tensors in attributes, and
+    sparse (COO/CSR/CSC/BSR/BSC) and nested tensors (their stored values). A
+    :class:`MicroBatches` is read micro-batch by micro-batch. One host read for all the
+    tensors; nothing that is not a tensor is changed or called.
 
     Example:
         >>> x = torch.tensor([[1.0, float("nan")], [float("inf"), 2.0]])
@@ -190,8 +255,13 @@ def batch_nonfinite(batch: Any) -> list[tuple[str, int, int]]:
         []
     """
     found: list[tuple[str, Tensor]] = []
-    _walk(batch, "", found)
-    found = [(p, t) for p, t in found if t.is_floating_point() or t.is_complex()]
+    if isinstance(batch, MicroBatches):
+        for i, micro in enumerate(batch, 1):
+            _walk(micro, f"micro-batch {i}/{len(batch)}: batch", found, 0, set())
+    else:
+        _walk(batch, "batch", found, 0, set())
+    found = [(p, t) for p, t in found
+             if (t.is_floating_point() or t.is_complex()) and t.device.type != "meta"]
     if not found:
         return []
     from lightning_gradguard.core._host import to_host
@@ -199,4 +269,9 @@ def batch_nonfinite(batch: Any) -> list[tuple[str, int, int]]:
     device = found[0][1].device
     counts = to_host(torch.stack([(~torch.isfinite(t.detach())).sum().to(device)
                                   for _, t in found]))
-    return [(p, int(c), int(t.numel())) for (p, t), c in zip(found, counts, strict=True) if c]
+    sizes: dict[str, list[int]] = {}
+    for (p, t), c in zip(found, counts, strict=True):
+        entry = sizes.setdefault(p, [0, 0])
+        entry[0] += int(c)
+        entry[1] += int(t.numel())
+    return [(p, c, n) for p, (c, n) in sizes.items() if c]

@@ -85,10 +85,11 @@ class StepReport:
         loss: The loss passed to :meth:`GuardCore.step` (``None`` if not given).
         diagnosis: On the first non-finite step (and on halt), where it came from.
         causes: Ranked causes diagnosed at this step (with ``diagnose``): on the first step
-            when the pre-flight evidence already shows some, on the first spike, the first
-            backoff, the first non-finite step and the halt; ``None`` on other steps.
-        diagnosis_event: What :attr:`causes` answer: ``"preflight"``, ``"spike"``,
-            ``"backoff"``, ``"nonfinite"`` or ``"halt"`` (``None`` without them).
+            when the pre-flight evidence already shows some, on the first backoff, the first
+            non-finite step and the halt (when the run needed help: a spike that clipping
+            contains is not diagnosed); ``None`` on other steps.
+        diagnosis_event: What :attr:`causes` answer: ``"preflight"``, ``"backoff"``,
+            ``"nonfinite"`` or ``"halt"`` (``None`` without them).
     """
 
     step: int
@@ -290,7 +291,7 @@ class GuardCore(Stateful):
             self.diagnostician.watch_forward()
         self._weight_names: list[tuple[str, int]] = []
         #: called after every step with its measurement, decision and report (e.g. a cause
-        #: diagnosis that looks at the first steps, the first spike or the first backoff)
+        #: diagnosis that looks at the first steps or the first backoff)
         self.listeners: list[StepListener] = []
         self._reset_run()
 
@@ -335,7 +336,11 @@ class GuardCore(Stateful):
             step: The caller's step number for reports and messages (e.g. Lightning's
                 ``global_step``); default: the guard's own 1-based count.
             batch: The step's batch (optional): with ``diagnose``, read for NaN/Inf on a
-                non-finite step only (the ``data_nonfinite`` cause).
+                non-finite step only (the ``data_nonfinite`` cause). Any kind of batch
+                (tensors in tuples, lists, namedtuples, mappings, dataclasses or objects;
+                sparse and nested tensors); under gradient accumulation pass every
+                micro-batch of the step as a
+                :class:`~lightning_gradguard.core.evidence.MicroBatches`.
 
         Returns:
             A :class:`StepReport`.
@@ -546,6 +551,7 @@ class GuardCore(Stateful):
         causes: list[Cause] | None = None
         event: str | None = None
         if not self.preflight_done:
+            doc.finish_probe()  # the forward is over: its hooks go, read or not
             names = self._names_with_grad()
             self.preflight_done = True
             host = grads.host if grads is not None else {}
@@ -567,9 +573,7 @@ class GuardCore(Stateful):
             event = "nonfinite"
         elif d.backoff and c.lr_backoffs == 0 and "backoff" not in self.diagnosed_events:
             event = "backoff"
-        elif d.spike and "spike" not in self.diagnosed_events:
-            event = "spike"
-        elif event is None:
+        elif event is None:  # a spike alone is not diagnosed: clipping contains it
             return None, None
         if event != "preflight":
             self.diagnosed_events.add(event)

@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis
 
-__all__ = ["causes_text", "end_of_fit_line", "nonfinite_message"]
+__all__ = ["causes_text", "end_of_fit_line", "needed_help", "nonfinite_message"]
 
 
 def causes_text(causes: Sequence[Cause], indent: str = "  ") -> str:
@@ -86,6 +86,8 @@ def nonfinite_message(d: Diagnosis, causes: Sequence[Cause], *, resumed: bool = 
 def end_of_fit_line(summary: Mapping[str, Any]) -> str:
     """One line: what the guard did (empty when it did nothing).
 
+    The most likely cause is named only when the run needed help (see :func:`needed_help`).
+
     Example:
         >>> print(end_of_fit_line({"steps": 300, "clipped_steps": 21, "skipped_steps": 0,
         ...                        "lr_backoffs": 8, "lr_scale": 0.0068, "rollbacks": 0}))
@@ -109,6 +111,22 @@ def end_of_fit_line(summary: Mapping[str, Any]) -> str:
     if summary.get("halted", False):
         line += ", halted"
     diagnosis = summary.get("diagnosis") or []
-    if diagnosis:
+    if diagnosis and needed_help(summary):
         line += f"; likely cause: {diagnosis[0]['cause']} (see summary()['diagnosis'])"
     return line
+
+
+def needed_help(summary: Mapping[str, Any]) -> bool:
+    """Whether the run needed help: an LR backoff, a skipped step, a rollback or a halt.
+
+    Clipping alone does not count: a spike that clipping contained is not an explosion, and
+    no cause is named for it.
+
+    Example:
+        >>> needed_help({"clipped_steps": 7, "skipped_steps": 0, "lr_backoffs": 0})
+        False
+        >>> needed_help({"clipped_steps": 7, "skipped_steps": 1})
+        True
+    """
+    return bool(summary.get("skipped_steps", 0) or summary.get("lr_backoffs", 0)
+                or summary.get("rollbacks", 0) or summary.get("halted", False))

@@ -26,7 +26,12 @@ projection shortcut).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import random
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,20 +65,39 @@ _NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Upsample, nn.ZeroPad2d,
     nn.modules.loss._Loss, nn.Embedding, nn.EmbeddingBag,
 )
-_ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta",
-             "Adafactor", "SparseAdam", "Lion", "LAMB", "Lamb", "Sophia")
+#: optimizer state that holds a per-coordinate second moment (or its running sum)
+_SECOND_MOMENT_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta",
+                        "exp_inf", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq_factored",
+                        "v", "nu", "hessian", "state2")
+#: hyper-parameters that only optimizers dividing by a gradient statistic take
+_ADAPTIVE_HPARAMS = ("betas", "eps", "beta2", "beta2_decay", "rho", "initial_accumulator_value")
 
 
 def is_adaptive(optimizer: Any) -> bool:
     """Whether ``optimizer`` scales each coordinate's step by its own gradient history.
 
+    Recognised by what it keeps, not by its class name: after its first step, by a
+    second-moment entry in its state (Adam's ``exp_avg_sq``, RMSprop's ``square_avg``,
+    Adagrad's ``sum``, Adadelta's ``acc_delta``, Adamax's ``exp_inf``, Adafactor's factored
+    rows and columns ...); before it, by the hyper-parameters only such optimizers take
+    (``betas``, ``eps``, ``rho`` ...; plain SGD has none of them). A subclass of Adam, or an
+    ``AdamW8bit``, is adaptive; SGD with momentum is not.
+
     Example:
         >>> p = [nn.Parameter(torch.ones(1))]
         >>> is_adaptive(torch.optim.Adam(p)), is_adaptive(torch.optim.SGD(p, lr=0.1))
         (True, False)
+        >>> class Mine(torch.optim.AdamW): ...
+        >>> is_adaptive(Mine(p))
+        True
     """
-    return any(type(optimizer).__name__ == n or type(optimizer).__name__.endswith(n)
-               for n in _ADAPTIVE)
+    state = getattr(optimizer, "state", None)
+    if isinstance(state, Mapping) and state:
+        entries = [v for v in state.values() if isinstance(v, Mapping)]
+        if entries:
+            return any(k in e for e in entries for k in _SECOND_MOMENT_STATE)
+    groups = getattr(optimizer, "param_groups", None) or []
+    return any(k in g for g in groups if isinstance(g, Mapping) for k in _ADAPTIVE_HPARAMS)
 
 
 @dataclass(frozen=True)
@@ -151,8 +175,11 @@ class ModelStructure:
         layers: Weight layers in registration order.
         activations: Activation modules that were probed.
         recurrent: Recurrent weight matrices.
-        residual: Names of modules found to add their input to their output, or ``None``
-            when no forward pass was probed.
+        residual: Names of the modules holding a skip connection (see
+            :class:`ForwardProbe`), or ``None`` when no forward pass was read.
+        skips: Skip connections found by the probe (one per add).
+        probed_norms: Names of the modules found normalising their input by what they
+            compute (whatever their class), or ``None`` when no forward pass was read.
         forward_order: Weight-layer module names in execution order (from the probe).
         out_rms: Output RMS of each weight layer in execution order (from the probe).
         stream_rms: Output RMS of each residual module in execution order (the residual
@@ -166,6 +193,8 @@ class ModelStructure:
     activations: tuple[ActivationInfo, ...] = ()
     recurrent: tuple[RecurrentInfo, ...] = ()
     residual: tuple[str, ...] | None = None
+    skips: int = 0
+    probed_norms: tuple[str, ...] | None = None
     forward_order: tuple[str, ...] = ()
     out_rms: tuple[float, ...] = ()
     stream_rms: tuple[float, ...] = ()
@@ -174,8 +203,13 @@ class ModelStructure:
 
     @property
     def has_norm(self) -> bool:
-        """Whether any normalisation layer is present."""
-        return bool(self.norm_layers)
+        """Whether anything normalises: a torch norm layer, or an op the probe saw."""
+        return bool(self.norm_layers) or bool(self.probed_norms)
+
+    @property
+    def norm_known(self) -> bool:
+        """Whether normalisation is known either way (a norm layer, or a forward was read)."""
+        return bool(self.norm_layers) or self.probed_norms is not None
 
     @property
     def has_residual(self) -> bool:
@@ -201,8 +235,12 @@ _PDF = torch.exp(-0.5 * _GRID**2) / math.sqrt(2 * math.pi)
 def activation_gain(module: nn.Module) -> tuple[float, float] | None:
     """Probe an element-wise activation: ``(rms_gain, max_gain)``, or ``None`` if not one.
 
-    The module is called once on a 1-D grid over ``[-4, 4]`` (no parameters are changed);
-    anything that fails, changes the shape or is not differentiable is not an activation.
+    Without side effects: a copy of the module is called (the module itself never is, and
+    no hook runs), twice on a 1-D grid over ``[-4, 4]``, with the random number generators
+    (torch's CPU and current CUDA device, Python's ``random``, NumPy's) restored afterwards.
+    Anything that fails, changes the shape, is not differentiable or gives two different
+    answers (a stochastic module: dropout, stochastic depth, a noise layer) is not an
+    activation.
 
     Example:
         >>> rms, top = activation_gain(nn.ReLU())
@@ -213,21 +251,51 @@ def activation_gain(module: nn.Module) -> tuple[float, float] | None:
     """
     if isinstance(module, _NOT_ACTIVATIONS) or any(True for _ in module.parameters()):
         return None
-    x = _GRID.to(torch.float32).clone().requires_grad_(True)
     try:
-        with torch.enable_grad():
-            y = module(x)
-            if not isinstance(y, Tensor) or y.shape != x.shape or not y.requires_grad:
-                return None
-            (d,) = torch.autograd.grad(y.sum(), x)
+        clone = copy.deepcopy(module)
     except Exception:
         return None
-    d = d.detach().double()
+    with _rng_untouched():
+        d1 = _derivative(clone)
+        d2 = _derivative(clone) if d1 is not None else None
+    if d1 is None or d2 is None or not torch.equal(d1, d2):
+        return None
+    d = d1.double()
     if not bool(torch.isfinite(d).all()):
         return None
     step = float(_GRID[1] - _GRID[0])
     rms = math.sqrt(float((d**2 * _PDF).sum()) * step)
     return rms, float(d.abs().max())
+
+
+def _derivative(module: nn.Module) -> Tensor | None:
+    x = _GRID.to(torch.float32).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            y = module.forward(x)  # not module(x): no hook of the user's runs
+            if not isinstance(y, Tensor) or y.shape != x.shape or not y.requires_grad:
+                return None
+            (d,) = torch.autograd.grad(y.sum(), x)
+    except Exception:
+        return None
+    return d.detach()
+
+
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Every random number generator a module might draw from is as it was afterwards."""
+    devices = ([torch.cuda.current_device()] if torch.cuda.is_available()
+               and torch.cuda.is_initialized() else [])  # type: ignore[no-untyped-call]
+    py_state = random.getstate()
+    np_mod = sys.modules.get("numpy")
+    np_state = np_mod.random.get_state() if np_mod is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np_mod is not None:
+            np_mod.random.set_state(np_state)
 
 
 def _fans(weight: Tensor) -> tuple[int, int]:
@@ -299,86 +367,108 @@ def inspect_model(model: nn.Module) -> ModelStructure:
                           activations=tuple(acts), recurrent=tuple(rec))
 
 
-_ELEMENTWISE_HOPS = 3  # nodes walked back from a module's output to find the skip add
-_SHORTCUT_HOPS = 4     # nodes allowed on the shortcut path (identity, projection + norm)
+_ELEMENTWISE_HOPS = 3  # nodes walked back from a module's output to its add / its norm
 
 
-def _first_tensor(value: Any) -> Tensor | None:
+def _first_tensor(value: Any, depth: int = 2) -> Tensor | None:
+    """The first tensor in ``value`` (a tensor, or nested tuples/lists/mappings of them)."""
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
-        return value[0]
+    if depth == 0:
+        return None
+    items: Any = (value.values() if isinstance(value, Mapping) else
+                  value if isinstance(value, (tuple, list)) else ())
+    for item in items:
+        found = _first_tensor(item, depth - 1)
+        if found is not None:
+            return found
     return None
 
 
-def _is_target(node: Any, target: Any, target_tensor: Tensor) -> bool:
-    if target is not None:
-        return node is target
-    return getattr(node, "variable", None) is target_tensor
+def _skip_with_data_input(out: Tensor, inp: Tensor) -> bool:
+    """``out = inp + f(inp)`` for an input without autograd node (the model's data).
 
-
-def _param_only(node: Any, depth: int = 2) -> bool:
-    """Whether ``node`` only leads to parameters (e.g. the transpose of a Linear's weight)."""
-    if node is None or type(node).__name__ == "AccumulateGrad":
-        return True
-    if depth == 0:
-        return False
-    return all(_param_only(f, depth - 1) for f, _ in node.next_functions)
-
-
-def _reaches(node: Any, target: Any, target_tensor: Tensor, hops: int) -> bool:
-    """Whether ``node`` leads to the input's autograd node through a parameter-fed chain.
-
-    The chain has at most ``hops`` nodes and nothing but parameters feeds it besides the
-    input: the identity, or a projection such as conv + norm.
+    The add's shortcut operand is then a constant (no node): walking back from the output
+    through a few element-wise nodes reaches an ``AddBackward`` one of whose operands has no
+    node. (Inputs with an autograd node are read from the graph, see
+    :mod:`~lightning_gradguard.core.probe`.)
     """
-    for _ in range(hops + 1):
-        if node is None:
-            return False
-        if _is_target(node, target, target_tensor):
-            return True
-        preds = [f for f, _ in node.next_functions
-                 if f is not None and (_is_target(f, target, target_tensor)
-                                       or not _param_only(f))]
-        if len(preds) != 1:
-            return False
-        node = preds[0]
-    return False
-
-
-def _is_skip_add(out: Tensor, inp: Tensor) -> bool:
-    if out.shape != inp.shape or out.grad_fn is None:
+    if inp.requires_grad or out.shape != inp.shape or out.grad_fn is None:
         return False
-    target = inp.grad_fn
-    node = out.grad_fn
+    node: Any = out.grad_fn
     for _ in range(_ELEMENTWISE_HOPS):
         if node is None:
             return False
+        ops = [f for f, _ in node.next_functions]
         if type(node).__name__.startswith("AddBackward"):
-            branches = [f for f, _ in node.next_functions]
-            if not inp.requires_grad:
-                # data input (no autograd node): the shortcut is the add's constant operand
-                return any(f is None for f in branches) and any(f is not None for f in branches)
-            return any(_reaches(f, target, inp, _SHORTCUT_HOPS) for f in branches
-                       if f is not None) and len(branches) == 2
-        nxt = [f for f, _ in node.next_functions if f is not None]
-        if len(nxt) != 1:
+            return len(ops) == 2 and any(f is None for f in ops) and any(
+                f is not None for f in ops)
+        ops = [f for f in ops if f is not None]
+        if len(ops) != 1:
             return False
-        node = nxt[0]
+        node = ops[0]
     return False
 
 
+def _reaches(node: Any, targets: set[int], hops: int = _ELEMENTWISE_HOPS) -> Any:
+    """The target node met walking back from ``node`` along single-input nodes, or ``None``."""
+    for _ in range(hops + 1):
+        if node is None:
+            return None
+        if id(node) in targets:
+            return node
+        nxt = [f for f, _ in node.next_functions if f is not None
+               and type(f).__name__ != "AccumulateGrad"]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+    return None
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) runs through ``torch.compile``.
+
+    Example:
+        >>> is_compiled(nn.Linear(2, 2))
+        False
+    """
+    for mod in model.modules():
+        if (type(mod).__name__ == "OptimizedModule" or hasattr(mod, "_orig_mod")
+                or getattr(mod, "_compiled_call_impl", None) is not None
+                or getattr(mod, "_compiler_ctx", None) is not None):
+            return True
+    return False
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 class ForwardProbe:
-    """One-shot forward hooks: residual connections and per-layer activation scales.
+    """One-shot forward hooks: residual connections, normalisation, per-layer scales.
 
     Installed on every submodule; the first forward pass with autograd enabled (forwards
-    under ``torch.no_grad``, such as a validation sanity check, are ignored) records, for
-    each module, whether its output adds its input (see the module docstring), and for each
-    weight layer the norm of its input and the RMS of its output. The hooks remove
+    under ``torch.no_grad``, such as a validation sanity check, are ignored) is read: for each
+    weight layer the norm of its input and the RMS of its output, and at the end of that pass
+    the autograd graph it built (see :mod:`~lightning_gradguard.core.probe`): the skip
+    connections wherever their add is written, and the ops that normalise. The hooks remove
     themselves after that pass (or call :meth:`remove`), so later steps cost nothing.
+
+    No side effects: the hooks only read the tensors they are given (no module is called,
+    no random number drawn, no state changed). A compiled model (``torch.compile``) is not
+    hooked (its graph cannot be read); a hook reached while compiling does nothing.
 
     Args:
         model: The module to watch.
+
+    Attributes:
+        residual: Names of the modules holding (or, for an add in the parent's loop, entering)
+            a skip connection; ``None`` while nothing was read.
+        skips: Skip connections found (one per add).
+        norms: Names of the modules whose output is normalised (``"(functional)"`` for a
+            norm outside any module's output path); ``None`` while nothing was read.
+        readable: The graph could be read (``False`` for a compiled model).
 
     Example:
         >>> class Block(nn.Module):
@@ -389,67 +479,145 @@ class ForwardProbe:
         >>> net = nn.Sequential(nn.Linear(4, 4), Block(), nn.ReLU())
         >>> probe = ForwardProbe(net)
         >>> _ = net(torch.randn(2, 4))
-        >>> probe.done, probe.residual, probe.forward_order
-        (True, ('1',), ('0', '1.f'))
+        >>> probe.done, probe.residual, probe.forward_order, probe.norms
+        (True, ('1',), ('0', '1.f'), ())
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.residual: tuple[str, ...] = ()
+        self.residual: tuple[str, ...] | None = None
+        self.norms: tuple[str, ...] | None = None
+        self.skips = 0
+        self.readable = True
         self.forward_order: tuple[str, ...] = ()
         self.out_rms: tuple[float, ...] = ()
         self.in_norm: dict[str, float] = {}
+        self.stream_rms: tuple[float, ...] = ()
         self.batch_size = 0
         self.done = False
-        self._res: list[str] = []
-        self._res_rms: list[Tensor] = []
-        self.stream_rms: tuple[float, ...] = ()
+        self._data_res: list[str] = []
+        self._calls: list[tuple[str, Any, Any]] = []  # (name, input node, output node)
+        self._streams: dict[int, tuple[Any, Tensor]] = {}
         self._order: list[str] = []
         self._rms: list[Tensor] = []
+        self._res_rms: list[Tensor] = []
         self._in: dict[str, Tensor] = {}
         self._root = model
+        self._params = [p for p in model.parameters()]
         self._handles: list[Any] = []
+        self._compiled_region = False
+        if is_compiled(model):
+            self.readable = False
+            self.done = True
+            return
         names = {id(m): n for n, m in model.named_modules()}
         for mod in model.modules():
-            self._handles.append(mod.register_forward_hook(self._hook_for(names[id(mod)])))
+            self._handles.append(mod.register_forward_hook(
+                self._hook_for(names[id(mod)]), with_kwargs=True))
+
+    @property
+    def seen(self) -> bool:
+        """Whether a forward with autograd went through a hooked module."""
+        return bool(self._calls)
 
     def _hook_for(self, name: str) -> Any:
-        def hook(mod: nn.Module, args: Any, output: Any) -> None:
+        def hook(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if _compiling():
+                # inside a compiled region: do nothing (what this forward built is not read)
+                self._compiled_region = True
+                return
             if self.done or not torch.is_grad_enabled():
                 return  # e.g. Lightning's sanity-check validation: wait for a training forward
             inp = _first_tensor(args)
-            out = _first_tensor(output)
-            if inp is None or out is None:
-                if mod is self._root:
-                    self._finish()
-                return
-            if mod is not self._root and _is_skip_add(out, inp):
-                self._res.append(name)
-                self._res_rms.append(out.detach().float().pow(2).mean())
-            if isinstance(mod, _WEIGHT_TYPES) and out.is_floating_point():
-                if not self._order:
-                    self.batch_size = int(inp.shape[0]) if inp.dim() else 1
-                self._order.append(name)
-                self._rms.append(out.detach().float().pow(2).mean())
-                self._in[name] = inp.detach().float().norm()
+            self._record(name, mod, inp if inp is not None else _first_tensor(kwargs),
+                         _first_tensor(output))
             if mod is self._root:
                 self._finish()
         return hook
+
+    def _record(self, name: str, mod: nn.Module, inp: Tensor | None,
+                out: Tensor | None) -> None:
+        if out is None or not out.is_floating_point():
+            return
+        self._calls.append((name, None if inp is None else inp.grad_fn, out.grad_fn))
+        if inp is None:
+            return
+        if inp.grad_fn is not None and inp.shape == out.shape and id(inp.grad_fn) not in \
+                self._streams:
+            self._streams[id(inp.grad_fn)] = (inp.grad_fn, inp.detach().float().pow(2).mean())
+        if mod is not self._root and _skip_with_data_input(out, inp):
+            self._data_res.append(name)
+        if isinstance(mod, _WEIGHT_TYPES):
+            if not self._order:
+                self.batch_size = int(inp.shape[0]) if inp.dim() else 1
+            self._order.append(name)
+            self._rms.append(out.detach().float().pow(2).mean())
+            self._in[name] = inp.detach().float().norm()
+
+    def _module_of(self, node: Any) -> str:
+        """The innermost module whose output is ``node`` (after a few element-wise ops)."""
+        for name, _, out in self._calls:
+            if name and _reaches(out, {id(node)}) is not None:
+                return name
+        return "(functional)"
+
+    def _block_of(self, skip: Any) -> str:
+        """The innermost module whose forward ran the skip's add.
+
+        Else (an add in the root's forward, e.g. its loop over blocks) the outermost module
+        the stream entered.
+        """
+        from lightning_gradguard.core.probe import sequence_nr
+
+        at = sequence_nr(skip.add)
+        inside = [(sequence_nr(out) - sequence_nr(inp), name) for name, inp, out in self._calls
+                  if name and inp is not None and out is not None
+                  and sequence_nr(inp) < at <= sequence_nr(out)]
+        if inside:
+            return min(inside)[1]
+        entered = [name for name, inp, _ in self._calls if name and inp is skip.stream]
+        return entered[-1] if entered else "(functional)"
+
+    def _read_graph(self) -> None:
+        from lightning_gradguard.core.probe import read_graph
+
+        facts = read_graph([out for _, _, out in self._calls], self._params)
+        if facts.opaque or self._compiled_region:
+            self.readable = False
+            return
+        residual = list(self._data_res)
+        stream = []
+        for skip in facts.skips:
+            name = self._block_of(skip)
+            if name not in residual:
+                residual.append(name)
+            if id(skip.stream) in self._streams:
+                stream.append(self._streams[id(skip.stream)][1])
+        norms: list[str] = []
+        for node in facts.norms:
+            name = self._module_of(node)
+            if name not in norms:
+                norms.append(name)
+        self.residual = tuple(residual)
+        self.skips = len(facts.skips) + len(self._data_res)
+        self.norms = tuple(norms)
+        self._res_rms = stream
 
     def _finish(self) -> None:
         from lightning_gradguard.core._host import to_host
 
         self.done = True
         self.remove()
-        names = list(self._in)
-        stats = [*self._rms, *self._res_rms, *(self._in[n] for n in names)]
+        self._res_rms = []
+        self._read_graph()
+        stats = [*self._rms, *self._res_rms, *(self._in[n] for n in self._in)]
         values = to_host(torch.stack(stats)) if stats else []
         k, r = len(self._rms), len(self._res_rms)
         self.out_rms = tuple(math.sqrt(v) for v in values[:k])
         self.stream_rms = tuple(math.sqrt(v) for v in values[k:k + r])
-        self.in_norm = dict(zip(names, values[k + r:], strict=True))
-        self.residual = tuple(self._res)
+        self.in_norm = dict(zip(self._in, values[k + r:], strict=True))
         self.forward_order = tuple(self._order)
         self._rms, self._res_rms, self._in = [], [], {}
+        self._calls, self._streams = [], {}
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -457,17 +625,25 @@ class ForwardProbe:
             h.remove()
         self._handles = []
 
+    def end(self) -> None:
+        """End the probe now: read what the hooks saw (if anything) and remove them."""
+        if not self.done and self.seen:
+            self._finish()
+        self.remove()
+
     def apply_to(self, structure: ModelStructure) -> None:
         """Copy what the probe saw into ``structure`` (no-op before the first forward).
 
         A forward that never went through the root module (e.g. a ``training_step`` that calls
         a submodule) is finished here: what the hooks saw so far is used.
         """
-        if not self.done and (self._order or self._res):
+        if not self.done and self.seen:
             self._finish()
-        if not self.done:
+        if not self.done or not self.readable:
             return
         structure.residual = self.residual
+        structure.skips = self.skips
+        structure.probed_norms = self.norms
         structure.forward_order = self.forward_order
         structure.out_rms = self.out_rms
         structure.stream_rms = self.stream_rms
