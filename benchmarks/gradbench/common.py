@@ -24,8 +24,13 @@ def quiet() -> None:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache
 def library_id() -> str:
     """Where ``lightning_gradguard`` was imported from and a hash of its sources.
+
+    Computed once per process (``gradbench.run`` calls it when it is imported, right after
+    the library): a process runs the sources it imported, so an edit made while it runs must
+    not relabel its records with the new sources' hash.
 
     Returns:
         ``"<package dir> sha1:<12 hex digits>"``; the hash covers every ``*.py`` file of the

@@ -36,6 +36,8 @@ from .workloads import Workload
 
 __all__ = ["CACHE_VERSION", "Monitor", "RunCache", "run_one", "total_norm"]
 
+library_id()  # the sources this process imported (see library_id)
+
 #: Bump when the run protocol or the record changes: older cache files are then ignored.
 CACHE_VERSION = 3
 

@@ -407,6 +407,7 @@ class GuardCore(Stateful):
     def _limit(self, host: Mapping[str, float]) -> UpdateLimit:
         if "weight_norm" in host:
             self.update_control.observe_weight_norm(host["weight_norm"])
+        self.update_control.observe_grad_norm(host["grad_norm"], self.lr_scale)
         return self.update_control.limit(self.lr_scale)
 
     def state(self, measurement: Measurement) -> GuardState:
@@ -683,6 +684,8 @@ class GuardCore(Stateful):
         self.growth.load_state_dict(state_dict["growth"])
         control = dict(state_dict.get("update_control") or {})
         control.setdefault("weight_norm", state_dict.get("weight_norm"))  # earlier layout
+        control.setdefault("armed", False)
+        control.setdefault("last_grad_norm", None)
         self.update_control.load_state_dict(control)
         counters = dict(state_dict["counters"])
         legacy = {k: counters.pop(k) for k in [*_LEGACY_STREAK_KEYS, "spike_steps",

@@ -9,10 +9,18 @@ guard's decision (:func:`~lightning_gradguard.core.decide.decide`) only sees the
 
 * :class:`SGDUpdateCap` (``torch.optim.SGD``, ``max_update_ratio`` set): the update of plain
   SGD is :math:`\eta\,g`, so :math:`\eta\,\|g\| \le r\,\|w\|` caps the relative weight change
-  at :math:`r`: the gradient is clipped to :math:`r\,\|w\| / \eta`. A spike or sustained
-  growth counts toward an LR backoff only when its update would move the weights by more
-  than :math:`r / \text{far}` (default ``far=10``): at a comfortable LR a gradient spike is
-  clipped but is no sign of too high an LR.
+  at :math:`r`: the gradient is clipped to :math:`r\,\|w\| / \eta`. The cap is **armed** only
+  once the run shows the signature of an LR above SGD's stability limit: an update over the
+  cap whose gradient grew by ``arm_growth`` (default 5) or more since the previous step.
+  Above the limit :math:`2/\lambda` the component of the gradient along the sharpest
+  direction is multiplied by :math:`|1 - \eta\lambda|` every step; in a stable run, however
+  large its updates are relative to the weights (early steps against large targets, small or
+  zero-initialised weights), the gradient shrinks or grows slowly. An update larger than
+  :math:`r\,\|w\|` alone is therefore no sign of too high an LR, and an unarmed cap clips
+  nothing. Independently of the cap, a spike or sustained growth counts toward an LR backoff
+  only when its update would move the weights by more than :math:`r / \text{far}` (default
+  ``far=10``): at a comfortable LR a gradient spike is clipped but is no sign of too high an
+  LR.
 * :class:`NoUpdateControl` (every other optimizer, or ``max_update_ratio=None``): no cap,
   every spike counts. Adam-family optimizers normalise their updates.
 """
@@ -41,20 +49,27 @@ class UpdateLimit:
 
     Attributes:
         cap: Largest total gradient norm the update may have (``inf``: no cap).
-        far: A spike or growth counts toward an LR backoff only when ``far * norm > cap``;
+        far: A spike or growth counts toward an LR backoff only when ``far * norm > scale``;
             ``None``: always.
+        scale: The gradient norm whose update moves the weights by ``max_update_ratio``
+            (``None``: the same as ``cap``; an unarmed cap has ``cap=inf`` and a finite
+            ``scale``).
 
     Example:
         >>> UpdateLimit().counts(1e9), UpdateLimit(cap=1.0, far=10.0).counts(0.05)
         (True, False)
+        >>> UpdateLimit(far=10.0, scale=1.0).counts(0.05)   # unarmed: no cap, same rule
+        False
     """
 
     cap: float = _INF
     far: float | None = None
+    scale: float | None = None
 
     def counts(self, norm: float) -> bool:
         """Whether a spike/growth at ``norm`` is large enough to count toward a backoff."""
-        return self.far is None or self.far * norm > self.cap
+        return self.far is None or self.far * norm > (self.cap if self.scale is None
+                                                      else self.scale)
 
 
 #: no cap, every spike counts (one shared instance: a limit is a value)
@@ -76,6 +91,9 @@ class UpdateControl(Stateful):
     def observe_weight_norm(self, value: float) -> None:
         """Take the weight norm measured at this step."""
 
+    def observe_grad_norm(self, value: float, lr_scale: float) -> None:
+        """Take this step's raw gradient norm (called after :meth:`observe_weight_norm`)."""
+
     def limit(self, lr_scale: float) -> UpdateLimit:
         """This step's limit, under the LR backoff scale ``lr_scale``."""
         return NO_LIMIT
@@ -86,12 +104,17 @@ class NoUpdateControl(UpdateControl):
 
     Example:
         >>> NoUpdateControl().limit(1.0)
-        UpdateLimit(cap=inf, far=None)
+        UpdateLimit(cap=inf, far=None, scale=None)
     """
 
 
 class SGDUpdateCap(UpdateControl):
-    """Plain-SGD update cap: ``lr * ||g|| <= max_ratio * ||w||`` (momentum not counted).
+    """Plain-SGD update cap: ``lr * ||g|| <= max_ratio * ||w||`` once armed (momentum not counted).
+
+    The cap is armed (for the rest of the run) at the first finite step whose update is over
+    the cap and whose gradient norm is at least ``arm_growth`` times the previous finite
+    step's: the signature of an LR above SGD's stability limit (see the module docstring).
+    Before that it clips nothing; its scale still decides which spikes count.
 
     Args:
         optimizer: The ``torch.optim.SGD`` whose group LRs are read (largest one; a tensor LR
@@ -102,6 +125,8 @@ class SGDUpdateCap(UpdateControl):
             shift the schedule).
         far: A spike or growth counts toward a backoff only if its update would move the
             weights by more than ``max_ratio / far`` of their norm.
+        arm_growth: Growth of the gradient norm in one step that, with an update over the
+            cap, arms the cap (> 1).
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(100))
@@ -109,21 +134,30 @@ class SGDUpdateCap(UpdateControl):
         >>> cap.wants_weight_norm(1), cap.wants_weight_norm(17), cap.wants_weight_norm(24)
         (True, False, True)
         >>> cap.observe_weight_norm(10.0)
-        >>> cap.limit(lr_scale=0.5)
-        UpdateLimit(cap=2.0, far=10.0)
+        >>> cap.observe_grad_norm(3.0, lr_scale=1.0)   # a large update: not armed
+        >>> cap.limit(lr_scale=1.0)
+        UpdateLimit(cap=inf, far=10.0, scale=1.0)
+        >>> cap.observe_grad_norm(15.0, lr_scale=1.0)  # over the cap and grown x5: armed
+        >>> cap.armed, cap.limit(lr_scale=0.5)
+        (True, UpdateLimit(cap=2.0, far=10.0, scale=None))
     """
 
     weight_norm: float | None
+    armed: bool
+    last_grad_norm: float | None
 
     def __init__(self, optimizer: Optimizer, max_ratio: float, *, every_step_until: int = 16,
-                 every: int = 8, far: float = 10.0) -> None:
+                 every: int = 8, far: float = 10.0, arm_growth: float = 5.0) -> None:
         super().__init__()
         self.optimizer = optimizer
         self.max_ratio = check_number("max_ratio", max_ratio, low=0.0, low_inclusive=False)
         self.every_step_until = check_int("every_step_until", every_step_until, low=0)
         self.every = check_int("every", every, low=1)
         self.far = check_number("far", far, low=0.0, low_inclusive=False)
+        self.arm_growth = check_number("arm_growth", arm_growth, low=1.0, low_inclusive=False)
         self._add_state("weight_norm", None)  # the last measurement (None: none usable)
+        self._add_state("armed", False)  # the run has shown the divergence signature
+        self._add_state("last_grad_norm", None)  # the previous finite step's raw norm
 
     def wants_weight_norm(self, finite_steps: int) -> bool:
         """Every step up to ``every_step_until``, then every ``every``-th (finite steps)."""
@@ -132,6 +166,21 @@ class SGDUpdateCap(UpdateControl):
     def observe_weight_norm(self, value: float) -> None:
         """Keep a finite, positive weight norm; anything else disables the cap until the next."""
         self.weight_norm = value if math.isfinite(value) and value > 0.0 else None
+
+    def observe_grad_norm(self, value: float, lr_scale: float) -> None:
+        """Arm the cap on an update over it whose gradient grew ``arm_growth``-fold.
+
+        Non-finite and zero norms are left out (a skipped step is no step of the dynamics).
+        """
+        if not (math.isfinite(value) and value > 0.0):
+            return
+        last, self.last_grad_norm = self.last_grad_norm, value
+        if self.armed or last is None or value < self.arm_growth * last:
+            return
+        lr = self.lr(lr_scale)
+        if lr is not None and self.weight_norm is not None \
+                and lr * value > self.max_ratio * self.weight_norm:
+            self.armed = True
 
     def lr(self, lr_scale: float) -> float | None:
         """The update's LR: the largest group LR times ``lr_scale``.
@@ -151,13 +200,16 @@ class SGDUpdateCap(UpdateControl):
         return lr if math.isfinite(lr) and lr >= 0.0 else None
 
     def limit(self, lr_scale: float) -> UpdateLimit:
-        """The cap ``max_ratio * ||w|| / lr``; an LR of 0 moves nothing: no cap, never counts."""
+        """The cap ``max_ratio * ||w|| / lr`` (``inf`` until armed); an LR of 0 moves nothing."""
         lr = self.lr(lr_scale)
         if lr is None:
             return NO_LIMIT
         if lr == 0.0 or self.weight_norm is None:
             return UpdateLimit(cap=_INF, far=self.far)
-        return UpdateLimit(cap=self.max_ratio * self.weight_norm / lr, far=self.far)
+        scale = self.max_ratio * self.weight_norm / lr
+        if self.armed:
+            return UpdateLimit(cap=scale, far=self.far)
+        return UpdateLimit(cap=_INF, far=self.far, scale=scale)
 
 
 def make_update_control(optimizer: Optimizer | None, max_update_ratio: float | None,

@@ -49,7 +49,8 @@ def test_a_state_saved_by_earlier_versions_loads() -> None:
     assert guard.streaks == Streaks(nonfinite=2, nonfinite_start=8, amp=1, amp_start=4)
     assert guard.spike_steps == (6, 7)
     assert guard.first_nonfinite_step == 5
-    assert guard.update_control.state_dict() == {"weight_norm": 2.5}
+    assert guard.update_control.state_dict() == {"weight_norm": 2.5, "armed": False,
+                                                 "last_grad_norm": None}
     # the old names still read the same values
     assert guard.counters.spike_steps == [6, 7]
     assert guard.counters.nonfinite_streak == 2

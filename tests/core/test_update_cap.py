@@ -55,8 +55,8 @@ def test_update_over_the_cap_is_clipped_to_exactly_the_ratio() -> None:
 
 def test_cap_hits_count_toward_a_backoff_like_spikes() -> None:
     run = CapRun(spike_patience=3)
-    run.step(0.5)
-    reports = [run.step(1.5) for _ in range(3)]  # 1.5x over the cap, three times
+    run.step(0.25)
+    reports = [run.step(1.5) for _ in range(3)]  # grown x6 (arms the cap), 1.5x over it
     assert [r.backoff for r in reports] == [False, False, True]
     assert run.guard.backoff.scale == 0.5
     assert run.guard.counters.lr_backoffs == 1
@@ -70,7 +70,7 @@ def test_cap_hits_count_toward_a_backoff_like_spikes() -> None:
 
 def test_cap_hits_do_not_back_off_without_spike_patience() -> None:
     run = CapRun(spike_patience=0)
-    run.step(0.5)
+    run.step(0.25)
     reports = [run.step(1.5) for _ in range(5)]
     assert all(r.action is Action.CLIP and not r.backoff for r in reports)
     assert run.guard.backoff.scale == 1.0
@@ -145,11 +145,12 @@ def test_spikes_always_count_without_a_cap() -> None:
 def test_a_spike_over_the_cap_counts_once() -> None:
     """A spike that the cap clips too is one entry toward ``spike_patience``, not two."""
     run = CapRun(clip=FixedNormClip(2.0), spike_patience=2)
-    first = run.step(3.0)  # over the threshold (2) and the cap (1)
+    run.step(0.5)
+    first = run.step(3.0)  # over the threshold (2) and the cap (1), grown x6: armed
     assert first.spike
     assert first.action is Action.CLIP
     assert not first.backoff
-    assert run.guard.spike_steps == (1,)
+    assert run.guard.spike_steps == (2,)
     assert run.updates[-1] == pytest.approx(1.0)  # the smaller bound wins
     assert run.step(3.0).backoff
 
@@ -175,8 +176,8 @@ def test_the_largest_group_lr_sets_the_cap() -> None:
     opt = torch.optim.SGD([{"params": [w1], "lr": 0.1},
                            {"params": [w2], "lr": 0.5, "momentum": 0.9}], lr=1.0)
     guard = GuardCore([w1, w2], opt, clip=NoClip())
-    for _ in range(2):
-        w1.grad = torch.full((N,), 100.0)
+    for g in (1.0, 100.0):  # grown x100 over the cap: armed
+        w1.grad = torch.full((N,), g)
         w2.grad = torch.zeros(N)
         r = guard.step()
     assert r.grad_norm_clipped == pytest.approx(0.1 * math.sqrt(200.0) / 0.5)
@@ -210,10 +211,27 @@ def test_growth_with_large_sgd_updates_counts() -> None:
     assert run.guard.counters.growth_events == 1
 
 
-def test_growth_at_an_update_over_the_cap_backs_off() -> None:
-    """lr 1: cap 1; norms 0.6 .. 1.49: the 5th rise is over the cap (evidence (a)): it is
-    clipped to the cap and backs off in the same step."""
+def test_slow_growth_over_an_unarmed_cap_is_no_backoff() -> None:
+    """lr 1: norms 0.6 .. 1.49 rise by 1.2x a step, the last ones over r * ||w||: slow
+    growth is no sign of an LR above the stability limit, so the cap is not armed, nothing
+    is clipped and the growth event finds no evidence: no backoff."""
     run = CapRun(lr=1.0)
+    reports = _rising(run, 0.6)
+    assert [r.growth for r in reports] == [False] * 5 + [True]
+    assert all(r.action is Action.NONE for r in reports)
+    assert not any(r.backoff for r in reports)
+    assert run.guard.update_control.armed is False
+    assert run.updates[-1] == pytest.approx(0.6 * 1.2**5, rel=1e-5)  # the whole update
+
+
+def test_growth_at_an_update_over_the_cap_backs_off() -> None:
+    """lr 1: cap 1, armed by a x6 jump first; then norms 0.6 .. 1.49: the 5th rise is over
+    the cap (evidence (a)): it is clipped to the cap and backs off in the same step (no
+    spike count here: ``spike_patience=0``, so only the growth detector can trigger)."""
+    run = CapRun(lr=1.0, spike_patience=0)
+    run.step(0.25)
+    assert run.step(1.5).action is Action.CLIP  # x6 over the cap: armed, clipped
+    assert run.guard.update_control.armed is True
     reports = _rising(run, 0.6)
     assert [r.growth for r in reports] == [False] * 5 + [True]
     assert [r.backoff for r in reports] == [False] * 5 + [True]
@@ -246,3 +264,101 @@ def test_growth_counts_at_its_first_large_update() -> None:
     assert [r.growth for r in reports] == [False] * 6 + [True, False]
     assert run.guard.counters.growth_events == 1
     assert not any(r.backoff for r in reports)  # counted, but no evidence
+
+
+# --------------------------------------------------------------------------- healthy runs
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any, lr: float,
+           epochs: int, guard: bool, seed: int = 0) -> tuple[float, GuardCore | None]:
+    """Plain SGD, shuffled batches of 32 of the first 80 % of (x, y) for ``epochs`` epochs;
+    returns the loss on the last 20 % (held out)."""
+    n = len(x) * 4 // 5
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    core = GuardCore(model, opt) if guard else None
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, 32):
+            idx = perm[i:i + 32]
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            if core is not None:
+                core.step(loss)
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        return float(loss_fn(model(x[n:]), y[n:])), core
+
+
+def _large_target_mlp(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A user's regression MLP: targets ``x @ w`` with ``w ~ N(0, 1)``, first losses ~20."""
+    torch.manual_seed(seed)
+    x = torch.randn(2000, 20)
+    w = torch.randn(20, 1)
+    x = torch.cat([x, torch.randn(500, 20)])  # 2000 to train on, 500 held out
+    y = x @ w
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 1))
+    return model, x, y
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_large_target_sgd_mlp_at_a_healthy_lr_is_left_alone(seed: int) -> None:
+    """lr 0.05, 5 epochs: the first updates move the weights by up to 25 % (large targets, a
+    transient rise of the gradient by up to 2x a step) — a stable run: the cap is not armed,
+    no LR backoff, and the run ends no worse than 1.005x the unguarded one (it took 2-3
+    backoffs and ended 1.1-1.7x worse when every update over 10 % of the weights was
+    capped)."""
+    mse = torch.nn.functional.mse_loss
+    model, x, y = _large_target_mlp(seed)
+    bare, _ = _train(model, x, y, mse, 0.05, 5, guard=False, seed=seed)
+    model, x, y = _large_target_mlp(seed)
+    guarded, core = _train(model, x, y, mse, 0.05, 5, guard=True, seed=seed)
+    assert core is not None
+    assert core.update_control.armed is False  # type: ignore[attr-defined]
+    assert core.counters.lr_backoffs == 0
+    assert core.lr_scale == 1.0
+    assert guarded <= 1.005 * bare
+
+
+def test_a_zero_initialised_model_with_plain_sgd_is_left_alone() -> None:
+    """Logistic regression from zero weights, SGD lr 0.1: against ||w|| = 0 every early
+    update is "infinitely" large. No cap clip, no backoff, no infinite ratio in what the
+    guard reports, and the same run as without the guard."""
+    torch.manual_seed(0)
+    x = torch.randn(3000, 10)
+    y = (x @ torch.randn(10, 1) > 0).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def model() -> torch.nn.Module:
+        m = torch.nn.Linear(10, 1)
+        torch.nn.init.zeros_(m.weight)
+        torch.nn.init.zeros_(m.bias)
+        return m
+
+    bare, _ = _train(model(), x, y, bce, 0.1, 3, guard=False)
+    guarded, core = _train(model(), x, y, bce, 0.1, 3, guard=True)
+    assert core is not None
+    assert core.update_control.armed is False  # type: ignore[attr-defined]
+    summary = core.summary()
+    assert summary["lr_backoffs"] == 0
+    assert summary["clipped_steps"] == summary["spikes"]  # only z-score spikes, no cap clip
+    assert guarded <= 1.005 * bare
+    assert "inf" not in str(summary["diagnosis"]).lower()
+
+
+def test_a_far_too_high_sgd_lr_arms_the_cap_and_is_rescued() -> None:
+    """The same MLP at lr 1.5 (30x): the gradient grows ~x100 in one step, the update is far
+    over the cap: armed at once; without a guard the run ends non-finite."""
+    mse = torch.nn.functional.mse_loss
+    model, x, y = _large_target_mlp(0)
+    bare, _ = _train(model, x, y, mse, 1.5, 2, guard=False)
+    assert not math.isfinite(bare)
+    model, x, y = _large_target_mlp(0)
+    with torch.no_grad():
+        initial = float(mse(model(x[2000:]), y[2000:]))
+    guarded, core = _train(model, x, y, mse, 1.5, 2, guard=True)
+    assert core is not None
+    assert core.update_control.armed is True  # type: ignore[attr-defined]
+    assert math.isfinite(guarded)
+    assert guarded < initial

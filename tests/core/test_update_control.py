@@ -70,6 +70,8 @@ def test_lr_is_the_largest_group_lr_times_the_scale() -> None:
     cap.observe_weight_norm(2.0)
     assert cap.lr(1.0) == 0.4
     assert cap.lr(0.25) == 0.1
+    assert cap.limit(0.5) == UpdateLimit(cap=INF, far=10.0, scale=0.1 * 2.0 / 0.2)
+    cap.armed = True
     assert cap.limit(0.5) == UpdateLimit(cap=0.1 * 2.0 / 0.2, far=10.0)
 
 
@@ -88,6 +90,7 @@ def test_a_cpu_tensor_lr_is_read() -> None:
     cap = SGDUpdateCap(torch.optim.SGD([w], lr=torch.tensor(0.5)), max_ratio=0.1)
     cap.observe_weight_norm(4.0)
     assert cap.lr(1.0) == 0.5
+    cap.armed = True
     limit = cap.limit(1.0)
     assert limit.cap == pytest.approx(0.8)
     assert limit.far == 10.0
@@ -113,8 +116,12 @@ def test_a_negative_or_non_finite_lr_disables_the_cap(lr: float, scale: float) -
 def test_limit_formula_and_counting() -> None:
     cap = _cap(2.0, max_ratio=0.25, far=4.0)
     cap.observe_weight_norm(8.0)
+    unarmed = cap.limit(1.0)
+    assert unarmed == UpdateLimit(cap=INF, far=4.0, scale=1.0)  # 0.25 * 8 / 2
+    assert [unarmed.counts(x) for x in (0.2, 0.25, 0.26, 5.0)] == [False, False, True, True]
+    cap.armed = True
     limit = cap.limit(1.0)
-    assert limit == UpdateLimit(cap=1.0, far=4.0)  # 0.25 * 8 / 2
+    assert limit == UpdateLimit(cap=1.0, far=4.0)
     # counts only when far * norm > cap
     assert [limit.counts(x) for x in (0.2, 0.25, 0.26, 5.0)] == [False, False, True, True]
     assert cap.limit(0.5) == UpdateLimit(cap=2.0, far=4.0)
@@ -136,10 +143,13 @@ def test_state_round_trip() -> None:
     a = _cap(1.0, max_ratio=0.1)
     a.observe_weight_norm(7.0)
     b = _cap(1.0, max_ratio=0.1)
+    a.observe_grad_norm(0.5, 1.0)
+    a.observe_grad_norm(20.0, 1.0)  # x40 and over the cap 0.7: armed
+    assert a.armed
     b.load_state_dict(a.state_dict())
-    assert b.weight_norm == 7.0
+    assert (b.weight_norm, b.armed, b.last_grad_norm) == (7.0, True, 20.0)
     b.reset()
-    assert b.weight_norm is None
+    assert (b.weight_norm, b.armed, b.last_grad_norm) == (None, False, None)
 
 
 @pytest.mark.parametrize(
@@ -149,6 +159,7 @@ def test_state_round_trip() -> None:
         ({"max_ratio": 0.1, "every": 0}, "every"),
         ({"max_ratio": 0.1, "every_step_until": -1}, "every_step_until"),
         ({"max_ratio": 0.1, "far": 0.0}, "far"),
+        ({"max_ratio": 0.1, "arm_growth": 1.0}, "arm_growth"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, float], match: str) -> None:
@@ -159,6 +170,7 @@ def test_bad_arguments(kwargs: dict[str, float], match: str) -> None:
 def test_far_below_one_is_allowed() -> None:
     cap = _cap(1.0, max_ratio=0.1, far=0.5)
     cap.observe_weight_norm(10.0)
+    cap.armed = True
     assert cap.limit(1.0) == UpdateLimit(cap=1.0, far=0.5)
 
 
