@@ -242,6 +242,9 @@ def _is_norm(g: _Graph, n: Any) -> bool:
     for p, q in ((ops[0], ops[1]), (ops[1], ops[0])):
         stat = q
         for _ in range(_STAT_HOPS):
+            if g.is_weight(stat):  # a gate computed through weights (squeeze-excite)
+                stat = None
+                break
             sname = type(stat).__name__
             if sname.startswith(_SCALE_STATS):
                 break

@@ -1,0 +1,593 @@
+"""The diagnosis on standard models (issue 24): structure and optimizers recognised by what they
+do, no false cause on healthy runs, every batch read, evidence that agrees with itself, and no
+side effects (a seeded run is bit-identical with a guard that takes no action; compiled models
+work)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_gradguard.core import GuardCore
+from lightning_gradguard.core.diagnosis import Diagnostician
+from lightning_gradguard.core.evidence import MicroBatches, batch_nonfinite, update_ratio
+from lightning_gradguard.core.guard import Action
+from lightning_gradguard.core.messages import end_of_fit_line
+from lightning_gradguard.core.structure import ModelStructure, is_adaptive
+
+from ._diagnosis_cases import _opt, healthy_cases, mlp, vec_data
+from ._diagnosis_models import (
+    BNCNN,
+    GPT,
+    LSTMLM,
+    SECNN,
+    AttentionNoNorm,
+    Encoder,
+    FunctionalLayerNorm,
+    LoopNet,
+    RMSNorm,
+    StochasticNet,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention
+    yield
+    torch.set_num_threads(n)
+
+
+def _tokens() -> Tensor:
+    return torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _seq() -> Tensor:
+    return torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _vec() -> Tensor:
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _img() -> Tensor:
+    return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _probed(model: nn.Module, x: Tensor) -> ModelStructure:
+    """The structure the diagnostician knows after one training forward/backward."""
+    doc = Diagnostician(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    doc.watch_forward()
+    model(x).float().pow(2).mean().backward()
+    doc.finish_probe()
+    assert all(not m._forward_hooks for m in model.modules())
+    return doc.structure
+
+
+# ----------------------------------------------------------------- residuals by what they do
+@pytest.mark.parametrize(("build", "data", "skips"), [
+    pytest.param(lambda: Encoder(norm_first=False), _seq, 8, id="TransformerEncoder-post-LN"),
+    pytest.param(lambda: Encoder(norm_first=True), _seq, 8, id="TransformerEncoder-pre-LN"),
+    pytest.param(lambda: GPT(), _tokens, 8, id="nanoGPT-two-adds-per-block"),
+    pytest.param(lambda: LoopNet(), _vec, 6, id="adds-in-the-parent-loop"),
+])
+def test_skip_connections_are_found_wherever_the_add_is_written(
+        build: Callable[[], nn.Module], data: Callable[[], Tensor], skips: int) -> None:
+    torch.manual_seed(0)
+    s = _probed(build(), data())
+    assert s.has_residual
+    assert s.skips == skips  # one per add, every block's
+
+
+@pytest.mark.parametrize(("build", "data"), [
+    pytest.param(lambda: mlp(depth=6), lambda: torch.randn(4, 32), id="plain-mlp"),
+    pytest.param(lambda: AttentionNoNorm(), _seq, id="attention-without-skips"),
+    pytest.param(lambda: BNCNN(), _img, id="bn-cnn"),
+    pytest.param(lambda: LSTMLM(), lambda: torch.randint(0, 50, (7, 4)), id="lstm-lm"),
+])
+def test_no_skip_connection_where_there_is_none(build: Callable[[], nn.Module],
+                                                data: Callable[[], Tensor]) -> None:
+    torch.manual_seed(0)
+    s = _probed(build(), data())
+    assert s.residual == ()
+    assert s.skips == 0
+
+
+# ----------------------------------------------------------------- normalisation by behaviour
+@pytest.mark.parametrize(("build", "data", "count"), [
+    pytest.param(lambda: GPT(norm=RMSNorm), _tokens, 9, id="hand-written-RMSNorm"),
+    pytest.param(lambda: GPT(norm=FunctionalLayerNorm), _tokens, 9,
+                 id="module-calling-F.layer_norm"),
+    pytest.param(lambda: LoopNet(norm=RMSNorm), _vec, 6, id="RMSNorm-in-loop-blocks"),
+])
+def test_normalisation_is_found_by_what_the_module_computes(
+        build: Callable[[], nn.Module], data: Callable[[], Tensor], count: int) -> None:
+    torch.manual_seed(0)
+    s = _probed(build(), data())
+    assert s.norm_layers == ()  # no torch norm class anywhere
+    assert s.has_norm
+    assert s.probed_norms is not None
+    assert len(s.probed_norms) == count
+    assert all("norm" in name or name.startswith(("h.", "ln_f")) for name in s.probed_norms)
+
+
+@pytest.mark.parametrize(("build", "data"), [
+    pytest.param(lambda: mlp(depth=6), lambda: torch.randn(4, 32), id="plain-mlp"),
+    pytest.param(lambda: AttentionNoNorm(), _seq, id="hand-written-softmax"),
+    pytest.param(lambda: SECNN(), _img, id="squeeze-excite-gating"),
+])
+def test_no_normalisation_where_there_is_none(build: Callable[[], nn.Module],
+                                              data: Callable[[], Tensor]) -> None:
+    torch.manual_seed(0)
+    s = _probed(build(), data())
+    assert s.probed_norms == ()
+    assert not s.has_norm
+    assert s.norm_known
+
+
+def test_healthy_transformers_through_the_guard_name_no_cause() -> None:
+    for build, data in ((lambda: GPT(norm=RMSNorm), _tokens), (lambda: Encoder(True), _seq),
+                        (lambda: LoopNet(norm=RMSNorm), _vec)):
+        torch.manual_seed(0)
+        model = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        guard = GuardCore(model, opt)
+        x = data()
+        for _ in range(20):
+            loss = model(x).float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+            opt.step()
+        assert guard.summary()["diagnosis"] == []
+
+
+# ----------------------------------------------------------------- optimizers by their state
+class AdamW8bit(torch.optim.AdamW):
+    """Named like bitsandbytes' 8-bit AdamW (its name ends with no known optimizer's)."""
+
+
+class Tuned(torch.optim.Adam):
+    """A project's own Adam subclass."""
+
+
+def _step(opt: torch.optim.Optimizer, p: nn.Parameter) -> None:
+    p.grad = torch.ones_like(p)
+    opt.step()
+
+
+def test_adaptive_optimizers_are_recognised_by_their_state_not_their_name() -> None:
+    for cls in (AdamW8bit, Tuned, torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta,
+                torch.optim.Adamax, torch.optim.NAdam):
+        p = nn.Parameter(torch.ones(3))
+        opt = cls([p], lr=0.01)
+        assert is_adaptive(opt), cls.__name__  # before the first step: its hyper-parameters
+        _step(opt, p)
+        assert is_adaptive(opt), cls.__name__  # after it: a second moment in its state
+    p = nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    assert not is_adaptive(sgd)
+    _step(sgd, p)
+    assert not is_adaptive(sgd)  # momentum_buffer is a first moment
+
+    class Renamed(torch.optim.SGD):  # an SGD whose name sounds adaptive
+        pass
+    Renamed.__name__ = "AdamLike"
+    assert not is_adaptive(Renamed([p], lr=0.1))
+
+
+def test_an_adam_subclass_is_diagnosed_with_adams_update_not_sgds() -> None:
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.fill_(1.0)
+    doc = Diagnostician(layer, AdamW8bit(layer.parameters(), lr=2.0))
+    # |w| = 4 (16 weights) and 2 (4 biases): Adam moves each coordinate by ~lr
+    causes = doc.preflight({"weight": 1e-3, "bias": 1e-3}, loss=1.0)
+    assert [c.cause for c in causes] == ["lr_too_high"]
+    assert "one Adam-like step moved the weights by" in causes[0].evidence
+    assert "SGD" not in causes[0].evidence
+    assert "adaptive optimizer" not in causes[0].remedy
+
+
+# ----------------------------------------------------------------- zero / near-zero weights
+@pytest.mark.parametrize("scale", [0.0, 1e-12])
+def test_zero_initialised_logistic_regression_gets_no_lr_warning(scale: float) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(10, 1)
+    with torch.no_grad():
+        model.weight.normal_(std=scale) if scale else model.weight.zero_()
+        model.bias.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    guard = GuardCore(model, opt)
+    x = torch.randn(64, 10)
+    y = (x[:, :1] > 0).float()
+    reports = []
+    for _ in range(30):
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        reports.append(guard.step(loss.detach()))
+        opt.step()
+    assert reports[0].causes is None  # no pre-flight warning
+    assert guard.summary()["diagnosis"] == []
+    assert loss.item() < 0.3  # it converges
+    doc = guard.diagnostician
+    assert doc is not None
+    for cause in doc.diagnose("on_demand"):
+        assert "infinite" not in cause.evidence
+        assert "~0:" not in cause.remedy
+    assert all(math.isfinite(v) for v in _floats(doc.step0))
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _floats(v)]
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return []
+
+
+def test_a_zero_initialised_layer_does_not_make_any_ratio_infinite() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    nn.init.zeros_(net[2].weight)
+    doc = Diagnostician(net, torch.optim.SGD(net.parameters(), lr=100.0))
+    grads = {n: 1.0 for n, _ in net.named_parameters()}
+    causes = doc.preflight(grads, loss=1.0)
+    assert [c.cause for c in causes] == ["lr_too_high"]
+    assert "infinite" not in causes[0].evidence
+    assert "2.weight" not in causes[0].evidence  # its ratio means nothing: left out
+    target = float(causes[0].remedy.split("~")[1].split(":")[0])
+    assert 0 < target < 100.0
+    assert math.isnan(update_ratio(0.1, 1.0, 0.0))
+
+
+# ----------------------------------------------------------------- a spike is not an explosion
+@pytest.fixture(scope="module")
+def healthy_through_the_guard() -> list[tuple[str, dict[str, Any]]]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    for case in healthy_cases():
+        torch.manual_seed(case.seed)
+        model = case.model()
+        opt = _opt(case.optimizer, model.parameters(), case.lr)
+        guard = GuardCore(model, opt)
+        for step in range(100):
+            x, y = case.data(step)
+            loss = case.loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            guard.step(loss.detach(), batch=(x, y))
+            opt.step()
+        out.append((case.name, guard.summary()))
+    torch.set_num_threads(n)
+    return out
+
+
+def test_the_healthy_cases_through_the_guard_end_with_no_cause(
+        healthy_through_the_guard: list[tuple[str, dict[str, Any]]]) -> None:
+    """The labelled healthy set, 100 steps each through ``GuardCore`` with defaults: some spike
+    and are clipped, none may end with a cause (6 of 26 did: no_normalization, no_residual,
+    lr_too_high on a first z-score spike)."""
+    named = [(name, [d["cause"] for d in s["diagnosis"]]) for name, s in healthy_through_the_guard
+             if s["diagnosis"]]
+    assert named == []
+    assert sum(s["spikes"] > 0 for _, s in healthy_through_the_guard) >= 3  # spikes did happen
+    for _, s in healthy_through_the_guard:
+        assert "likely cause" not in end_of_fit_line(s)
+
+
+def test_a_spike_without_growth_names_no_structural_cause() -> None:
+    torch.manual_seed(0)
+    net = mlp(depth=8)  # He init: no growth through the depth at step 0
+    doc = Diagnostician(net, torch.optim.SGD(net.parameters(), lr=1e-3))
+    doc.watch_forward()
+    x = torch.randn(32, 32)
+    net(x).pow(2).mean().backward()
+    norms = {n: float(p.grad.norm()) for n, p in net.named_parameters()}  # type: ignore[union-attr]
+    doc.preflight(norms, loss=1.0)
+    for step in range(1, 12):
+        doc.observe(step, loss=1.0 - 0.01 * step, grad_norm=1.0 + 0.05 * (step % 3))
+    doc.observe(12, loss=0.9, grad_norm=1.4)  # a z-score alarm, 1.3x the usual
+    assert doc.diagnose("spike", loss=0.9) == []
+    # growth makes it an explosion; still no structural cause without growth through the depth
+    for step in range(13, 17):
+        doc.observe(step, loss=0.9 * 2 ** (step - 12), grad_norm=1.4 * 3 ** (step - 12))
+    assert {c.cause for c in doc.diagnose("spike", loss=15.0)} <= {"lr_too_high"}
+
+
+@pytest.mark.parametrize("pass_batch", [True, False])
+def test_one_nan_batch_on_a_plain_mlp_is_the_data_and_nothing_else(pass_batch: bool) -> None:
+    """A plain 4-layer MLP hit by one NaN batch: the data (when the batch is at hand), never
+    'a deep plain network without normalisation layers'."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(32, 32), nn.ReLU())],
+                        nn.Linear(32, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    guard = GuardCore(net, opt)
+    data = vec_data(11, corrupt_at=2)  # early: too little history for a loss cause
+    for step in range(4):
+        x, y = data(step)
+        loss = F.mse_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        report = guard.step(loss.detach(), batch=(x, y) if pass_batch else None)
+        opt.step()
+        if step == 2:
+            assert report.action == Action.SKIP
+            causes = [c.cause for c in report.causes or ()]
+            if pass_batch:
+                assert causes == ["data_nonfinite"]
+            assert not {"no_normalization", "no_residual"} & set(causes)
+
+
+def test_end_of_fit_line_names_a_cause_only_when_the_run_needed_help() -> None:
+    diagnosis = [{"cause": "no_residual", "evidence": "e", "remedy": "r"}]
+    clipped = {"steps": 100, "clipped_steps": 3, "skipped_steps": 0, "lr_backoffs": 0,
+               "lr_scale": 1.0, "rollbacks": 0, "diagnosis": diagnosis}
+    line = end_of_fit_line(clipped)
+    assert line.startswith("GradGuard: 100 steps, 3 clipped")
+    assert "likely cause" not in line
+    for helped in ({"skipped_steps": 1}, {"lr_backoffs": 1, "lr_scale": 0.5},
+                   {"halted": True}, {"rollbacks": 1}):
+        assert "likely cause: no_residual" in end_of_fit_line({**clipped, **helped})
+
+
+# ----------------------------------------------------------------- every batch read
+@dataclasses.dataclass
+class Sample:
+    x: Tensor
+    y: Tensor
+
+
+Pair = collections.namedtuple("Pair", ["x", "y"])
+
+
+class Holder:
+    def __init__(self, x: Tensor) -> None:
+        self.inputs = {"x": x}
+        self.name = "holder"
+
+
+def _nan(n: int = 6, bad: int = 1) -> Tensor:
+    t = torch.ones(n)
+    t[:bad] = math.nan
+    return t
+
+
+def test_every_kind_of_batch_is_read_for_nan_without_a_crash() -> None:
+    sparse_coo = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2]]), torch.tensor(
+        [1.0, math.nan, math.inf]), (5,))
+    dense = torch.eye(3)
+    dense[1, 1] = math.nan
+    csr = dense.to_sparse_csr()
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.tensor([1.0, math.nan, 2.0])])
+    jagged = torch.nested.nested_tensor([torch.ones(2), torch.tensor([math.inf, 1.0])],
+                                        layout=torch.jagged)
+    y = torch.zeros(6)
+    assert batch_nonfinite(Sample(_nan(), y)) == [("batch.x", 1, 6)]
+    assert batch_nonfinite(Pair(y, _nan(bad=2))) == [("batch.y", 2, 6)]
+    assert batch_nonfinite(Holder(_nan())) == [("batch.inputs['x']", 1, 6)]
+    assert batch_nonfinite([sparse_coo]) == [("batch[0]", 2, 3)]
+    assert batch_nonfinite({"m": csr}) == [("batch['m']", 1, 3)]
+    assert batch_nonfinite((nested,)) == [("batch[0]", 1, 5)]
+    assert batch_nonfinite((jagged,)) == [("batch[0]", 1, 4)]
+    assert batch_nonfinite(MicroBatches([(y, y), (_nan(), y)])) == [
+        ("micro-batch 2/2: batch[0]", 1, 6)]
+    assert batch_nonfinite(Sample(y, y)) == []
+
+
+def test_a_nan_in_a_dataclass_batch_is_the_data_not_the_loss() -> None:
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    guard = GuardCore(net, opt)
+    data = vec_data(1, corrupt_at=4)
+    for step in range(5):
+        x, y = data(step)
+        batch = Sample(x, y)
+        loss = F.mse_loss(net(batch.x), batch.y)
+        opt.zero_grad()
+        loss.backward()
+        report = guard.step(loss.detach(), batch=batch)
+        opt.step()
+    assert report.action == Action.SKIP
+    assert report.causes is not None
+    assert report.causes[0].cause == "data_nonfinite"
+    assert "batch.x holds 2 NaN/Inf" in report.causes[0].evidence
+
+
+def test_loss_cause_says_the_batch_is_finite_only_when_it_was_read() -> None:
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    doc = Diagnostician(net, torch.optim.SGD(net.parameters(), lr=1e-3))
+    doc.preflight({n: 1.0 for n, _ in net.named_parameters()}, loss=1.0)
+    for step in range(1, 6):
+        doc.observe(step, loss=1.0, grad_norm=1.0)
+    unread = doc.diagnose("nonfinite", loss=math.inf)
+    assert unread[0].cause == "loss_nonfinite"
+    assert "batch is finite" not in unread[0].evidence
+    read = doc.diagnose("nonfinite", loss=math.inf, batch=Sample(torch.ones(3), torch.ones(3)))
+    assert read[0].evidence.endswith("and the batch is finite")
+
+
+# ----------------------------------------------------------------- evidence agrees with itself
+def test_the_most_moved_tensor_is_chosen_among_all_parameters() -> None:
+    torch.manual_seed(0)
+    model = LSTMLM()
+    doc = Diagnostician(model, torch.optim.SGD(model.parameters(), lr=20.0))
+    grads = {n: 1e-3 for n, _ in model.named_parameters()}
+    grads["rnn.weight_hh_l0"] = 5.0  # the recurrent matrix moves most
+    causes = doc.preflight(grads, loss=4.0)
+    assert causes[0].cause == "lr_too_high"
+    assert "(most: rnn.weight_hh_l0 " in causes[0].evidence
+    # real gradients: the chosen tensor is the one that moves most, and moves at least as
+    # much as the whole model does
+    model.zero_grad()
+    x = torch.randint(0, 50, (12, 8))
+    F.cross_entropy(model(x).reshape(-1, 50), x.reshape(-1)).backward()
+    norms = {n: float(p.grad.norm()) for n, p in model.named_parameters()}  # type: ignore[union-attr]
+    doc = Diagnostician(model, torch.optim.SGD(model.parameters(), lr=20.0))
+    doc.preflight(norms, loss=4.0)
+    ratios = {n: norms[n] / float(p.detach().norm()) for n, p in model.named_parameters()}
+    worst, worst_r = doc.step0["update_worst"]
+    assert worst == max(ratios, key=ratios.__getitem__)
+    assert worst_r >= doc.step0["update_ratio"]
+
+
+def test_a_step0_ratio_is_worded_at_its_own_lr_under_a_schedule() -> None:
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.zero_()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    doc = Diagnostician(layer, opt)
+    doc.preflight({"weight": 40.0, "bias": 0.0}, loss=1.0)  # |w| = 4: 100 % at lr 0.1
+    opt.step()
+    sched.step()  # lr 0.01 now
+    doc.observe(1, loss=1.0, grad_norm=1.0)
+    cause = doc.diagnose("on_demand")[0]
+    assert cause.cause == "lr_too_high"
+    assert cause.evidence.startswith(
+        "at step 0 (lr 0.1) one SGD step moved the weights by 100 % of their norm")
+    assert "the same step at the current lr 0.01 would move them by 10 %" in cause.evidence
+    assert cause.remedy.startswith("lower the LR to ~0.001: the update would move the weights "
+                                   "by 10 % in one step")
+
+
+def test_a_healthy_batchnorm_cnn_with_adam_ends_with_no_cause() -> None:
+    """4 conv + BatchNorm + 1 linear, Adam 1e-3: it spikes once or twice and is clipped (was:
+    'likely cause: no_residual')."""
+    spiked = 0
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = BNCNN()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        guard = GuardCore(model, opt)
+        g = torch.Generator().manual_seed(seed)
+        xs = torch.randn(64, 32, 1, 12, 12, generator=g)
+        ys = torch.randint(0, 10, (64, 32), generator=g)
+        for step in range(100):
+            loss = F.cross_entropy(model(xs[step % 64]), ys[step % 64])
+            opt.zero_grad()
+            loss.backward()
+            guard.step(loss.detach())
+            opt.step()
+        summary = guard.summary()
+        spiked += summary["spikes"]
+        assert summary["diagnosis"] == []
+        assert "likely cause" not in end_of_fit_line(summary)
+    assert spiked > 0
+
+
+# ----------------------------------------------------------------- no side effects
+def _seeded_run(with_guard: bool, steps: int = 15) -> tuple[dict[str, Tensor], list[Action]]:
+    torch.manual_seed(0)
+    model = StochasticNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = GuardCore(model, opt) if with_guard else None
+    actions = []
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if guard is not None:
+            actions.append(guard.step(loss.detach()).action)
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}, actions
+
+
+def test_a_guard_that_takes_no_action_leaves_a_seeded_run_bit_identical() -> None:
+    """Dropout, stochastic depth and a noise layer draw from the global RNG: the guard (its
+    forward probe and structure inspection included) must not draw from it."""
+    plain, _ = _seeded_run(with_guard=False)
+    guarded, actions = _seeded_run(with_guard=True)
+    assert set(actions) == {Action.NONE}
+    assert plain.keys() == guarded.keys()
+    assert all(torch.equal(plain[k], guarded[k]) for k in plain)
+
+
+def test_structure_inspection_changes_no_module_and_runs_no_hook() -> None:
+    hooks = []
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            return torch.relu(x)
+
+    net = nn.Sequential(nn.Linear(4, 4), Counting(), nn.Linear(4, 1))
+    net[1].register_forward_hook(lambda *_: hooks.append(1))
+    state = torch.get_rng_state()
+    doc = Diagnostician(net)
+    assert net[1].calls == 0  # a copy was probed, not the module
+    assert hooks == []
+    assert torch.equal(state, torch.get_rng_state())
+    assert [a.kind for a in doc.structure.activations] == ["Counting"]
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "compiled-region"])
+def test_compiled_models_work_in_guardcore(how: str) -> None:
+    torch.manual_seed(0)
+    net = LoopNet(blocks=2)
+    if how == "torch.compile":
+        model: nn.Module = torch.compile(net, backend="aot_eager")  # type: ignore[assignment]
+    elif how == "module.compile":
+        net.compile(backend="aot_eager")
+        model = net
+    else:
+        class Wrapper(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = net
+                self.fast = torch.compile(self.net.forward, backend="eager")
+
+            def forward(self, x: Tensor) -> Tensor:
+                return self.fast(x)
+        model = Wrapper()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt)
+    for _ in range(3):
+        loss = model(_vec()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        report = guard.step(loss.detach())
+        opt.step()
+    assert report.finite
+    doc = guard.diagnostician
+    assert doc is not None
+    assert doc.structure.residual is None  # not read: unknown, so no structural cause
+    assert doc.structure.probed_norms is None
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.slow
+def test_compiled_models_work_with_the_default_backend() -> None:
+    """``torch.compile`` with inductor (slow on CPU: it compiles C++)."""
+    torch.manual_seed(0)
+    model = torch.compile(LoopNet(blocks=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = GuardCore(model, opt)  # type: ignore[arg-type]
+    for _ in range(3):
+        loss = model(_vec()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert guard.step(loss.detach()).finite
+        opt.step()
