@@ -25,19 +25,23 @@ Two layers of API:
                        (ReLU: 1.0), and the same depth growth with He-scaled weights
   recurrent_weights    largest singular value of a recurrent weight block (per gate) >= 1.5
   no_normalization     depth growth (or a residual stream growing >= x3 over its blocks) that
-                       init and activations do not explain, and no norm layer
+                       init and activations do not explain, and nothing that normalises
+                       (found by what the code computes, see :mod:`.probe`)
   no_residual          depth growth in a deep normalised network with no skip connection
                        found by the step-0 forward probe
-  lr_too_high          update-to-weight ratio lr·‖g‖/‖w‖ (Adam: lr·√n/‖w‖) per step (>= 5 % on
-                       an explosion, >= 100 % on its own), the loss rising step over step
-                       before the event, the schedule position (warmup just ended, peak LR)
+  lr_too_high          update-to-weight ratio lr·‖g‖/‖w‖ (adaptive: lr·√n/‖w‖) per step over
+                       every parameter whose weights are not (near) zero (>= 5 % on an
+                       explosion, >= 100 % on its own), the loss rising step over step before
+                       the event, the schedule position (warmup just ended, peak LR)
   ==================== ==========================================================================
 
   Ranking: the batch, then a loss that broke on its own, then measured amplification inside
   the model (init, activation, recurrent weights, then the structural causes), then the LR
   (which exposes those). A cause is never suggested when its remedy is already in place
-  (normalisation layers present, skip connections detected, an adaptive optimizer, weights
-  at He/Xavier scale).
+  (normalisation present, skip connections detected, an adaptive optimizer, weights at
+  He/Xavier scale), and the structural causes never without measured growth through the
+  depth. A ``spike`` counts as an explosion only with growth (:meth:`Diagnostician._grew`):
+  a spike short of it names nothing beyond what the evidence shows on its own.
 """
 
 from __future__ import annotations
