@@ -505,11 +505,13 @@ class ForwardProbe:
         self._params = [p for p in model.parameters()]
         self._handles: list[Any] = []
         self._compiled_region = False
+        self._recurrent: list[str] = []
         if is_compiled(model):
             self.readable = False
             self.done = True
             return
         names = {id(m): n for n, m in model.named_modules()}
+        self._recurrent = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
         for mod in model.modules():
             self._handles.append(mod.register_forward_hook(
                 self._hook_for(names[id(mod)]), with_kwargs=True))
@@ -586,8 +588,12 @@ class ForwardProbe:
             return
         residual = list(self._data_res)
         stream = []
+        skips = 0
         for skip in facts.skips:
             name = self._block_of(skip)
+            if any(name == r or name.startswith(r + ".") for r in self._recurrent):
+                continue  # a gated cell's path through time (nn.GRU), not a skip over depth
+            skips += 1
             if name not in residual:
                 residual.append(name)
             if id(skip.stream) in self._streams:
@@ -598,7 +604,7 @@ class ForwardProbe:
             if name not in norms:
                 norms.append(name)
         self.residual = tuple(residual)
-        self.skips = len(facts.skips) + len(self._data_res)
+        self.skips = skips + len(self._data_res)
         self.norms = tuple(norms)
         self._res_rms = stream
 

@@ -23,7 +23,7 @@ from lightning_gradguard.core.guard import Action
 from lightning_gradguard.core.messages import end_of_fit_line
 from lightning_gradguard.core.structure import ModelStructure, is_adaptive
 
-from ._diagnosis_cases import _opt, healthy_cases, mlp, vec_data
+from ._diagnosis_cases import Seq, _opt, healthy_cases, mlp, vec_data
 from ._diagnosis_models import (
     BNCNN,
     GPT,
@@ -92,6 +92,8 @@ def test_skip_connections_are_found_wherever_the_add_is_written(
     pytest.param(lambda: AttentionNoNorm(), _seq, id="attention-without-skips"),
     pytest.param(lambda: BNCNN(), _img, id="bn-cnn"),
     pytest.param(lambda: LSTMLM(), lambda: torch.randint(0, 50, (7, 4)), id="lstm-lm"),
+    # a GRU cell's h + z * (h' - h) is a gated path through time, not a skip over depth
+    pytest.param(lambda: Seq("gru"), lambda: torch.rand(4, 12, 2), id="gru"),
 ])
 def test_no_skip_connection_where_there_is_none(build: Callable[[], nn.Module],
                                                 data: Callable[[], Tensor]) -> None:
