@@ -579,6 +579,22 @@ class ForwardProbe:
         entered = [name for name, inp, _ in self._calls if name and inp is skip.stream]
         return entered[-1] if entered else "(functional)"
 
+    def _recurrent_nodes(self, budget: int = 100_000) -> set[int]:
+        """Ids of the nodes a recurrent module's forward built (from its output to its input)."""
+        out: set[int] = set()
+        for name, inp, node in self._calls:
+            if name not in self._recurrent or node is None:
+                continue
+            todo = [node]
+            while todo and len(out) < budget:
+                n = todo.pop()
+                if n is inp or id(n) in out:
+                    continue
+                out.add(id(n))
+                todo += [f for f, _ in n.next_functions
+                         if f is not None and type(f).__name__ != "AccumulateGrad"]
+        return out
+
     def _read_graph(self) -> None:
         from lightning_gradguard.core.probe import read_graph
 
@@ -589,10 +605,11 @@ class ForwardProbe:
         residual = list(self._data_res)
         stream = []
         skips = 0
+        inside_rnn = self._recurrent_nodes()
         for skip in facts.skips:
-            name = self._block_of(skip)
-            if any(name == r or name.startswith(r + ".") for r in self._recurrent):
+            if id(skip.add) in inside_rnn:
                 continue  # a gated cell's path through time (nn.GRU), not a skip over depth
+            name = self._block_of(skip)
             skips += 1
             if name not in residual:
                 residual.append(name)
