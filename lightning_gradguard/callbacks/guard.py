@@ -179,8 +179,8 @@ class GradGuardLogic:
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (updates
-            clipped by ``max_update_ratio`` count like spikes; with ``torch.optim.SGD`` only
-            spikes with a large update count, see
+            clipped by the armed ``max_update_ratio`` cap count like spikes; with
+            ``torch.optim.SGD`` only spikes with a large update count, see
             :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`). The LR backs off
             only with evidence that it is too high: this update capped, 5 of the last 10
             steps clipped, or the LR already backed off; otherwise the count restarts.

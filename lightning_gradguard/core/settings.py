@@ -30,7 +30,7 @@ class GuardSettings:
         recovery_steps: Clean steps to undo one backoff.
         min_lr_scale: Floor of the LR scale.
         spike_patience: Spikes within ``spike_window`` steps that trigger a backoff (0: never).
-            Steps clipped by the update control (``max_update_ratio``) count like spikes; the
+            Steps clipped by the armed SGD update cap (``max_update_ratio``) count like spikes; the
             update control may also decide that a small spike does not count (with
             ``torch.optim.SGD``: see :class:`~lightning_gradguard.core.update_cap.SGDUpdateCap`).
             When the count (or ``growth_patience``) is reached, the LR backs off only with
@@ -55,9 +55,13 @@ class GuardSettings:
         max_update_ratio: Largest relative weight change ``lr * ||g|| / ||w||`` of one
             update, for optimizers whose update is a known function of the gradient (plain
             ``torch.optim.SGD``, momentum not counted; the LR is the largest group LR times
-            the backoff scale): the gradient is clipped to it, and a step clipped by it counts
-            toward an LR backoff like a spike. This protects the very first steps, before any
-            history exists, from a learning rate that is far too high. ``None`` disables it;
+            the backoff scale). The cap is armed once the run shows the signature of an LR
+            above SGD's stability limit (an update over the cap whose gradient grew 5-fold or
+            more in one step); from then on the gradient is clipped to it and a step clipped
+            by it counts toward an LR backoff like a spike. A large update alone (early steps
+            against large targets, small or zero-initialised weights) arms nothing. This
+            protects the first steps, before any history exists, from a learning rate that is
+            far too high. ``None`` disables it;
             other optimizers (Adam, RMSprop, ...) normalise their updates and are not
             affected. Details: :mod:`~lightning_gradguard.core.update_cap`.
         amp_halt_after: Consecutive steps a GradScaler skipped (finite loss, non-finite

@@ -10,8 +10,10 @@ guard's decision (:func:`~lightning_gradguard.core.decide.decide`) only sees the
 * :class:`SGDUpdateCap` (``torch.optim.SGD``, ``max_update_ratio`` set): the update of plain
   SGD is :math:`\eta\,g`, so :math:`\eta\,\|g\| \le r\,\|w\|` caps the relative weight change
   at :math:`r`: the gradient is clipped to :math:`r\,\|w\| / \eta`. The cap is **armed** only
-  once the run shows the signature of an LR above SGD's stability limit: an update over the
-  cap whose gradient grew by ``arm_growth`` (default 5) or more since the previous step.
+  by an update over it at the run's first step (no history can judge it, and the first steps
+  are where a far-too-high LR does its damage) or, later, by one whose gradient grew by
+  ``arm_growth`` (default 5) or more since the previous step: the signature of an LR above
+  SGD's stability limit.
   Above the limit :math:`2/\lambda` the component of the gradient along the sharpest
   direction is multiplied by :math:`|1 - \eta\lambda|` every step; in a stable run, however
   large its updates are relative to the weights (early steps against large targets, small or
@@ -111,9 +113,10 @@ class NoUpdateControl(UpdateControl):
 class SGDUpdateCap(UpdateControl):
     """Plain-SGD update cap: ``lr * ||g|| <= max_ratio * ||w||`` once armed (momentum not counted).
 
-    The cap is armed (for the rest of the run) at the first finite step whose update is over
-    the cap and whose gradient norm is at least ``arm_growth`` times the previous finite
-    step's: the signature of an LR above SGD's stability limit (see the module docstring).
+    The cap is armed (for the rest of the run) by an update over it at the first finite step
+    with a weight norm, or at a later one whose gradient norm is at least ``arm_growth`` times
+    the previous finite step's: the signature of an LR above SGD's stability limit (see the
+    module docstring).
     Before that it clips nothing; its scale still decides which spikes count.
 
     Args:
@@ -134,12 +137,16 @@ class SGDUpdateCap(UpdateControl):
         >>> cap.wants_weight_norm(1), cap.wants_weight_norm(17), cap.wants_weight_norm(24)
         (True, False, True)
         >>> cap.observe_weight_norm(10.0)
-        >>> cap.observe_grad_norm(3.0, lr_scale=1.0)   # a large update: not armed
-        >>> cap.limit(lr_scale=1.0)
-        UpdateLimit(cap=inf, far=10.0, scale=1.0)
-        >>> cap.observe_grad_norm(15.0, lr_scale=1.0)  # over the cap and grown x5: armed
+        >>> cap.observe_grad_norm(0.5, lr_scale=1.0)   # the first step, under the cap
+        >>> cap.observe_grad_norm(3.0, lr_scale=1.0)   # a large update, grown x6: armed
         >>> cap.armed, cap.limit(lr_scale=0.5)
         (True, UpdateLimit(cap=2.0, far=10.0, scale=None))
+        >>> fresh = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
+        >>> fresh.observe_weight_norm(10.0)
+        >>> for g in (0.5, 2.0, 3.0):   # over the cap from the 2nd step, but grown x4, x1.5
+        ...     fresh.observe_grad_norm(g, lr_scale=1.0)
+        >>> fresh.armed, fresh.limit(lr_scale=1.0)
+        (False, UpdateLimit(cap=inf, far=10.0, scale=1.0))
     """
 
     weight_norm: float | None
@@ -168,15 +175,16 @@ class SGDUpdateCap(UpdateControl):
         self.weight_norm = value if math.isfinite(value) and value > 0.0 else None
 
     def observe_grad_norm(self, value: float, lr_scale: float) -> None:
-        """Arm the cap on an update over it whose gradient grew ``arm_growth``-fold.
+        """Arm the cap on an update over it at the first step or after ``arm_growth``-fold growth.
 
         Non-finite and zero norms are left out (a skipped step is no step of the dynamics).
         """
         if not (math.isfinite(value) and value > 0.0):
             return
         last, self.last_grad_norm = self.last_grad_norm, value
-        if self.armed or last is None or value < self.arm_growth * last:
+        if self.armed or (last is not None and value < self.arm_growth * last):
             return
+        # the first step (no history) or a step that grew ``arm_growth``-fold: armed if over
         lr = self.lr(lr_scale)
         if lr is not None and self.weight_norm is not None \
                 and lr * value > self.max_ratio * self.weight_norm:
