@@ -184,8 +184,9 @@ CAUSES: Final[tuple[str, ...]] = (
 Event = Literal["preflight", "spike", "backoff", "nonfinite", "halt", "on_demand"]
 EVENTS: Final[tuple[str, ...]] = ("preflight", "spike", "backoff", "nonfinite", "halt",
                                   "on_demand")
-"""Why a diagnosis is asked for. ``spike``/``backoff``/``nonfinite``/``halt`` are explosion
-events (the run did blow up); ``preflight`` and ``on_demand`` report only what the evidence
+"""Why a diagnosis is asked for. ``backoff``/``nonfinite``/``halt`` are explosion events (the
+run needed help); a ``spike`` is one only with growth behind it (see
+:meth:`Diagnostician.diagnose`); ``preflight`` and ``on_demand`` report only what the evidence
 already shows on its own."""
 
 _EXPLOSIONS = ("spike", "backoff", "nonfinite", "halt")
@@ -593,7 +594,9 @@ class Diagnostician(Stateful):
 
         Args:
             event: ``"spike"``, ``"backoff"``, ``"nonfinite"``, ``"halt"``, ``"on_demand"``
-                or ``"preflight"``.
+                or ``"preflight"``. A ``"spike"`` is treated as an explosion only with growth
+                behind it (the loss rising step over step, the gradient norm rising x3 over 3
+                steps, or 10x its median); short of that it is an ``"on_demand"``.
             per_tensor_norms: This step's per-parameter gradient norms (as in
                 :meth:`preflight`), if at hand.
             loss: This step's loss (also taken as the last entry of the loss history when

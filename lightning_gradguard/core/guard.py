@@ -544,8 +544,8 @@ class GuardCore(Stateful):
         """Feed the diagnostician this step's host floats; rank causes on an event.
 
         No host read on a finite step, except the first (whose pre-flight evidence came with
-        the step's one read) and a first spike or backoff (none: the step-0 evidence and the
-        history are already on the host).
+        the step's one read) and a first backoff (none: the step-0 evidence and the history
+        are already on the host). A spike alone is not diagnosed: clipping contains it.
         """
         doc = self.diagnostician
         assert doc is not None
