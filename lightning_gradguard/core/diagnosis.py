@@ -40,8 +40,9 @@ Two layers of API:
   (which exposes those). A cause is never suggested when its remedy is already in place
   (normalisation present, skip connections detected, an adaptive optimizer, weights at
   He/Xavier scale), and the structural causes never without measured growth through the
-  depth. A ``spike`` counts as an explosion only with growth (:meth:`Diagnostician._grew`):
-  a spike short of it names nothing beyond what the evidence shows on its own.
+  depth. A ``spike`` or a ``backoff`` counts as an explosion only with growth
+  (:meth:`Diagnostician._grew`): short of it, nothing is named beyond what the evidence shows
+  on its own.
 """
 
 from __future__ import annotations
@@ -184,10 +185,10 @@ CAUSES: Final[tuple[str, ...]] = (
 Event = Literal["preflight", "spike", "backoff", "nonfinite", "halt", "on_demand"]
 EVENTS: Final[tuple[str, ...]] = ("preflight", "spike", "backoff", "nonfinite", "halt",
                                   "on_demand")
-"""Why a diagnosis is asked for. ``backoff``/``nonfinite``/``halt`` are explosion events (the
-run needed help); a ``spike`` is one only with growth behind it (see
-:meth:`Diagnostician.diagnose`); ``preflight`` and ``on_demand`` report only what the evidence
-already shows on its own."""
+"""Why a diagnosis is asked for. ``nonfinite``/``halt`` are explosion events; a ``spike`` or a
+``backoff`` is one only with growth behind it (see :meth:`Diagnostician.diagnose`: repeated
+z-score alarms are the guard's caution, not an explosion); ``preflight`` and ``on_demand``
+report only what the evidence already shows on its own."""
 
 _EXPLOSIONS = ("spike", "backoff", "nonfinite", "halt")
 
@@ -594,9 +595,10 @@ class Diagnostician(Stateful):
 
         Args:
             event: ``"spike"``, ``"backoff"``, ``"nonfinite"``, ``"halt"``, ``"on_demand"``
-                or ``"preflight"``. A ``"spike"`` is treated as an explosion only with growth
-                behind it (the loss rising step over step, the gradient norm rising x3 over 3
-                steps, or 10x its median); short of that it is an ``"on_demand"``.
+                or ``"preflight"``. A ``"spike"`` or ``"backoff"`` is treated as an explosion
+                only with growth behind it (the loss rising step over step, the gradient norm
+                rising x3 over 3 steps, or 10x its median); short of that it is an
+                ``"on_demand"``.
             per_tensor_norms: This step's per-parameter gradient norms (as in
                 :meth:`preflight`), if at hand.
             loss: This step's loss (also taken as the last entry of the loss history when
@@ -630,7 +632,8 @@ class Diagnostician(Stateful):
         if loss is not None and not same:
             losses.append(float(loss))
         trend = loss_trend(losses)
-        explosion = event in _EXPLOSIONS and (event != "spike" or self._grew(grads, trend))
+        explosion = event in _EXPLOSIONS and (event not in ("spike", "backoff")
+                                              or self._grew(grads, trend))
         causes: list[Cause] = []
         bad: list[tuple[str, int, int]] | None = None
         if event in ("nonfinite", "halt") and batch is not None:
@@ -653,7 +656,7 @@ class Diagnostician(Stateful):
         return out
 
     def _grew(self, grads: dict[str, float], trend: LossTrend) -> bool:
-        """Whether a spike is an explosion: growth, not one large step.
+        """Whether a spike (or a backoff) is an explosion: growth, not one large step.
 
         The loss rising step over step, the gradient norm rising 3 steps in a row to x3 or
         more, or a norm 10x the median of the steps before. A spike short of that (a
@@ -895,16 +898,15 @@ class Diagnostician(Stateful):
         kind = "Adam-like" if adaptive else "SGD"
         moved = lr != lr0 and abs(lr / lr0 - 1) > 0.01
         words = []
-        if ratio0 is not None:
+        if ratio0:  # (0: nothing but zero-initialised tensors had a gradient at step 0)
             words.append(f"at step 0 (lr {lr0:.3g}) one {kind} step moved the weights by "
                          f"{_pct(ratio0)} of their norm"
                          + (f" (most: {worst} {_pct(worst0)})" if worst else ""))
             if moved:
                 words.append(f"the same step at the current lr {lr:.3g} would move them by "
                              f"{_pct(ratio0 * lr / lr0)}")
-        if ratio0 is None or ratio > 2 * ratio0:
-            words.append(f"{'later ' if ratio0 is not None else ''}up to {_pct(ratio)} in one "
-                         "step")
+        if not ratio0 or ratio > 2 * ratio0:
+            words.append(f"{'later ' if ratio0 else ''}up to {_pct(ratio)} in one step")
         if rising:
             words.append(f"the loss rose {trend.steps} steps in a row from {trend.before:.3g}"
                          + (" to non-finite" if not math.isfinite(trend.factor)

@@ -581,8 +581,14 @@ class GuardCore(Stateful):
             names = self._names_with_grad()
             per_tensor = (dict(zip(names, norms, strict=False)) if norms is not None
                           and len(norms) == len(names) else None)
+            before = doc.causes
             causes = doc.diagnose(event, per_tensor, m.loss,  # type: ignore[arg-type]
                                   batch if event in ("nonfinite", "halt") else None)
+            if not causes and before:
+                # a later event with no evidence does not erase an earlier finding (the
+                # summary and the halt message keep it; this step's report has none)
+                doc.causes = before
+                return (), event
         self.causes = tuple(causes or ())
         return self.causes, event
 

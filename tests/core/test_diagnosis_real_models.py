@@ -593,3 +593,46 @@ def test_compiled_models_work_with_the_default_backend() -> None:
         loss.backward()
         assert guard.step(loss.detach()).finite
         opt.step()
+
+
+def test_a_backoff_without_growth_names_no_lr_cause_and_a_later_event_keeps_a_finding() -> None:
+    """Repeated z-score alarms back the LR off: the guard's caution, not an explosion. A
+    7 % update ratio alone (under the 100 % that counts without one) names nothing then."""
+    layer = nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.bias.zero_()
+    doc = Diagnostician(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
+    doc.preflight({"weight": 2.8, "bias": 0.0}, loss=1.0)  # |w| = 4: 7 % per step
+    for step in range(1, 10):
+        doc.observe(step, loss=1.0 - 0.01 * step, grad_norm=2.8 + 0.3 * (step % 2))
+    assert doc.diagnose("backoff", loss=0.9) == []
+    for step in range(10, 14):  # now the loss and the norm grow
+        doc.observe(step, loss=0.9 * 2 ** (step - 9), grad_norm=3.0 * 3 ** (step - 9))
+    assert [c.cause for c in doc.diagnose("backoff", loss=14.4)] == ["lr_too_high"]
+
+
+def test_a_later_event_without_evidence_does_not_erase_a_finding() -> None:
+    """A NaN batch (data_nonfinite), then every step clipped by a tiny fixed threshold until
+    the LR backs off: that backoff has no growth behind it and names nothing; the summary
+    keeps the finding."""
+    from lightning_gradguard.core import FixedNormClip
+
+    torch.manual_seed(0)
+    net = mlp(depth=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    # every step clipped, every spike counted (no update control): a backoff at step 6
+    guard = GuardCore(net, opt, clip=FixedNormClip(1e-3), max_update_ratio=None)
+    data = vec_data(3, corrupt_at=1)
+    events = []
+    for step in range(12):
+        x, y = data(step)
+        loss = F.mse_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        report = guard.step(loss.detach(), batch=(x, y))
+        events.append((report.diagnosis_event, [c.cause for c in report.causes or ()]))
+        opt.step()
+    assert events[1] == ("nonfinite", ["data_nonfinite"])
+    assert ("backoff", []) in events
+    assert guard.summary()["diagnosis"][0]["cause"] == "data_nonfinite"
