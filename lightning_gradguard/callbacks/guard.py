@@ -438,12 +438,19 @@ class GradGuardLogic:
         divided by the number of micro-batches), so a NaN in any of them is seen; a
         non-scalar loss (``manual_backward(loss, gradient=...)``) counts by its mean.
 
+        Under a GradScaler Lightning passes the loss already multiplied by the loss scale:
+        it is divided back on the device (no host read), so the loss history the diagnosis
+        reads ("the loss became nan right after 0.52") is the user's loss, not the scale's.
+
         The forward pass is over: the diagnosis' one-shot forward probe ends here when the
         training step did not call the module itself (one read, on the first step only).
         """
         value = loss.detach()
         if value.dim():  # (a 0-dim loss, the usual case, needs no reshape: a view costs µs)
             value = value.reshape(()) if value.numel() == 1 else value.float().mean()
+        scale = getattr(getattr(trainer.precision_plugin, "scaler", None), "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            value = value.float() / scale.to(value.device).reshape(())
         self._loss = value if self._loss is None else self._loss + value
         for core in self._cores.values():
             if core.diagnostician is not None and not core.preflight_done:

@@ -143,3 +143,27 @@ def test_compiled_modules_work_under_the_guard(how: str) -> None:
     # "no skip connection, no normalisation"
     assert doc.structure.residual is None
     assert doc.structure.probed_norms is None
+
+
+class _Recording(Regression):
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.last_loss = float(loss.detach())
+        return loss
+
+
+def test_the_loss_under_a_gradscaler_is_the_users_not_the_scaled_one() -> None:
+    """Lightning hands ``on_before_backward`` the loss times the loss scale (65536 at first):
+    the guard's reports and the diagnosis' loss history must hold the loss itself."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = _Recording(_batches(4))
+    guard = GradGuard()
+    _fit(module, 3, guard, plugins=[MixedPrecision("16-mixed", "cpu",
+                                                   scaler=torch.amp.GradScaler("cpu"))])
+    report = guard.last_reports[0]
+    assert report.loss is not None
+    assert report.loss == pytest.approx(module.last_loss, rel=1e-3)
+    doc = guard._cores[0].diagnostician
+    assert doc is not None
+    assert max(doc.losses) < 100  # 65536x the loss before
