@@ -424,7 +424,10 @@ def build_schedule(r: Recipe, opt: torch.optim.Optimizer, lr: float) -> Any:
     if r.schedule == "constant":
         return None
     if r.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=r.steps + 1)
+        d = opt.defaults  # cycle the momentum only where there is one (not plain SGD, Adagrad)
+        cycle = "betas" in d or float(d.get("momentum", 0.0)) > 0.0
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=r.steps + 1,
+                                                   cycle_momentum=cycle)
     warm = max(1, r.steps // 10)
 
     def factor(step: int) -> float:
