@@ -143,11 +143,11 @@ class RunData:
     def diagnosis(self) -> tuple[int, list[str]] | None:
         """The step and the ranked cause ids of GradGuard's last diagnosis text, if any.
 
-        Read from the ``gradguard/events`` text entries (pre-flight, first spike or backoff,
-        first non-finite step, halt): the numbered causes ``1. lr_too_high: ...``.
+        Read from the ``gradguard/events`` text entries (pre-flight, first backoff, first
+        non-finite step, halt): the numbered causes ``1. lr_too_high: ...``.
 
         Example:
-            >>> r = RunData("x", {}, texts=[(4, "**diagnosis at the first spike** (step 4)"
+            >>> r = RunData("x", {}, texts=[(4, "**diagnosis at the first backoff** (step 4)"
             ...                               "\\n\\n1. `lr_too_high`: 40 %. **Remedy:** lower")])
             >>> r.diagnosis
             (4, ['lr_too_high'])

@@ -80,8 +80,11 @@ class GuardSettings:
         diagnose: Diagnose the cause of an explosion (ranked causes with evidence and
             remedy, see :class:`~lightning_gradguard.core.diagnosis.Diagnostician`): the model
             is inspected when the guard is built, the first forward pass is probed, the
-            first step reads the per-layer gradient and weight norms in its one host read,
-            and the first spike, backoff and non-finite step and the halt are diagnosed.
+            first step reads the per-layer gradient and weight norms in its one host read
+            (a pre-flight finding when that evidence already shows an explosion), and the
+            first LR backoff, the first non-finite step and the halt are diagnosed. A spike
+            is not (clipping contains it), and a backoff counts as an explosion only with
+            growth behind it (without, only causes the evidence shows on its own are named).
         preflight: Report the causes the first step's evidence already shows (a warning
             from the callbacks, ``StepReport.causes`` of the first step), before anything
             explodes (needs ``diagnose``; ``False``: the evidence is still recorded).
