@@ -13,11 +13,13 @@ them differ:
   loss) would make only that rank skip.
 
 So, when the world has more than one process, the core gets a :class:`ConsensusReducer`: it
-all-reduces, in **one** collective of three numbers, the (already global) norm statistic,
-a "some rank saw NaN" flag and a "some rank's loss is non-finite" flag, with ``MAX``. Every
-rank then sees the same norm, and a loss that was non-finite on any rank is reported as
-non-finite on all. No host synchronisation is added (the values stay on the gradients'
-device until the core's single read-back); single-process runs get no reducer at all.
+all-reduces, in **one** collective of four numbers, the (already global) norm statistic,
+a "some rank saw NaN" flag, a "some rank's loss is non-finite" flag and the loss, with
+``MAX``. Every rank then sees the same norm, a loss that was non-finite on any rank is
+reported as non-finite on all, and a finite one as the largest over the ranks (the loss
+trend that gates backoffs must be the same on every rank). No host synchronisation is
+added (the values stay on the gradients' device until the core's single read-back);
+single-process runs get no reducer at all.
 
 The gradients' own reduction depends on the strategy:
 
@@ -75,7 +77,7 @@ class GroupReducer:
 
 
 class ConsensusReducer:
-    """Makes every rank see the same norm statistic and the same loss finiteness.
+    """Makes every rank see the same norm statistic and the same loss (its largest value).
 
     Args:
         shard: Reducer for gradients that are plain-tensor shards (FSDP1), applied first.
@@ -88,7 +90,8 @@ class ConsensusReducer:
     Set :attr:`loss` (with :meth:`arm`) to a private float32 copy of the step's loss before
     the core's step and clear it after (:meth:`disarm`): when any rank's loss is non-finite,
     the collective writes NaN into every rank's copy before the core reads it (the core
-    reads the loss once, after measuring the norms). A rank without a loss gets a NaN
+    reads the loss once, after measuring the norms); otherwise the largest loss of the
+    ranks that have one. A rank without a loss gets a NaN
     statistic instead, so it skips too.
     """
 
@@ -117,15 +120,22 @@ class ConsensusReducer:
         loss = self.loss
         bad_loss = (torch.zeros((), dtype=torch.float64, device=stat.device) if loss is None
                     else (~torch.isfinite(loss)).to(device=stat.device, dtype=torch.float64))
+        # the largest finite loss over the ranks (-inf from a rank without one): every rank
+        # feeds the same value to the loss trend, which gates backoffs
+        own = (torch.full((), -math.inf, dtype=torch.float64, device=stat.device)
+               if loss is None else
+               torch.nan_to_num(loss.to(device=stat.device, dtype=torch.float64),
+                                nan=-math.inf, posinf=-math.inf, neginf=-math.inf))
         packed = torch.stack([torch.where(nan, torch.full_like(stat, math.inf), stat),
-                              nan.double(), bad_loss])
+                              nan.double(), bad_loss, own])
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.group)
         any_nan = packed[1] > 0
         any_bad_loss = packed[2] > 0
         out = torch.where(any_nan, torch.full_like(packed[0], math.nan), packed[0])
         if loss is not None:
-            marked = torch.where(any_bad_loss.to(loss.device) & torch.isfinite(loss),
-                                 torch.full_like(loss, math.nan), loss)
+            marked = torch.where(any_bad_loss.to(loss.device),
+                                 torch.full_like(loss, math.nan),
+                                 packed[3].to(device=loss.device, dtype=loss.dtype))
             loss.copy_(marked)
         else:
             out = torch.where(any_bad_loss, torch.full_like(out, math.nan), out)

@@ -34,6 +34,7 @@ from lightning_gradguard.core.policies import (
     ZScoreClip,
     unitwise_norm,
 )
+from lightning_gradguard.core.progress import LossTrend
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.stats import RobustNormStats
@@ -67,6 +68,7 @@ __all__ = [
     "HostValues",
     "LRBackoff",
     "LRScaler",
+    "LossTrend",
     "Measurement",
     "NoClip",
     "NoUpdateControl",

@@ -48,6 +48,13 @@ Why a backoff needs evidence (the rules and their mechanisms):
   or (c) the LR is already backed off (``lr_scale < 1``): spikes that return while it
   recovers are that instability returning. Without any of these the step is clipped and
   the spike count restarts.
+* **A run whose loss keeps falling is not backed off for spikes, growth or cap hits.** A
+  gradient norm also rises while a model fits large targets or a zero-initialised head
+  grows, and a z-score threshold lags that trend until clipping is the rule; an unstable run
+  does not learn. So while the loss's recent mean is below its longer mean and below the
+  run's first loss (:class:`~lightning_gradguard.core.progress.LossTrend`,
+  ``loss_improving``) the steps are clipped and the count restarts. Non-finite steps are
+  judged without it, and so is a run that gives no loss.
 
 Example:
     >>> from lightning_gradguard.core.measure import Measurement
@@ -100,6 +107,9 @@ class GuardState:
         growth_fires: The growth detector fires on this step's norm.
         lr_scale: The LR backoff scale before this step (below 1: backed off, not yet
             recovered).
+        loss_improving: The recent mean of the loss is below its longer mean and below the
+            run's first loss (see :class:`~lightning_gradguard.core.progress.LossTrend`): the
+            run is learning.
     """
 
     streaks: Streaks = field(default_factory=Streaks)
@@ -107,6 +117,7 @@ class GuardState:
     diagnosed: bool = False
     growth_fires: bool = False
     lr_scale: float = 1.0
+    loss_improving: bool = False
 
 
 @dataclass(slots=True)
@@ -272,8 +283,10 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
         window = tuple([t for t in window if t > oldest])
     streaks = state.streaks.on_finite(m.step, clipped=action is Action.CLIP)
     triggered = _backoff_due(window, grew, s)
-    # without evidence that the LR is too high the clip has answered it: the count restarts
-    backoff = triggered and _lr_too_high(capped, streaks.clipped, state.lr_scale)
+    # without evidence that the LR is too high the clip has answered it: the count restarts;
+    # a loss that keeps falling shows a run that learns, whatever its gradient does
+    backoff = (triggered and not state.loss_improving
+               and _lr_too_high(capped, streaks.clipped, state.lr_scale))
     return Decision(
         "finite", action, streaks, () if triggered else window, threshold,
         clipped, scales=scales, observe=True, spike=spike, growth=grew,

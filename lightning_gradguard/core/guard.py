@@ -52,6 +52,7 @@ from lightning_gradguard.core.measure import Gradients, Measurement, Meter
 from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.policies import ClipPolicy
+from lightning_gradguard.core.progress import LossTrend
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.streaks import Streaks
@@ -278,6 +279,9 @@ class GuardCore(Stateful):
         self._add_child("backoff", self.backoff)
         self._add_child("growth", self.growth)
         self._add_child("update_control", self.update_control)
+        #: the loss trend: a run whose loss keeps falling is not backed off for spikes
+        self.loss_trend = LossTrend()
+        self._add_child("loss_trend", self.loss_trend)
         self.snapshot = Snapshot() if s.rollback else None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
         #: the cause diagnosis (``None`` without ``diagnose`` or without a module): built
@@ -415,7 +419,8 @@ class GuardCore(Stateful):
         return GuardState(streaks=self.streaks, spike_steps=self.spike_steps,
                           diagnosed=self.first_nonfinite_step is not None,
                           growth_fires=self.growth.fires(measurement.grad_norm),
-                          lr_scale=self.backoff.scale)
+                          lr_scale=self.backoff.scale,
+                          loss_improving=self.loss_trend.improving)
 
     def apply(self, m: Measurement, d: Decision, grads: Gradients | None,
               snapshot_extra: Sequence[Optimizer] = (), *, batch: Any = None) -> StepReport:
@@ -434,6 +439,7 @@ class GuardCore(Stateful):
                 self.growth.update(m.grad_norm)
             if d.hold_growth:
                 self.growth.hold()
+            self.loss_trend.update(m.loss)
         if d.skip:
             skip_step_(self.params)
         if grads is not None:
@@ -693,6 +699,10 @@ class GuardCore(Stateful):
         control.setdefault("armed", False)
         control.setdefault("last_grad_norm", None)
         self.update_control.load_state_dict(control)
+        if "loss_trend" in state_dict:  # absent in states saved before the loss trend
+            self.loss_trend.load_state_dict(state_dict["loss_trend"])
+        else:
+            self.loss_trend.reset()
         counters = dict(state_dict["counters"])
         legacy = {k: counters.pop(k) for k in [*_LEGACY_STREAK_KEYS, "spike_steps",
                                                "first_nonfinite_step"] if k in counters}

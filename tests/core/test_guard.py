@@ -84,11 +84,13 @@ def run(
     make_opt: Callable[[torch.nn.Module], torch.optim.Optimizer] = _adam,
     start: Run | None = None,
     first_step: int = 1,
+    pass_loss: bool = True,
     **settings: Any,
 ) -> Run:
     """Plain training loop; ``faults[t]`` corrupts the gradients of step ``t`` after backward.
 
-    Steps in ``skip_at`` are skipped without calling the guard (the reference runs).
+    Steps in ``skip_at`` are skipped without calling the guard (the reference runs). Without
+    ``pass_loss`` the guard judges by the gradients alone (no loss trend).
     """
     faults = faults or {}
     if start is None:
@@ -109,7 +111,7 @@ def run(
             continue
         if t in record:
             r.before[t] = (clone_params(r.model.parameters()), clone_opt_state(r.opt))
-        r.reports[t] = r.guard.step(loss.detach())
+        r.reports[t] = r.guard.step(loss.detach() if pass_loss else None)
         r.lr_in_step[t] = r.opt.param_groups[0]["lr"]
         r.opt.step()
         r.opt.zero_grad(set_to_none=True)
@@ -500,10 +502,12 @@ def test_spike_patience_backoff() -> None:
 
 def test_spike_window() -> None:
     # a spike every 3 steps, window 5: never 3 spikes within 5 steps
-    # (a non-finite step at 20 backs the LR off first, so that a spike count has evidence)
+    # (a non-finite step at 20 backs the LR off first, so that a spike count has evidence;
+    # no loss given: this loss keeps falling, which would rule every spike backoff out)
     faults = {t: scale_all(1e6) for t in (30, 33, 36, 39, 42)}
     faults[20] = nan_in("0.weight")
-    kw: dict[str, Any] = {"spike_patience": 3, "growth_patience": 0, "nonfinite_window": 0}
+    kw: dict[str, Any] = {"spike_patience": 3, "growth_patience": 0, "nonfinite_window": 0,
+                          "pass_loss": False}
     r = run(45, faults=faults, spike_window=5, **kw)
     assert not any(r.reports[t].backoff for t in faults if t != 20)
     r2 = run(45, faults=faults, spike_window=7, **kw)

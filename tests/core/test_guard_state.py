@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_gradguard.core import GuardCore, Streaks
+from lightning_gradguard.core import GuardCore, LossTrend, Streaks
 from lightning_gradguard.core.decide import Decision
 from lightning_gradguard.core.guard import StepReport
 from lightning_gradguard.core.measure import Measurement
@@ -27,7 +27,8 @@ def _old_layout(halted: bool) -> dict[str, Any]:
     """A state as saved before the counters held only counts (flat, with the streaks)."""
     _, guard = _sgd_guard()
     state = guard.state_dict()
-    for key in ("streaks", "spike_steps", "first_nonfinite_step", "update_control"):
+    for key in ("streaks", "spike_steps", "first_nonfinite_step", "update_control",
+                "loss_trend"):
         state.pop(key)
     state["weight_norm"] = 2.5
     state["counters"] = {
@@ -51,6 +52,8 @@ def test_a_state_saved_by_earlier_versions_loads() -> None:
     assert guard.first_nonfinite_step == 5
     assert guard.update_control.state_dict() == {"weight_norm": 2.5, "armed": False,
                                                  "last_grad_norm": None}
+    # saved before the loss trend: it starts fresh
+    assert repr(guard.loss_trend.state_dict()) == repr(LossTrend().state_dict())
     # the old names still read the same values
     assert guard.counters.spike_steps == [6, 7]
     assert guard.counters.nonfinite_streak == 2
@@ -108,3 +111,46 @@ def test_reset_starts_over() -> None:
     guard.reset()
     _, fresh = _sgd_guard()
     assert guard.state_dict() == fresh.state_dict()
+
+
+def test_round_trip_keeps_the_loss_trend() -> None:
+    model, guard = _sgd_guard()
+    for k in range(30):
+        _grads(model, 0.1)
+        guard.step(torch.tensor(10.0 - 0.2 * k))
+    assert guard.loss_trend.improving
+    state = guard.state_dict()
+    assert state["loss_trend"]["first"] == 10.0
+    _, fresh = _sgd_guard()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.loss_trend.improving
+
+
+def _growing(losses: list[float] | None, steps: int = 40) -> list[int]:
+    """Steps backed off for a gradient that grows 20 % a step, with an SGD LR already
+    backed off by an isolated non-finite step (evidence (c)); the loss as given."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    guard = GuardCore([p], opt, growth_patience=5, spike_patience=0, max_update_ratio=None,
+                      nonfinite_window=0)
+    p.grad = torch.full((4,), math.nan)
+    assert guard.step().backoff
+    backoffs = []
+    for t in range(steps):
+        p.grad = torch.full((4,), 1.2**t)
+        loss = None if losses is None else torch.tensor(losses[t])
+        if guard.step(loss).backoff:
+            backoffs.append(t)
+        opt.step()
+    return backoffs
+
+
+def test_a_falling_loss_rules_out_growth_backoffs() -> None:
+    # the same growing gradient: with a loss that keeps falling no growth backoff once the
+    # trend shows (a step is judged on the losses before it; up to 10 of them both means
+    # are equal, so steps 0-10 are judged as without a loss)
+    falling = _growing([20.0 - 0.4 * t for t in range(40)])
+    rising = _growing([1.0 + 0.4 * t for t in range(40)])
+    assert rising == _growing(None) == [5, 10, 15, 20, 25, 30, 35]
+    assert falling == [5, 10]

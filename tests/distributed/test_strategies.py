@@ -49,7 +49,9 @@ def test_ranks_take_identical_decisions(runs: dict[str, list[dict[str, Any]]],
                 for i in range(10)]
     assert actions0 == expected
     for a, b in zip(r0["steps"], r1["steps"], strict=True):
-        for key in ("grad_norm", "threshold", "lr_scale", "spike", "finite"):
+        # the loss too: the largest over the ranks, so the loss trend that gates backoffs
+        # is the same on every rank (NaN on both where any rank's was non-finite)
+        for key in ("grad_norm", "threshold", "lr_scale", "spike", "finite", "loss"):
             va, vb = a[key], b[key]
             assert va == vb or (isinstance(va, float) and math.isnan(va) and math.isnan(vb)), \
                 (strategy, a["step"], key, va, vb)
@@ -58,6 +60,10 @@ def test_ranks_take_identical_decisions(runs: dict[str, list[dict[str, Any]]],
     assert {k: r0["summary"][k] for k in keys} == {k: r1["summary"][k] for k in keys}
     assert r0["summary"]["skipped_steps"] == len(SKIP_STEPS)
     assert r0["summary"]["clipped_steps"] == 1
+    # step 8: rank 1's loss was multiplied by 1e4; both ranks report that one
+    losses = [s["loss"] for s in r0["steps"]]
+    assert losses[CLIP_STEP] > 100 * max(v for i, v in enumerate(losses)
+                                         if i not in SKIP_STEPS and i != CLIP_STEP)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
