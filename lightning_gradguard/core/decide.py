@@ -51,8 +51,8 @@ Why a backoff needs evidence (the rules and their mechanisms):
 * **A run whose loss keeps falling is not backed off for spikes, growth or cap hits.** A
   gradient norm also rises while a model fits large targets or a zero-initialised head
   grows, and a z-score threshold lags that trend until clipping is the rule; an unstable run
-  does not learn. So while the loss's recent mean is below its longer mean and below the
-  run's first loss (:class:`~lightning_gradguard.core.progress.LossTrend`,
+  does not learn. So while the median of the last 10 losses is below the median of the
+  last 50 and below the run's first loss (:class:`~lightning_gradguard.core.progress.LossTrend`,
   ``loss_improving``) the steps are clipped and the count restarts. Non-finite steps are
   judged without it, and so is a run that gives no loss.
 
@@ -107,9 +107,9 @@ class GuardState:
         growth_fires: The growth detector fires on this step's norm.
         lr_scale: The LR backoff scale before this step (below 1: backed off, not yet
             recovered).
-        loss_improving: The recent mean of the loss is below its longer mean and below the
-            run's first loss (see :class:`~lightning_gradguard.core.progress.LossTrend`): the
-            run is learning.
+        loss_improving: The median of the last 10 losses is below the median of the last 50
+            and below the run's first loss (see
+            :class:`~lightning_gradguard.core.progress.LossTrend`): the run is learning.
     """
 
     streaks: Streaks = field(default_factory=Streaks)

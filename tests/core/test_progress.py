@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-from lightning_gradguard.core.progress import LONG_DECAY, RECENT_DECAY, LossTrend
+from lightning_gradguard.core.progress import LONG, RECENT, LossTrend
 
 NAN = float("nan")
 
@@ -19,8 +18,8 @@ def fed(losses: list[float]) -> LossTrend:
     return t
 
 
-def test_decays_are_a_recent_and_a_longer_mean() -> None:
-    assert 0.0 < RECENT_DECAY < LONG_DECAY < 1.0
+def test_windows() -> None:
+    assert (RECENT, LONG) == (10, 50)  # about the last 10 steps; the default spike_window
 
 
 def test_nothing_counts_as_improving_before_a_loss() -> None:
@@ -30,19 +29,23 @@ def test_nothing_counts_as_improving_before_a_loss() -> None:
     t.update(None)
     assert not t.improving
     assert math.isnan(t.first)
+    assert math.isnan(t.recent)
+    assert math.isnan(t.long)
 
 
-def test_over_the_first_steps_both_means_are_equal() -> None:
-    # exact running means until the recent decay takes over: a falling loss is not yet
-    # "improving", so an explosion at the very start is judged as without the trend
-    t = fed([10.0 - k for k in range(10)])
-    assert t.recent.mean == pytest.approx(t.long.mean)
+def test_over_the_first_steps_both_windows_are_the_same() -> None:
+    # a falling loss is not yet "improving" while both windows hold the same losses, so an
+    # explosion at the very start is judged as without the trend
+    t = fed([10.0 - k for k in range(RECENT)])
+    assert t.recent == t.long == 5.5
     assert not t.improving
+    t.update(0.0)
+    assert t.improving  # the 11th loss: the windows differ
 
 
 def test_a_falling_loss_is_improving() -> None:
     t = fed([10.0 - 0.1 * k for k in range(40)])
-    assert t.recent.mean < t.long.mean < t.first
+    assert t.recent < t.long < t.first
     assert t.improving
 
 
@@ -54,13 +57,45 @@ def test_a_flat_loss_is_not() -> None:
     assert not fed([3.0] * 40).improving
 
 
+def test_the_windows_hold_the_latest_losses() -> None:
+    t = fed([float(k) for k in range(100)])
+    assert t.losses == [float(k) for k in range(50, 100)]
+    assert t.recent == 94.5
+    assert t.long == 74.5
+    assert t.first == 0.0
+
+
+def test_one_outlier_batch_is_not_a_trend() -> None:
+    # a loss x1e6 on one corrupt batch: both medians barely move and the run still learns
+    losses = [10.0 - 0.1 * k for k in range(40)]
+    spiked = [*losses[:30], 1e7, *losses[30:]]
+    t = fed(spiked)
+    assert t.improving
+    for k in range(1, RECENT):  # at every step after it
+        assert fed(spiked[:31 + k]).improving
+
+
+def test_a_rising_loss_ends_improving_once_most_recent_losses_are_above() -> None:
+    # improving for 30 steps, then the loss climbs by 1 a step: no longer improving as soon
+    # as more than half of the recent window lies above the longer median (here 7 steps)
+    losses = [10.0 - 0.1 * k for k in range(30)]
+    rising = [losses[-1] + 1.0 * (k + 1) for k in range(RECENT)]
+    states = []
+    for k in range(RECENT + 1):
+        t = fed(losses + rising[:k])
+        above = sum(v > t.long for v in t.losses[-RECENT:])
+        states.append(t.improving)
+        if above > RECENT // 2:
+            assert not t.improving, k
+    assert states == [True] * 7 + [False] * 4
+
+
 def test_falling_back_after_an_excursion_is_not_improving() -> None:
-    # an instability drove the loss from 2 to 50; as it falls back the recent mean is below
-    # the inflated longer mean, but still above where the run started
-    losses = [2.0] * 20 + [50.0] * 10 + [10.0] * 20
-    t = fed(losses)
-    assert t.recent.mean < t.long.mean
-    assert t.recent.mean > t.first == 2.0
+    # an instability drove the loss from 2 to 50; as it falls back the recent median is below
+    # the inflated longer median, but still above where the run started
+    t = fed([2.0] * 10 + [50.0] * 30 + [10.0] * 10)
+    assert t.recent < t.long
+    assert t.recent > t.first == 2.0
     assert not t.improving
 
 
@@ -73,8 +108,7 @@ def test_non_finite_losses_are_ignored() -> None:
 
 
 def test_a_first_non_finite_loss_is_not_the_first_loss() -> None:
-    t = fed([NAN, 5.0, 4.0])
-    assert t.first == 5.0
+    assert fed([NAN, 5.0, 4.0]).first == 5.0
 
 
 def test_tensor_losses() -> None:
@@ -90,11 +124,13 @@ def test_state_dict_round_trip() -> None:
     dst.load_state_dict(src.state_dict())
     assert dst.state_dict() == src.state_dict()
     assert dst.first == 10.0
-    for k in range(25, 40):
+    for k in range(25, 80):
         src.update(10.0 - 0.1 * k)
         dst.update(10.0 - 0.1 * k)
         assert dst.improving == src.improving
     assert dst.state_dict() == src.state_dict()
+    src.update(1.0)
+    assert dst.losses != src.losses  # the loaded state is a copy
 
 
 def test_reset_forgets_the_run() -> None:
@@ -102,4 +138,4 @@ def test_reset_forgets_the_run() -> None:
     t.reset()
     assert not t.improving
     assert math.isnan(t.first)
-    assert t.recent.count == t.long.count == 0
+    assert t.losses == []
