@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -160,3 +161,53 @@ def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert len(nonfinite.steps) == table["no_guard"]["nonfinite_steps"]
     legend = [t.get_text() for t in panels["no_guard"].axes[0].get_legend().get_texts()]
     assert nonfinite.label in legend
+
+
+def test_demo_prints_the_guarded_runs_diagnosis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """"Why did it explode?" is the guarded run's diagnosis, never the unguarded run's
+    (the demo's two results come in the order: no guard, GradGuard())."""
+    import lightning_gradguard.demo as demo
+    from lightning_gradguard.demo import DemoResult
+
+    vdir = tmp_path / "runs" / "rnn" / "version_0"
+    unguarded = DemoResult("no guard", 12, math.nan, math.nan, 12, 0, 0, 0,
+                           str(vdir / "no_guard"), 1.0,
+                           diagnosis=({"cause": "init_too_large", "evidence": "unguarded",
+                                       "remedy": "not this one"},))
+    guarded = DemoResult("GradGuard()", 12, 0.5, 0.6, 3, 3, 4, 1, str(vdir / "gradguard"), 1.0,
+                         lr_scale=0.5,
+                         diagnosis=({"cause": "recurrent_weights", "evidence": "spectral "
+                                     "radius 1.9", "remedy": "orthogonal init"},
+                                    {"cause": "lr_too_high", "evidence": "12 % per step",
+                                     "remedy": "lower the LR"}))
+    results = [unguarded, guarded]
+    calls: list[tuple[str, int]] = []
+
+    def fake_run_demo(model: str, steps: int, logdir: str,
+                      progress: bool = True) -> list[DemoResult]:
+        calls.append((model, steps))
+        return results
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--model", "rnn", "--steps", "12", "--logdir",
+                 str(tmp_path / "runs"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [("rnn", 12)]
+    assert demo.format_diagnosis(guarded) in out
+    why = out.split("Why did it explode?")[1].split("Logs:")[0]
+    assert "1. recurrent_weights: spectral radius 1.9" in why
+    assert "2. lr_too_high: 12 % per step" in why
+    assert "init_too_large" not in out
+    lines = out.splitlines()
+    assert f"Logs: {vdir}" in lines
+    assert f"  gradguard report {vdir}" in lines
+
+    # a guarded run without a diagnosis prints no such section, whatever the other run had
+    results[1] = DemoResult("GradGuard()", 12, 0.5, 0.6, 0, 0, 4, 0, str(vdir / "gradguard"),
+                            1.0)
+    assert main(["demo", "--steps", "12", "--logdir", str(tmp_path / "runs"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Why did it explode?" not in out
+    assert "init_too_large" not in out

@@ -377,3 +377,46 @@ def test_runs_without_tags_are_named_not_dropped(logdir: Path, tmp_path: Path,
     assert "guarded: GradGuard, counters as of step" in out
     assert "1 run has no gradguard/ tags (not drawn): plain" in out
     assert [r.name for r in scan_logdir(root).runs] == ["guarded"]
+
+
+def test_diagnosis_is_the_latest_diagnosis_text(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A run whose ``gradguard/events`` hold several diagnoses (pre-flight, first backoff,
+    halt; then a rollback text without causes): the report names the latest diagnosis."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard.callbacks.guard import _md_causes
+    from lightning_gradguard.core.diagnosis import Cause
+    from lightning_gradguard.core.messages import causes_text
+
+    init = Cause("init_too_large", "weights 3x He", "use He init")
+    lr = Cause("lr_too_high", "40 % per step", "lower the LR")
+    data = Cause("data_nonfinite", "NaN in the batch", "clean the data")
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step in range(16):
+        w.add_scalar("gradguard/lr_scale", 1.0, step)
+        w.add_scalar("gradguard/skipped_steps", float(max(0, step - 9)), step)
+    w.add_text("gradguard/events", "**pre-flight**\n\nGradGuard: step 0: the first step's "
+               "evidence already says this run is likely to explode:\n" + causes_text([init]),
+               0)
+    w.add_text("gradguard/events", "**diagnosis at the first backoff** (step 5)\n\n"
+               + _md_causes([lr, init]), 5)
+    w.add_text("gradguard/events", "**halt** — GradGuard halted training: 3 consecutive "
+               "non-finite steps.\nLikely causes, most likely first:\n"
+               + causes_text([data, lr]), 12)
+    w.add_text("gradguard/events", "GradGuard: restored the last good snapshot (step 8) "
+               "after 3 consecutive non-finite steps", 14)
+    w.close()
+    (run,) = load_runs(tmp_path)
+    assert [s for s, _ in run.texts] == [0, 5, 12, 14]
+    assert run.diagnosis == (12, ["data_nonfinite", "lr_too_high"])
+    line = "  diagnosis (step 12, most likely first): data_nonfinite, lr_too_high"
+    assert line in summarize(run).splitlines()
+    import matplotlib.pyplot as plt
+
+    drawing = draw_report([run])
+    plt.close(drawing.figure)
+    assert drawing.notes == ["run: diagnosis at step 12, most likely first: data_nonfinite, "
+                             "lr_too_high"]
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.png")]) == 0
+    assert line in capsys.readouterr().out.splitlines()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardHalt
 from lightning_gradguard.testing import Fault, FaultInjector
 
-from ._helpers import TinyModule, all_finite, fit
+from ._helpers import TinyModule, TwoNetManual, all_finite, fit, params_of
 
 K, HALT_AFTER, MAX_STEPS = 10, 5, 60
 CKPT_NAME = "gradguard_last_good.ckpt"
@@ -109,4 +112,68 @@ def test_halt_with_nonfinite_weights_restores_snapshot_before_saving(tmp_path: P
     assert guard.summary()["halted"]
     raw = torch.load(tmp_path / CKPT_NAME, weights_only=False)
     assert all(bool(torch.isfinite(v).all()) for v in raw["state_dict"].values())
+    assert all_finite(module)
+
+
+class _WeightsPerBatch(Callback):
+    """The parameters of ``net`` at the end of every training batch, keyed by the
+    ``global_step`` reached (with two optimizers it advances by two per batch)."""
+
+    def __init__(self, net: str) -> None:
+        self.net = net
+        self.at: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.at[trainer.global_step] = params_of(getattr(pl_module, self.net))
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_halt_under_min_steps_freezes_every_optimizer(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Manual optimization, two optimizers: the generator's gradients are NaN at its steps
+    4, 6 and 8 (global steps; the discriminator steps at the odd ones and stays healthy),
+    so the guard halts after the batch that ends at global step 10. ``min_steps`` keeps the
+    run going: every remaining step of *both* optimizers must be skipped."""
+    gen, disc = _WeightsPerBatch("gen"), _WeightsPerBatch("disc")
+    guard = GradGuard(halt_after=3)
+    faults = FaultInjector([Fault(s, params="gen.*") for s in (4, 6, 8)])
+    with caplog.at_level(logging.ERROR, logger="lightning_gradguard"):
+        trainer = fit(TwoNetManual(), 30, [faults, guard, gen, disc], min_steps=30,
+                      default_root_dir=tmp_path)
+    assert faults.injected == [(4, "grad", "nan"), (6, "grad", "nan"), (8, "grad", "nan")]
+    assert trainer.global_step == 30  # Lightning keeps going until min_steps
+    errors = [r.getMessage() for r in caplog.records
+              if r.name == "lightning_gradguard" and r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "min_steps=30" in errors[0]
+    assert guard.summary()["halted"]
+    # both nets trained before the halt (the discriminator up to its last step)...
+    assert not _same(disc.at[2], disc.at[10])
+    assert not _same(gen.at[2], gen.at[4])
+    # ...and neither moved after it, whichever optimizer
+    for net in (gen, disc):
+        assert sorted(net.at) == list(range(2, 31, 2))
+        for step in range(12, 31, 2):
+            assert _same(net.at[step], net.at[10]), (net.net, step)
+
+
+def test_reused_guard_after_a_halt_guards_the_next_fit(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A halted fit leaves nothing behind: the same instance guards (and trains) the next."""
+    guard, _ = _halted_run(tmp_path, caplog)
+    assert guard.summary()["halted"]
+    module = TinyModule()
+    start = params_of(module)
+    trainer = fit(module, 10, [guard], default_root_dir=tmp_path)
+    assert trainer.global_step == 10
+    s = guard.summary()
+    assert s["steps"] == 10
+    assert s["halted"] is False
+    assert s["skipped_steps"] == 0
+    assert guard.last_reports[0].step == 9
+    assert not _same(start, params_of(module))  # the weights moved
     assert all_finite(module)

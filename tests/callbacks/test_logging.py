@@ -129,6 +129,20 @@ def test_progress_bar_shows_skips_clips_and_lr_scale(tmp_path: Path) -> None:
     assert not any(k.startswith("gg_") for m in logged for k in m)  # never sent to loggers
 
 
+def test_progress_bar_lr_scale_is_the_smallest_of_the_optimizers() -> None:
+    """Two optimizers, only the second backs off: ``gg_lr`` shows its scale, not the
+    first one's 1.0 (global step 7 is the discriminator's step of batch 3)."""
+    seen = _BarSeen()
+    guard = GradGuard(nonfinite_window=0)
+    fit(TwoNetManual(), 12, [FaultInjector([Fault(7, params="disc.*")]), guard, seen],
+        enable_progress_bar=True)
+    assert [c.backoff.scale < 1.0 for c in guard._cores.values()] == [False, True]
+    assert "gg_lr" not in seen.seen[2]
+    assert seen.seen[3]["gg_skip"] == 1.0
+    assert seen.seen[3]["gg_lr"] == 0.5
+    assert seen.seen[-1]["gg_lr"] == round(guard._cores[1].backoff.scale, 2) < 1.0
+
+
 def test_progress_bar_opt_out() -> None:
     seen = _BarSeen()
     fit(TinyModule(), 5, [FaultInjector([Fault(2)]), GradGuard(progress_bar=False), seen],

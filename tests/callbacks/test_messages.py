@@ -60,6 +60,23 @@ def test_end_of_fit_line_names_the_lr_scale_and_backoff_notices_are_rate_limited
     assert len(lines) == 2
 
 
+def test_backoff_notices_exactly_the_rate_limit_apart_are_both_shown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """At most one notice per 50 steps: step 51 (49 after the first notice) is held and
+    counted in the next one; step 52, 50 steps after it, is shown."""
+    faults = FaultInjector([Fault(s, kind="nan", target="loss") for s in (2, 51, 52)])
+    guard = GradGuard(nonfinite_window=0, diagnose=False)
+    with caplog.at_level(logging.INFO, logger="lightning_gradguard"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(TinyModule(), 54, [faults, guard])
+    assert guard.summary()["lr_backoffs"] == 3
+    notices = [line.removeprefix("GradGuard: ").split(": LR now")[0]
+               for line in _lines(caplog) if "LR backoff #" in line]
+    assert notices == ["step 2: LR backoff #1 (non-finite step)",
+                       "step 52: LR backoff #3 (non-finite step; 1 more since the last notice)"]
+
+
 def test_verbose_false_prints_nothing(caplog: pytest.LogCaptureFixture) -> None:
     faults = FaultInjector([Fault(s, kind="nan", target="loss") for s in range(3, 9)])
     guard = GradGuard(halt_after=0, verbose=False, clip=FixedNormClip(1e-3))

@@ -293,3 +293,30 @@ def test_no_logger_nothing_breaks() -> None:
     trainer, _ = _fit([before, GradientMonitor(log_histograms=True), after], steps=6)
     assert trainer.global_step == 6
     assert all(after.unchanged.values())
+
+
+@pytest.mark.parametrize("norm_type", [1.0, math.inf])
+def test_logged_norms_follow_norm_type(norm_type: float) -> None:
+    """The total, per-module and maximum norms are of the requested type (not the 2-norm),
+    compared with an independent norm of the gradients the monitor saw."""
+    rec = RecordingLogger()
+    before = Before()
+    _fit([before, GradientMonitor(norm_type=norm_type)], logger=rec, steps=6)
+    logged = rec.gradguard()
+    assert sorted(logged) == [0, 5]
+
+    def norm(grads: list[torch.Tensor]) -> float:
+        flat = torch.cat([g.reshape(-1).double() for g in grads])
+        return float(torch.linalg.vector_norm(flat, norm_type))
+
+    names = [n for n, p in Tiny().named_parameters()]  # the order of ``before.grads``
+    for step, m in logged.items():
+        grads = before.grads[step]
+        total = norm(grads)
+        assert total != pytest.approx(before.total[step], rel=1e-3)  # not the 2-norm
+        assert m["gradguard/grad_norm"] == pytest.approx(total, rel=1e-5)
+        for layer in ("net.0", "net.2"):
+            mine = [g for n, g in zip(names, grads, strict=True) if n.startswith(layer + ".")]
+            assert m[f"gradguard/layer_norm/{layer}"] == pytest.approx(norm(mine), rel=1e-5)
+    window = [norm(before.grads[s]) for s in range(1, 6)]
+    assert logged[5]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)

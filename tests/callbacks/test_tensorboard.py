@@ -244,6 +244,31 @@ def test_skipped_step_between_intervals_is_logged_at_its_step(tb_run: TBRun) -> 
     assert NAN_STEP not in tb_run.scalars("gradguard/grad_norm_clipped")
 
 
+def test_plain_skip_between_intervals_is_logged_with_default_settings(tmp_path: Path) -> None:
+    """``GradGuard()`` as shipped (``nonfinite_window=50``): an isolated NaN step is a plain
+    skip, not a backoff, and still gets its own entry in the event file (the fixture above
+    uses ``nonfinite_window=0``, where the same step is also a backoff)."""
+    guard = GradGuard()
+    after = AfterGuard(guard)
+    trainer = _fit(TensorBoardLogger(str(tmp_path)),
+                   [FaultInjector([Fault(step=NAN_STEP, kind="nan")]), guard, after])
+    report = after.reports[NAN_STEP]
+    assert report.action is Action.SKIP
+    assert not report.backoff
+    assert trainer.logger is not None
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={SCALARS: 0})
+    acc.Reload()
+
+    def scalars(tag: str) -> dict[int, float]:
+        return {e.step: e.value for e in acc.Scalars(tag)}
+
+    assert set(scalars("gradguard/skipped_steps")) == LOGGED | {NAN_STEP}
+    assert scalars("gradguard/skipped_steps") == {0: 0.0, 5: 0.0, NAN_STEP: 1.0, 10: 1.0}
+    assert scalars("gradguard/nonfinite_steps")[NAN_STEP] == 1.0
+    assert scalars("gradguard/lr_backoffs")[NAN_STEP] == 0.0
+    assert scalars("gradguard/lr_scale")[NAN_STEP] == 1.0
+
+
 def test_counters_match_the_per_step_reports(tb_run: TBRun) -> None:
     for step in EXPECTED_STEPS:
         expected = _expected_counters(tb_run.after.reports, step)

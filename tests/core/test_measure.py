@@ -139,3 +139,19 @@ def test_measurement_is_immutable() -> None:
         m.grad_norm = 5.0  # type: ignore[misc]
     assert m._replace(grad_norm=5.0).grad_norm == 5.0
     assert m.grad_norm == 1.0
+
+
+def test_host_values_two_vectors_in_one_transfer_each_from_its_offset() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("a", torch.tensor(1.0))
+    values.add("b", torch.tensor(2.0, dtype=torch.float64))
+    values.add_vector("u", torch.tensor([10.0, 11.0, 12.0]))
+    values.add_vector("v", torch.tensor([[20.0, 21.0], [22.0, 23.0]], dtype=torch.float16))
+    values.add_vector("w", torch.tensor([30.0]))
+    reset_host_reads()
+    assert values.read() == {"a": 1.0, "b": 2.0}
+    assert host_reads() == 1
+    assert values.vectors == {"u": [10.0, 11.0, 12.0], "v": [20.0, 21.0, 22.0, 23.0],
+                              "w": [30.0]}
+    with pytest.raises(ValueError, match="`name` must be new, got 'u'"):
+        values.add_vector("u", torch.tensor([1.0]))
