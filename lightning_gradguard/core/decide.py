@@ -53,8 +53,10 @@ Why a backoff needs evidence (the rules and their mechanisms):
   grows, and a z-score threshold lags that trend until clipping is the rule; an unstable run
   does not learn. So while the median of the last 10 losses is below the median of the
   last 50 and below the run's first loss (:class:`~lightning_gradguard.core.progress.LossTrend`,
-  ``loss_improving``) the steps are clipped and the count restarts. Non-finite steps are
-  judged without it, and so is a run that gives no loss.
+  ``loss_improving``) the steps are clipped and the count restarts. This holds only at the
+  full LR (``lr_scale`` 1): while the LR is backed off, a falling loss is the backoff's doing,
+  not proof that the full LR is safe, and spikes that return are answered as in (c).
+  Non-finite steps are judged without it, and so is a run that gives no loss.
 
 Example:
     >>> from lightning_gradguard.core.measure import Measurement
@@ -284,8 +286,10 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     streaks = state.streaks.on_finite(m.step, clipped=action is Action.CLIP)
     triggered = _backoff_due(window, grew, s)
     # without evidence that the LR is too high the clip has answered it: the count restarts;
-    # a loss that keeps falling shows a run that learns, whatever its gradient does
-    backoff = (triggered and not state.loss_improving
+    # a loss that keeps falling at the full LR shows a run that learns, whatever its gradient
+    # does (once backed off, a falling loss is the backoff's doing: the gate is off)
+    learning = state.loss_improving and state.lr_scale >= 1.0
+    backoff = (triggered and not learning
                and _lr_too_high(capped, streaks.clipped, state.lr_scale))
     return Decision(
         "finite", action, streaks, () if triggered else window, threshold,

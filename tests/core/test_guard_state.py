@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lightning_gradguard.core import GuardCore, LossTrend, Streaks
+from lightning_gradguard.core import FixedNormClip, GuardCore, LossTrend, Streaks
 from lightning_gradguard.core.decide import Decision
 from lightning_gradguard.core.guard import StepReport
 from lightning_gradguard.core.measure import Measurement
@@ -128,17 +128,15 @@ def test_round_trip_keeps_the_loss_trend() -> None:
 
 
 def _growing(losses: list[float] | None, steps: int = 40) -> list[int]:
-    """Steps backed off for a gradient that grows 20 % a step, with an SGD LR already
-    backed off by an isolated non-finite step (evidence (c)); the loss as given."""
+    """Steps backed off for a gradient that is flat for 15 steps, then grows 20 % a step,
+    every step clipped (evidence (b)); the loss as given."""
     p = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([p], lr=1e-3)
-    guard = GuardCore([p], opt, growth_patience=5, spike_patience=0, max_update_ratio=None,
-                      nonfinite_window=0)
-    p.grad = torch.full((4,), math.nan)
-    assert guard.step().backoff
+    guard = GuardCore([p], opt, clip=FixedNormClip(1e-3), growth_patience=5,
+                      spike_patience=0, max_update_ratio=None)
     backoffs = []
     for t in range(steps):
-        p.grad = torch.full((4,), 1.2**t)
+        p.grad = torch.full((4,), 1.2 ** max(t - 15, 0))
         loss = None if losses is None else torch.tensor(losses[t])
         if guard.step(loss).backoff:
             backoffs.append(t)
@@ -146,11 +144,27 @@ def _growing(losses: list[float] | None, steps: int = 40) -> list[int]:
     return backoffs
 
 
-def test_a_falling_loss_rules_out_growth_backoffs() -> None:
-    # the same growing gradient: with a loss that keeps falling no growth backoff once the
-    # trend shows (a step is judged on the losses before it; up to 10 of them both means
-    # are equal, so steps 0-10 are judged as without a loss)
+def test_a_falling_loss_rules_out_growth_backoffs_at_the_full_lr() -> None:
+    # the same growing gradient, every step clipped: with a loss that keeps falling no growth
+    # backoff (the trend shows from the 11th loss on, before the growth starts)
     falling = _growing([20.0 - 0.4 * t for t in range(40)])
     rising = _growing([1.0 + 0.4 * t for t in range(40)])
-    assert rising == _growing(None) == [5, 10, 15, 20, 25, 30, 35]
-    assert falling == [5, 10]
+    assert rising == _growing(None) == [20, 25, 30, 35]
+    assert falling == []
+
+
+def test_once_backed_off_a_falling_loss_does_not_stop_a_backoff() -> None:
+    # the LR backed off by a repeated non-finite step: spikes that return while it recovers
+    # are answered (evidence (c)), however the loss goes
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=1e-3)
+    guard = GuardCore([p], opt, growth_patience=0, spike_patience=3, max_update_ratio=None,
+                      nonfinite_window=0)
+    backoffs = []
+    for t in range(40):
+        p.grad = torch.full((4,), math.nan if t == 12 else 1e4 if t in (30, 32, 34) else 1.0)
+        if guard.step(torch.tensor(20.0 - 0.4 * t)).backoff:
+            backoffs.append(t)
+        opt.step()
+    assert guard.loss_trend.improving
+    assert backoffs == [12, 34]
