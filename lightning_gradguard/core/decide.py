@@ -48,14 +48,17 @@ Why a backoff needs evidence (the rules and their mechanisms):
   or (c) the LR is already backed off (``lr_scale < 1``): spikes that return while it
   recovers are that instability returning. Without any of these the step is clipped and
   the spike count restarts.
-* **A run whose loss keeps falling is not backed off for spikes, growth or cap hits.** A
+* **A run whose loss keeps falling is not backed off because clipping became the rule.** A
   gradient norm also rises while a model fits large targets or a zero-initialised head
-  grows, and a z-score threshold lags that trend until clipping is the rule; an unstable run
-  does not learn. So while the median of the last 10 losses is below the median of the
-  last 50 and below the run's first loss (:class:`~lightning_gradguard.core.progress.LossTrend`,
-  ``loss_improving``) the steps are clipped and the count restarts. This holds only at the
-  full LR (``lr_scale`` 1): while the LR is backed off, a falling loss is the backoff's doing,
-  not proof that the full LR is safe, and spikes that return are answered as in (c).
+  grows, and a z-score threshold lags that trend until clipping is the rule (evidence (b));
+  an unstable run does not learn. So while the median of the last 10 losses is below the
+  median of the last 50 and below the run's first loss
+  (:class:`~lightning_gradguard.core.progress.LossTrend`, ``loss_improving``) (b) does not
+  count: the steps are clipped and the count restarts. An
+  update clipped by the armed update cap (a) still counts — it measures the LR against the
+  weights directly and does not lag. This holds only at the full LR (``lr_scale`` 1): while
+  the LR is backed off, a falling loss is the backoff's doing, not proof that the full LR is
+  safe, and spikes that return are answered as in (c).
   Non-finite steps are judged without it, and so is a run that gives no loss.
 
 Example:
@@ -285,12 +288,13 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
         window = tuple([t for t in window if t > oldest])
     streaks = state.streaks.on_finite(m.step, clipped=action is Action.CLIP)
     triggered = _backoff_due(window, grew, s)
-    # without evidence that the LR is too high the clip has answered it: the count restarts;
-    # a loss that keeps falling at the full LR shows a run that learns, whatever its gradient
-    # does (once backed off, a falling loss is the backoff's doing: the gate is off)
+    # without evidence that the LR is too high the clip has answered it: the count restarts.
+    # A loss that keeps falling at the full LR shows that clipping became the rule because
+    # the threshold lags a rising norm of a run that learns: only a capped update counts then
+    # (once backed off, a falling loss is the backoff's doing: (c) counts as always)
     learning = state.loss_improving and state.lr_scale >= 1.0
-    backoff = (triggered and not learning
-               and _lr_too_high(capped, streaks.clipped, state.lr_scale))
+    backoff = triggered and (capped if learning
+                             else _lr_too_high(capped, streaks.clipped, state.lr_scale))
     return Decision(
         "finite", action, streaks, () if triggered else window, threshold,
         clipped, scales=scales, observe=True, spike=spike, growth=grew,
