@@ -177,3 +177,61 @@ def test_multiple_optimizers() -> None:
     assert_opt_state_equal(opt_a.state_dict(), ref_a)
     assert_opt_state_equal(opt_b.state_dict(), ref_b)
     assert_params_equal([p.detach() for p in model.parameters()], params)
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def test_copies_are_kept_on_the_snapshot_device() -> None:
+    # "meta": a second device on a CPU-only machine; every copy, model and optimizer state
+    # (nested dicts of tensors), is made there, by capture and by load_state_dict alike
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    _train(model, opt, 1)
+    snap = Snapshot(device="meta")
+    assert snap.device == torch.device("meta")
+    snap.capture(model, [opt], step=1)
+    held = _tensors(snap.state_dict())
+    assert len(held) == len(model.state_dict()) + 3 * len(list(model.parameters()))
+    assert {t.device.type for t in held} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}  # the model is untouched
+    cpu = Snapshot()
+    cpu.capture(model, [opt], step=1)
+    other = Snapshot(device="meta")
+    other.load_state_dict(cpu.state_dict())
+    assert {t.device.type for t in _tensors(other.state_dict())} == {"meta"}
+
+
+def test_a_state_with_a_step_but_no_model_is_no_snapshot() -> None:
+    snap = Snapshot()
+    snap.load_state_dict({"step": 5, "model": {}, "optim": []})
+    assert not snap.available
+    with pytest.raises(RuntimeError, match=r"^no snapshot to restore: none was captured yet$"):
+        snap.restore(_model(), [])
+
+
+def test_a_mismatch_is_refused_with_a_message_and_nothing_restored() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, opt, 1)
+    snap = Snapshot()
+    snap.capture(model, [opt], step=1)
+    _train(model, opt, 1, seed=3)
+    before = _module_state(model)
+    with pytest.raises(RuntimeError, match=r"^the snapshot holds 1 optimizer states but 2 "
+                                           r"optimizers were given; nothing was restored$"):
+        snap.restore(model, [opt, opt])
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(RuntimeError, match=r"^the snapshot of optimizer 0 has param groups of "
+                                           r"sizes \[6\] but the optimizer now has \[6, 1\] "
+                                           r"\(param groups were added after it was taken\); "
+                                           r"nothing was restored$"):
+        snap.restore(model, [opt])
+    _assert_module_state(model, before)
