@@ -54,12 +54,12 @@ Why a backoff needs evidence (the rules and their mechanisms):
   an unstable run does not learn. So while the median of the last 10 losses is below the
   median of the last 50 and below the run's first loss
   (:class:`~lightning_gradguard.core.progress.LossTrend`, ``loss_improving``) (b) does not
-  count: the steps are clipped and the count restarts. An
-  update clipped by the armed update cap (a) still counts — it measures the LR against the
-  weights directly and does not lag. This holds only at the full LR (``lr_scale`` 1): while
-  the LR is backed off, a falling loss is the backoff's doing, not proof that the full LR is
-  safe, and spikes that return are answered as in (c).
-  Non-finite steps are judged without it, and so is a run that gives no loss.
+  count: the steps are clipped and the count restarts. An update clipped by the armed update
+  cap (a) still counts — it measures the LR against the weights directly and does not lag.
+  This holds only at the full LR (``lr_scale`` 1): while the LR is backed off, a falling
+  loss is the backoff's doing, not proof that the full LR is safe, and spikes that return
+  are answered as in (c). Non-finite steps are judged without it, and so is a run that
+  gives no loss.
 
 Example:
     >>> from lightning_gradguard.core.measure import Measurement
