@@ -274,3 +274,217 @@ def test_grads_not_modified() -> None:
     grad_norms(grads)
     for a, b in zip(grads, before, strict=True):
         assert torch.equal(a, b)
+
+
+# --- Sharded (DTensor) gradients, without a process group ------------------------------------
+# A stand-in DTensor class (``_dtensor_type`` patched) and a stand-in ``dist.all_reduce`` that
+# adds (SUM) or takes the larger of (MAX, dropping NaN as a real MAX all-reduce may) what the
+# other ranks of each process group hold, so the reduction over each mesh dimension is checked
+# by exact values, with the real placements of torch.distributed.tensor.
+
+
+class _Group:
+    def __init__(self, name: str, remote: float) -> None:
+        self.name, self.remote = name, remote
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _Mesh:
+    def __init__(self, *groups: _Group) -> None:
+        self.groups = groups
+
+    def get_group(self, dim: int) -> _Group:
+        return self.groups[dim]
+
+
+class _FakeDTensor:
+    def __init__(self, local: torch.Tensor, placements: tuple, mesh: _Mesh) -> None:
+        self._local_tensor, self.placements, self.device_mesh = local, placements, mesh
+        self.redistributed: list[tuple] = []
+
+    def redistribute(self, mesh: _Mesh, placements: tuple) -> _FakeDTensor:
+        assert mesh is self.device_mesh
+        self.redistributed.append(placements)
+        # two ranks hold equal summands: the replicated value is twice the local one
+        return _FakeDTensor(self._local_tensor * 2, placements, mesh)
+
+
+class _AllReduce:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, list[float]]] = []
+
+    def __call__(self, t: torch.Tensor, op: object, group: _Group) -> None:
+        import torch.distributed as dist
+
+        self.calls.append((group.name, "sum" if op == dist.ReduceOp.SUM else "max", t.tolist()))
+        remote = torch.full_like(t, group.remote)
+        if op == dist.ReduceOp.SUM:
+            t.add_(remote)
+        else:
+            t.copy_(torch.fmax(t, remote))
+
+
+@pytest.fixture
+def sharded(monkeypatch: pytest.MonkeyPatch) -> _AllReduce:
+    import torch.distributed as dist
+
+    from lightning_gradguard.core import norms
+
+    reduce = _AllReduce()
+    monkeypatch.setattr(norms, "_dtensor_type", lambda: _FakeDTensor)
+    monkeypatch.setattr(dist, "all_reduce", reduce)
+    return reduce
+
+
+def _placements() -> tuple:
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return Shard(0), Replicate(), Partial()
+
+
+def test_dtensor_sum_reduced_once_per_shard_group(sharded: _AllReduce) -> None:
+    shard, rep, _ = _placements()
+    g0 = _Group("g0", remote=11.0)
+    mesh = _Mesh(g0)
+    grads = [
+        _FakeDTensor(torch.tensor([3.0, 4.0]), (shard,), mesh),  # norm 5: partial 25 (+11)
+        torch.tensor([1.0, 2.0]),  # plain tensor: 5, not reduced
+        _FakeDTensor(torch.tensor([2.0]), (rep,), mesh),  # replicated: 4, not reduced
+        _FakeDTensor(torch.tensor([0.0, 3.0]), (shard,), mesh),  # 9, with the first shard
+    ]
+    out = grad_norms(grads, 2.0)  # type: ignore[arg-type]
+    assert sharded.calls == [("g0", "sum", [34.0])]
+    assert out.total.item() == pytest.approx(math.sqrt(34.0 + 11.0 + 5.0 + 4.0), rel=1e-6)
+    assert out.per_tensor is not None
+    assert out.per_tensor.tolist() == pytest.approx([5.0, math.sqrt(5.0), 2.0, 3.0])
+    assert out.norm_type == 2.0
+
+
+def test_dtensor_p1_partial_statistic_is_the_sum_of_norms(sharded: _AllReduce) -> None:
+    shard, _, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=4.0))
+    grads = [_FakeDTensor(torch.tensor([3.0, -4.0]), (shard,), mesh), torch.tensor([-2.0])]
+    out = grad_norms(grads, 1.0)  # type: ignore[arg-type]
+    assert sharded.calls == [("g0", "sum", [7.0])]
+    assert out.total.item() == 7.0 + 4.0 + 2.0
+
+
+def test_dtensor_two_mesh_dimensions_each_group_reduced(sharded: _AllReduce) -> None:
+    shard, rep, _ = _placements()
+    ga, gb = _Group("ga", remote=100.0), _Group("gb", remote=1000.0)
+    mesh = _Mesh(ga, gb)
+    grads = [
+        _FakeDTensor(torch.tensor([1.0]), (rep, shard), mesh),  # over gb only: 1
+        _FakeDTensor(torch.tensor([2.0]), (shard, shard), mesh),  # over ga and gb: 4
+        _FakeDTensor(torch.tensor([3.0]), (shard, rep), mesh),  # over ga only: 9
+        torch.tensor([4.0]),  # plain: 16
+        _FakeDTensor(torch.tensor([5.0]), (shard, shard), mesh),  # with the second: 25
+    ]
+    out = grad_norms(grads, 2.0)  # type: ignore[arg-type]
+    # statistics in first-seen order: (gb,) 1, (ga, gb) 29, (ga,) 9, () 16;
+    # groups in first-seen order gb, ga; each all-reduce carries the statistics it spans
+    assert sharded.calls == [("gb", "sum", [1.0, 29.0]), ("ga", "sum", [29.0 + 1000.0, 9.0])]
+    expected = (1.0 + 1000.0) + (29.0 + 1000.0 + 100.0) + (9.0 + 100.0) + 16.0
+    assert out.total.item() == pytest.approx(math.sqrt(expected), rel=1e-6)
+
+
+def test_dtensor_inf_norm_max_reduced(sharded: _AllReduce) -> None:
+    shard, rep, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=7.0))
+    grads = [
+        _FakeDTensor(torch.tensor([1.0, -3.0]), (shard,), mesh),
+        _FakeDTensor(torch.tensor([-2.0]), (shard,), mesh),
+        torch.tensor([5.0, -6.0]),
+    ]
+    out = grad_norms(grads, INF)  # type: ignore[arg-type]
+    assert sharded.calls == [("g0", "max", [3.0])]
+    assert out.total.item() == 7.0  # the remote shard's maximum
+    mesh_low = _Mesh(_Group("g1", remote=0.5))
+    grads[0] = _FakeDTensor(torch.tensor([1.0, -3.0]), (shard,), mesh_low)
+    grads[1] = _FakeDTensor(torch.tensor([-2.0]), (rep,), mesh_low)
+    assert grad_norms(grads, INF).total.item() == 6.0  # type: ignore[arg-type]
+
+
+def test_dtensor_inf_norm_nan_shard_stays_nonfinite(sharded: _AllReduce) -> None:
+    shard, _, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=7.0))
+    grads = [
+        _FakeDTensor(torch.tensor([1.0, NAN]), (shard,), mesh),
+        _FakeDTensor(torch.tensor([2.0]), (shard,), mesh),
+        torch.tensor([5.0]),
+    ]
+    out = grad_norms(grads, INF)  # type: ignore[arg-type]
+    # the NaN group goes out as +inf (a MAX all-reduce may drop a NaN) and stays inf
+    assert sharded.calls == [("g0", "max", [INF])]
+    assert out.total.item() == INF
+    assert not bool(out.finite)
+
+
+def test_dtensor_inf_norm_nan_in_plain_tensor(sharded: _AllReduce) -> None:
+    shard, _, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=7.0))
+    grads = [_FakeDTensor(torch.tensor([1.0]), (shard,), mesh), torch.tensor([NAN, 1.0])]
+    out = grad_norms(grads, INF)  # type: ignore[arg-type]
+    assert sharded.calls == [("g0", "max", [1.0])]
+    # NaN statistics become +inf before the all-reduces, the unsharded one included
+    assert out.total.item() == INF
+
+
+def test_dtensor_partial_made_replicate_first(sharded: _AllReduce) -> None:
+    shard, rep, partial = _placements()
+    g0, g1 = _Group("g0", remote=10.0), _Group("g1", remote=20.0)
+    mesh = _Mesh(g0, g1)
+    pending = _FakeDTensor(torch.tensor([3.0]), (partial, shard), mesh)
+    out = grad_norms([pending, torch.tensor([1.0])], 2.0)  # type: ignore[list-item]
+    assert pending.redistributed == [(rep, shard)]
+    # the replicated value is 6 (two summands of 3), reduced over g1 only (dimension 1)
+    assert sharded.calls == [("g1", "sum", [36.0])]
+    assert out.total.item() == pytest.approx(math.sqrt(36.0 + 20.0 + 1.0), rel=1e-6)
+    assert out.per_tensor is not None and out.per_tensor.tolist() == [6.0, 1.0]
+
+
+def test_dtensor_with_reducer_applied_last(sharded: _AllReduce) -> None:
+    shard, _, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=5.0))
+    grads = [_FakeDTensor(torch.tensor([3.0, 4.0]), (shard,), mesh), torch.tensor([2.0])]
+    red = _Reducer(lambda t, op: t * 3)
+    out = grad_norms(grads, 2.0, reducer=red)  # type: ignore[arg-type]
+    assert red.calls == [(25.0 + 5.0 + 4.0, "sum", torch.Size([]))]
+    assert out.total.item() == pytest.approx(math.sqrt(3 * 34.0), rel=1e-6)
+    red_inf = _Reducer(lambda t, op: t + 0.5)
+    out_inf = grad_norms(grads, INF, reducer=red_inf)  # type: ignore[arg-type]
+    assert red_inf.calls == [(5.0, "max", torch.Size([]))]
+    assert out_inf.total.item() == 5.5
+
+
+def test_dtensor_replicated_only_no_all_reduce(sharded: _AllReduce) -> None:
+    _, rep, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=5.0))
+    grads = [_FakeDTensor(torch.tensor([3.0, 4.0]), (rep,), mesh), torch.tensor([12.0])]
+    out = grad_norms(grads, 2.0)  # type: ignore[arg-type]
+    assert sharded.calls == []
+    assert out.total.item() == 13.0
+    assert grad_norms(grads, INF).total.item() == 12.0  # type: ignore[arg-type]
+    assert sharded.calls == []
+
+
+def test_plain_tensors_do_not_look_up_dtensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_gradguard.core import norms
+
+    def boom() -> None:
+        raise AssertionError("DTensor looked up for plain tensors")
+
+    monkeypatch.setattr(norms, "_dtensor_type", boom)
+    assert grad_norms([torch.tensor([3.0, 4.0])]).total.item() == 5.0
+
+
+def test_tensor_subclass_that_is_not_a_dtensor(sharded: _AllReduce) -> None:
+    class Sub(torch.Tensor):
+        pass
+
+    g = torch.tensor([3.0, 4.0]).as_subclass(Sub)
+    out = grad_norms([g, torch.tensor([12.0])])
+    assert sharded.calls == []
+    assert out.total.item() == 13.0
