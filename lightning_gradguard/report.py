@@ -9,7 +9,12 @@ files left out are listed.
 
 Counts come from one place: the last logged value of the guard's cumulative counters
 (``gradguard/nonfinite_steps``, ``gradguard/skipped_steps``, ...), in the text, in the legend
-and in ``gradguard demo``'s table alike. Markers are drawn at the logged steps where a
+and in ``gradguard demo``'s table alike. ``GradientMonitor`` logs in its own namespace
+(``gradmonitor/grad_norm``, ``gradmonitor/nonfinite_steps``, ...): in a run with both
+callbacks the guard's values are reported (the monitor, listed after the guard, never sees
+the gradients of a step the guard skipped); in a run with the monitor only, the monitor's
+norm and non-finite count are. The tag names are constants in
+:mod:`lightning_gradguard._tags`. Markers are drawn at the logged steps where a
 counter rose, and the legend says whether that is every event (every step logged, or an
 event logged at its own step, as GradGuard does for skips, spikes and backoffs) or only the
 logged steps where the count rose. Runs are drawn in a grid, one panel per run: the
@@ -27,15 +32,17 @@ from __future__ import annotations
 import math
 import os
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_gradguard import _tags
+from lightning_gradguard.core import CAUSES
+
 #: a numbered cause in GradGuard's diagnosis text: ``1. lr_too_high:`` or ``1. `lr_too_high`:``
 _CAUSE_LINE = re.compile(r"^\s*\d+\. `?([a-z_]+)`?:", re.MULTILINE)
-_CAUSE_IDS = ("lr_too_high", "init_too_large", "no_normalization", "no_residual", "activation",
-              "recurrent_weights", "loss_nonfinite", "data_nonfinite")
 
 __all__ = [
     "COUNTERS",
@@ -55,19 +62,25 @@ __all__ = [
     "summarize",
 ]
 
-_PREFIX = "gradguard/"
-_EVENTS_TEXT = "gradguard/events"
+_PREFIX = _tags.GUARD_PREFIX
+_EVENTS_TEXT = _tags.GUARD_EVENTS
 
-#: The cumulative counter tags the report reads, with the words it prints for them.
-COUNTERS: tuple[tuple[str, str], ...] = (
-    ("gradguard/nonfinite_steps", "non-finite steps"),
-    ("gradguard/skipped_steps", "skipped steps"),
-    ("gradguard/spikes", "spikes"),
-    ("gradguard/clipped_steps", "clipped steps"),
-    ("gradguard/lr_backoffs", "LR backoffs"),
-    ("gradguard/rollbacks", "rollbacks"),
-    ("gradguard/amp_overflow_steps", "AMP overflow steps"),
-)
+_COUNTER_WORDS = {
+    "nonfinite_steps": "non-finite steps",
+    "skipped_steps": "skipped steps",
+    "spikes": "spikes",
+    "clipped_steps": "clipped steps",
+    "lr_backoffs": "LR backoffs",
+    "rollbacks": "rollbacks",
+    "amp_overflow_steps": "AMP overflow steps",
+}
+#: The cumulative counter tags the report reads (GradGuard's), with the words it prints for
+#: them. A run without GradGuard's ``nonfinite_steps`` reads GradientMonitor's.
+COUNTERS: tuple[tuple[str, str], ...] = tuple(
+    (_tags.guard_tag(k), _COUNTER_WORDS[k]) for k in _COUNTER_WORDS)
+assert set(_COUNTER_WORDS) == set(_tags.GUARD_COUNTERS)
+#: ``gradguard/grad_norm_max``: GradientMonitor's tag before it had its own namespace
+_OLD_MONITOR_GRAD_NORM_MAX = _tags.guard_tag("grad_norm_max")
 
 
 class ReportError(Exception):
@@ -97,14 +110,39 @@ class RunData:
         """Steps and values of ``tag`` (empty when absent)."""
         return self.scalars.get(tag, ([], []))
 
+    def counter_tag(self, tag: str) -> str:
+        """The tag to read for GradGuard's tag ``tag``, falling back to GradientMonitor's.
+
+        GradGuard's tag when logged, else GradientMonitor's with the same suffix when logged,
+        else ``tag``.
+
+        Example:
+            >>> r = RunData("m", {"gradmonitor/nonfinite_steps": ([0], [0.0])})
+            >>> r.counter_tag("gradguard/nonfinite_steps")
+            'gradmonitor/nonfinite_steps'
+        """
+        if tag in self.scalars or not tag.startswith(_tags.GUARD_PREFIX):
+            return tag
+        mine = _tags.monitor_tag(tag.removeprefix(_tags.GUARD_PREFIX))
+        return mine if mine in self.scalars else tag
+
+    @property
+    def grad_norm_tag(self) -> str:
+        """The total gradient norm's tag: GradGuard's if logged, else GradientMonitor's."""
+        return self.counter_tag(_tags.GUARD_GRAD_NORM)
+
     def count(self, counter: str) -> int | None:
-        """A cumulative counter's last logged value (``None`` when the tag is absent)."""
-        _, values = self.series(counter)
+        """A cumulative counter's last logged value (``None`` when the tag is absent).
+
+        ``counter`` names GradGuard's tag; without it, GradientMonitor's is read (see
+        :meth:`counter_tag`).
+        """
+        _, values = self.series(self.counter_tag(counter))
         return int(values[-1]) if values else None
 
     def rises(self, counter: str) -> list[tuple[int, int]]:
         """``(step, increase)`` at each logged step where a cumulative counter rose."""
-        steps, values = self.series(counter)
+        steps, values = self.series(self.counter_tag(counter))
         out, prev = [], 0
         for s, v in zip(steps, values, strict=True):
             if int(v) > prev:
@@ -124,7 +162,7 @@ class RunData:
     @property
     def guarded(self) -> bool:
         """Logged by ``GradGuard`` (it logs the LR scale; ``GradientMonitor`` does not)."""
-        return "gradguard/lr_scale" in self.scalars
+        return _tags.GUARD_LR_SCALE in self.scalars
 
     @property
     def halted_at(self) -> int | None:
@@ -133,10 +171,11 @@ class RunData:
         Read from the ``**halt**`` text entry (written at the step counter after the
         halted step): the last step the guard logged at or before it.
         """
-        at = next((s for s, t in self.texts if t.lstrip().startswith("**halt**")), None)
+        at = next((s for s, t in self.texts if t.lstrip().startswith(_tags.HALT_MARKER)), None)
         if at is None:
             return None
-        logged = [s for tag, _ in COUNTERS for s in self.series(tag)[0] if s <= at]
+        logged = [s for tag, _ in COUNTERS for s in self.series(self.counter_tag(tag))[0]
+                  if s <= at]
         return max(logged, default=at)
 
     @property
@@ -153,7 +192,7 @@ class RunData:
             (4, ['lr_too_high'])
         """
         for step, text in reversed(self.texts):
-            ids = [m.group(1) for m in _CAUSE_LINE.finditer(text) if m.group(1) in _CAUSE_IDS]
+            ids = [m.group(1) for m in _CAUSE_LINE.finditer(text) if m.group(1) in CAUSES]
             if ids:
                 return step, ids
         return None
@@ -187,8 +226,8 @@ class LogScan:
 
     Attributes:
         root: The log directory.
-        runs: Runs with ``gradguard/`` tags, sorted by name.
-        untagged: Runs (folders) with event files but no ``gradguard/`` tags.
+        runs: Runs with ``gradguard/`` or ``gradmonitor/`` tags, sorted by name.
+        untagged: Runs (folders) with event files but neither.
         ignored_files: Older event files not read because they belong to an earlier run
             in the same folder.
     """
@@ -298,7 +337,7 @@ def scan_logdir(logdir: str | os.PathLike[str]) -> LogScan:
         name = str(folder.relative_to(root)) if folder != root else root.name
         run, ignored = _load_folder(folder, name)
         scan.ignored_files += [str(p.relative_to(root)) for p in ignored]
-        if any(t.startswith(_PREFIX) for t in run.scalars):
+        if any(t.startswith(_tags.PREFIXES) for t in run.scalars):
             scan.runs.append(run)
         else:
             scan.untagged.append(name)
@@ -310,13 +349,13 @@ def scan_notes(scan: LogScan) -> list[str]:
 
     Example:
         >>> print(*scan_notes(LogScan(Path("."), untagged=["a", "b"])))
-        2 runs have no gradguard/ tags (not drawn): a, b
+        2 runs have no gradguard/ or gradmonitor/ tags (not drawn): a, b
     """
     notes = []
     if scan.untagged:
         n = len(scan.untagged)
         notes.append(f"{n} run{'s' if n != 1 else ''} {'have' if n != 1 else 'has'} no "
-                     f"gradguard/ tags (not drawn): {', '.join(scan.untagged)}")
+                     f"gradguard/ or gradmonitor/ tags (not drawn): {', '.join(scan.untagged)}")
     if scan.ignored_files:
         n = len(scan.ignored_files)
         notes.append(f"{n} older event file{'s' if n != 1 else ''} of earlier runs in the same "
@@ -326,7 +365,9 @@ def scan_notes(scan: LogScan) -> list[str]:
 
 
 def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
-    """Load every run with ``gradguard/`` tags under ``logdir`` (see :func:`scan_logdir`).
+    """Load every run with ``gradguard/`` or ``gradmonitor/`` tags under ``logdir``.
+
+    See :func:`scan_logdir`.
 
     Raises:
         ReportError: Missing directory, no event files, or no run with gradguard tags.
@@ -355,7 +396,7 @@ def summarize(run: RunData) -> str:
     """
     c = counts(run)
     kind = "GradGuard" if run.guarded else "not guarded (GradientMonitor)"
-    counter_steps = [run.series(tag)[0][-1] for tag, _ in COUNTERS if run.series(tag)[0]]
+    counter_steps = [s[-1] for tag, _ in COUNTERS if (s := run.series(run.counter_tag(tag))[0])]
     head = f"{run.name}: {kind}"
     if counter_steps:
         head += f", counters as of step {max(counter_steps)}"
@@ -374,12 +415,12 @@ def summarize(run: RunData) -> str:
             extra = (f"; {c['spikes']} at a spike, {c['other_clips']} by the update cap "
                      "or per-unit clipping")
         lines.append(f"  {label}: {c[key]}{first}{extra}")
-    steps, norms = run.series("gradguard/grad_norm")
+    steps, norms = run.series(run.grad_norm_tag)
     finite = [v for v in norms if math.isfinite(v)]
     if finite:
         lines.append(f"  grad norm: min {min(finite):.3g}, max {max(finite):.3g}, "
                      f"last {norms[-1]:.3g} at step {steps[-1]}")
-    _, lr = run.series("gradguard/lr_scale")
+    _, lr = run.series(_tags.GUARD_LR_SCALE)
     if lr:
         lines.append(f"  LR scale: min {min(lr):.3g}, last {lr[-1]:.3g}")
     if run.diagnosis is not None:
@@ -443,11 +484,20 @@ class PanelDrawing:
 
 @dataclass
 class ReportDrawing:
-    """The report's figure and a record of every panel drawn on it."""
+    """The report's figure and a record of every panel drawn on it.
+
+    Attributes:
+        figure: The matplotlib figure.
+        panels: One record per run.
+        notes: The caption lines under the panels (what the report leaves out, then each
+            run's diagnosis).
+        captions: The caption text artists, one per note (wrapped to the figure's width).
+    """
 
     figure: Any
     panels: list[PanelDrawing]
     notes: list[str]
+    captions: list[Any] = field(default_factory=list)
 
 
 def _mark_label(label: str, count: int, marks: list[tuple[int, int]]) -> tuple[str, bool]:
@@ -476,25 +526,26 @@ def _marker_sets(run: RunData) -> dict[str, MarkerSet]:
 
     skipped = c.get("skipped_steps")
     if skipped is not None:
-        add("skipped", "skipped (NaN/Inf)", skipped, run.rises("gradguard/skipped_steps"))
+        add("skipped", "skipped (NaN/Inf)", skipped, run.rises(_tags.guard_tag("skipped_steps")))
     nonfinite = c.get("nonfinite_steps")
     if nonfinite is not None:
         if skipped is None:
             add("nonfinite", "non-finite gradients", nonfinite,
-                run.rises("gradguard/nonfinite_steps"))
+                run.rises(_tags.guard_tag("nonfinite_steps")))
         else:
             add("nonfinite", "non-finite, not skipped", max(0, nonfinite - skipped),
-                diff("gradguard/nonfinite_steps", "gradguard/skipped_steps"))
+                diff(_tags.guard_tag("nonfinite_steps"), _tags.guard_tag("skipped_steps")))
     if "spikes" in c:
         add("spikes", "spike, clipped to the threshold", c["spikes"],
-            run.rises("gradguard/spikes"))
+            run.rises(_tags.guard_tag("spikes")))
     if "other_clips" in c:
         add("other_clips", "clipped by the update cap / per unit", c["other_clips"],
-            diff("gradguard/clipped_steps", "gradguard/spikes"))
+            diff(_tags.guard_tag("clipped_steps"), _tags.guard_tag("spikes")))
     if "lr_backoffs" in c:
-        add("lr_backoffs", "LR backoff", c["lr_backoffs"], run.rises("gradguard/lr_backoffs"))
+        add("lr_backoffs", "LR backoff", c["lr_backoffs"],
+            run.rises(_tags.guard_tag("lr_backoffs")))
     if "rollbacks" in c:
-        add("rollbacks", "rollback", c["rollbacks"], run.rises("gradguard/rollbacks"))
+        add("rollbacks", "rollback", c["rollbacks"], run.rises(_tags.guard_tag("rollbacks")))
     halted = run.halted_at
     if halted is not None:
         out["halt"] = MarkerSet(f"halted after step {halted}", [halted], None, True)
@@ -513,6 +564,16 @@ _MARKER_STYLE: dict[str, tuple[str, str, float]] = {  # marker, color, height (a
 #: The gradient-norm curves and the legend stay below this fraction of the axis height; the
 #: band above it holds the markers.
 _DATA_TOP = 0.76
+#: Caption layout, in inches: a line of 8-point text (with its line spacing), the gap between
+#: two notes, the margin around the band, the room of the lowest step axis' tick labels and
+#: label, and of the title above the panels; and the characters that fit in an inch.
+_CAPTION_FONTSIZE = 8
+_CAPTION_LINE_IN = 1.2 * _CAPTION_FONTSIZE / 72 * 1.25
+_CAPTION_GAP_IN = 0.04
+_CAPTION_PAD_IN = 0.16
+_AXIS_LABELS_IN = 0.65
+_TITLE_IN = 0.8
+_CAPTION_CHARS_PER_INCH = 15
 
 
 def _grid(n: int, ncols: int | None) -> tuple[int, int]:
@@ -530,16 +591,18 @@ def _finite_positive(steps: Iterable[int], values: Iterable[float]) -> tuple[lis
 def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDrawing:
     panel = PanelDrawing(run.name, run.name, counts=counts(run), halted_at=run.halted_at,
                          axes=(ax_norm, ax_lr, ax_loss))
+    max_tag = (_tags.MONITOR_GRAD_NORM_MAX if _tags.MONITOR_GRAD_NORM_MAX in run.scalars
+               else _OLD_MONITOR_GRAD_NORM_MAX)
     for tag, style, label in (
-        ("gradguard/grad_norm", {"color": "tab:blue", "lw": 1.2}, "grad norm (before clipping)"),
-        ("gradguard/clip_threshold", {"color": "tab:orange", "ls": "--"}, "clip threshold"),
-        ("gradguard/grad_norm_clipped", {"color": "tab:green", "lw": 0.9},
+        (run.grad_norm_tag, {"color": "tab:blue", "lw": 1.2}, "grad norm (before clipping)"),
+        (_tags.GUARD_CLIP_THRESHOLD, {"color": "tab:orange", "ls": "--"}, "clip threshold"),
+        (_tags.GUARD_GRAD_NORM_CLIPPED, {"color": "tab:green", "lw": 0.9},
          "grad norm after clipping"),
-        ("gradguard/grad_norm_max", {"color": "tab:purple", "lw": 0.8, "alpha": 0.7},
+        (max_tag, {"color": "tab:purple", "lw": 0.8, "alpha": 0.7},
          "max grad norm per interval"),
     ):
         xs, ys = _finite_positive(*run.series(tag))
-        if xs:
+        if xs and label not in panel.curves:
             ax_norm.plot(xs, ys, label=label, **style)
             panel.curves[label] = (xs, ys)
     ax_norm.set_yscale("log")
@@ -574,7 +637,7 @@ def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDr
     ax_norm.set_title(panel.title, fontsize=10,
                       color="red" if panel.halted_at is not None else "black")
 
-    s, lr = run.series("gradguard/lr_scale")
+    s, lr = run.series(_tags.GUARD_LR_SCALE)
     if lr:
         ax_lr.step(s, lr, where="post", color="tab:purple")
         panel.lr_scale = (list(s), list(lr))
@@ -647,11 +710,23 @@ def draw_report(runs: Sequence[RunData], notes: Sequence[str] = (),
     nrows, cols = _grid(len(runs), ncols)
     notes = [*notes, *(f"{run.name}: diagnosis at step {d[0]}, most likely first: "
                        f"{', '.join(d[1])}" for run in runs if (d := run.diagnosis) is not None)]
-    fig = plt.figure(figsize=(7.0 * cols, 7.0 * nrows + 0.3 * len(notes)))
+    # the captions: each note wrapped to the figure's width, stacked from the bottom up in
+    # a band of their own below the lowest step axis (positions in inches, so lines never
+    # overlap whatever the figure's height)
+    width_in = 7.0 * cols
+    wrapped = [textwrap.fill(n, width=max(40, int(width_in * _CAPTION_CHARS_PER_INCH)),
+                             break_long_words=False, break_on_hyphens=False) for n in notes]
+    n_lines = sum(w.count("\n") + 1 for w in wrapped)
+    band_in = (n_lines * _CAPTION_LINE_IN + len(wrapped) * _CAPTION_GAP_IN + _CAPTION_PAD_IN
+               if wrapped else 0.0)
+    height_in = 7.0 * nrows + band_in
+    fig = plt.figure(figsize=(width_in, height_in))
     # four grid rows per panel row: norm, LR scale, loss, and a spacer that keeps the next
     # panel's title clear of this one's step axis
+    bottom = (_AXIS_LABELS_IN + band_in) / height_in
     gs = fig.add_gridspec(4 * nrows - 1, cols, height_ratios=([3.0, 1.1, 1.4, 0.5] * nrows)[:-1],
-                          hspace=0.35, wspace=0.22)
+                          hspace=0.35, wspace=0.22, bottom=bottom,
+                          top=1.0 - _TITLE_IN / height_in)
     panels = []
     for i, run in enumerate(runs):
         r, col = divmod(i, cols)
@@ -660,9 +735,15 @@ def draw_report(runs: Sequence[RunData], notes: Sequence[str] = (),
         ax_loss = fig.add_subplot(gs[4 * r + 2, col], sharex=ax_norm)
         panels.append(_draw_panel(run, ax_norm, ax_lr, ax_loss))
     fig.suptitle("gradguard report: gradient norm, interventions, LR scale, loss", fontsize=13)
-    for j, note in enumerate(notes):
-        fig.text(0.01, 0.005 + 0.012 * (len(notes) - 1 - j), note, fontsize=8, color="dimgray")
-    return ReportDrawing(fig, panels, list(notes))
+    captions = []
+    y_in = _CAPTION_PAD_IN / 2
+    for text in reversed(wrapped):  # the first note on top
+        captions.append(fig.text(0.1, y_in, text, fontsize=_CAPTION_FONTSIZE, color="dimgray",
+                                 va="bottom", ha="left", linespacing=1.2,
+                                 transform=fig.dpi_scale_trans))
+        y_in += (text.count("\n") + 1) * _CAPTION_LINE_IN + _CAPTION_GAP_IN
+    captions.reverse()
+    return ReportDrawing(fig, panels, list(notes), captions)
 
 
 def render_report(runs: Sequence[RunData], output: str | os.PathLike[str],

@@ -84,7 +84,7 @@ def test_load_runs_finds_both_runs(logdir: Path) -> None:
     runs = {r.name: r for r in load_runs(logdir)}
     assert set(runs) == {"guarded", "monitored"}
     assert runs["guarded"].events("gradguard/skipped_steps") == [NAN_STEP]
-    assert "gradguard/layer_norm/net.0" in runs["monitored"].scalars
+    assert "gradmonitor/layer_norm/net.0" in runs["monitored"].scalars
     assert "train_loss" in runs["guarded"].scalars
 
 
@@ -153,7 +153,7 @@ def test_event_files_without_gradguard_tags(tmp_path: Path,
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.png")]) == 2
     err = capsys.readouterr().err
     assert "no run has gradguard tags" in err
-    assert "1 run has no gradguard/ tags (not drawn): plain" in err
+    assert "1 run has no gradguard/ or gradmonitor/ tags (not drawn): plain" in err
     assert not (tmp_path / "r.png").exists()
 
 
@@ -375,7 +375,7 @@ def test_runs_without_tags_are_named_not_dropped(logdir: Path, tmp_path: Path,
     assert main(["report", str(root), "-o", str(tmp_path / "r.png")]) == 0
     out = capsys.readouterr().out
     assert "guarded: GradGuard, counters as of step" in out
-    assert "1 run has no gradguard/ tags (not drawn): plain" in out
+    assert "1 run has no gradguard/ or gradmonitor/ tags (not drawn): plain" in out
     assert [r.name for r in scan_logdir(root).runs] == ["guarded"]
 
 
@@ -420,3 +420,160 @@ def test_diagnosis_is_the_latest_diagnosis_text(tmp_path: Path,
                              "lr_too_high"]
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.png")]) == 0
     assert line in capsys.readouterr().out.splitlines()
+
+
+# ------------------------------------------- GradGuard and GradientMonitor in one Trainer
+def test_guard_and_monitor_in_one_trainer_report_the_guards_counts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25: the monitor logged under the guard's tags with its own values, so a run
+    whose guard skipped 2 NaN steps was reported with 0 non-finite steps, and
+    ``gradguard/grad_norm`` had two different values at one step. The monitor now writes
+    ``gradmonitor/...``; the report reads the guard's values."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    steps = 24
+    guard = GradGuard()
+    faults = FaultInjector([Fault(step=5, kind="nan"), Fault(step=11, kind="nan")])
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="", version="both"),
+        callbacks=[faults, guard, GradientMonitor()], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Tiny())
+    assert guard.summary()["nonfinite_steps"] == 2
+    assert guard.summary()["skipped_steps"] == 2
+
+    (file,) = (tmp_path / "both").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(file), size_guidance={SCALARS: 0})
+    acc.Reload()
+    norm_steps = [e.step for e in acc.Scalars("gradguard/grad_norm")]
+    assert len(norm_steps) == len(set(norm_steps)), "two gradguard/grad_norm values at a step"
+    assert sorted(norm_steps) == [s for s in range(steps) if s not in (5, 11)]  # NaN: no value
+    assert [e.step for e in acc.Scalars("gradguard/nonfinite_steps")] == list(range(steps))
+    tags = set(acc.Tags()["scalars"])
+    assert {"gradmonitor/grad_norm", "gradmonitor/grad_norm_max",
+            "gradmonitor/nonfinite_steps"} <= tags
+    assert not {t for t in tags if t.startswith("gradguard/")} - {
+        f"gradguard/{k}" for k in ("grad_norm", "grad_norm_clipped", "clip_threshold",
+                                   "lr_scale", "skipped_steps", "spikes", "clipped_steps",
+                                   "nonfinite_steps", "lr_backoffs", "rollbacks",
+                                   "amp_overflow_steps")}
+
+    (run,) = load_runs(tmp_path)
+    assert counts(run)["nonfinite_steps"] == 2
+    assert counts(run)["skipped_steps"] == 2
+    assert run.events("gradguard/nonfinite_steps") == [5, 11]
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "  non-finite steps: 2 (first at step 5)" in out
+    assert "  skipped steps: 2 (first at step 5)" in out
+    drawing = draw_report([run])
+    try:
+        (panel,) = drawing.panels
+        assert panel.markers["skipped"].steps == [5, 11]
+        assert "nonfinite" not in panel.markers  # both non-finite steps were skipped
+        # the norm drawn is the guard's (one value per step)
+        assert panel.curves["grad norm (before clipping)"][0] == sorted(norm_steps)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(drawing.figure)
+
+
+def test_a_monitor_only_run_still_reports_the_monitors_norm_and_count(logdir: Path) -> None:
+    runs = {r.name: r for r in load_runs(logdir)}
+    run = runs["monitored"]
+    assert "gradmonitor/grad_norm" in run.scalars
+    assert not any(t.startswith("gradguard/") for t in run.scalars)
+    assert counts(run) == {"nonfinite_steps": 0}
+    text = summarize(run)
+    assert text.startswith("monitored: not guarded (GradientMonitor), counters as of step 22")
+    assert "  non-finite steps: 0" in text.splitlines()
+    assert "  grad norm: min " in text
+    drawing = draw_report([run])
+    try:
+        curves = drawing.panels[0].curves
+        assert curves["grad norm (before clipping)"][0] == run.series("gradmonitor/grad_norm")[0]
+        assert "max grad norm per interval" in curves
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(drawing.figure)
+
+
+def _drawn_texts(fig: Any) -> list[Any]:
+    """The figure's visible, non-empty texts that are drawn: a tick label only if its tick
+    lies inside the axis' view interval (matplotlib keeps the others, visible but undrawn)."""
+    from matplotlib.text import Text
+
+    ticks: set[int] = set()
+    shown: list[Any] = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            tol = 1e-9 * max(abs(lo), abs(hi), 1.0)
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                labels = (tick.label1, tick.label2)
+                ticks.update(id(t) for t in labels)
+                if lo - tol <= tick.get_loc() <= hi + tol and tick.get_visible():
+                    shown += [t for t in labels if t.get_visible() and t.get_text().strip()]
+    others = [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible()
+              and t.get_text().strip()]
+    return others + shown
+
+
+def test_report_text_never_overlaps() -> None:
+    """Issue 25: the caption lines under the panels overlapped ("1 run has no gradguard/
+    tags..." over the diagnosis line). Every text in the figure, both captions present, in
+    one and in several panels: no two window extents intersect."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+
+    steps = list(range(30))
+    diag = ("**diagnosis at the first backoff** (step 9)\n\n1. `lr_too_high`: 40 %.\n"
+            "2. `init_too_large`: 3x.")
+
+    def run(name: str) -> RunData:
+        return RunData(name, {
+            "gradguard/grad_norm": (steps, [1.0 + s for s in steps]),
+            "gradguard/clip_threshold": (steps, [5.0] * 30),
+            "gradguard/lr_scale": (steps, [1.0] * 9 + [0.5] * 21),
+            "gradguard/lr_backoffs": (steps, [0.0] * 9 + [1.0] * 21),
+            "gradguard/skipped_steps": (steps, [0.0] * 4 + [1.0] * 26),
+            "gradguard/nonfinite_steps": (steps, [0.0] * 4 + [1.0] * 26),
+            "train_loss": (steps, [1.0 / (1 + s) for s in steps]),
+        }, texts=[(9, diag)])
+
+    notes = ["1 run has no gradguard/ or gradmonitor/ tags (not drawn): plain",
+             "2 older event files of earlier runs in the same folder not read (only the "
+             "newest run per folder is drawn): a/events.out.tfevents.1, a/events.out.tfevents.2"]
+    for runs, extra in (([run("demo")], notes[:1]), ([run(f"r{i}") for i in range(3)], notes)):
+        drawing = draw_report(runs, extra)
+        fig = drawing.figure
+        try:
+            assert len(drawing.notes) == len(extra) + len(runs)  # the captions + diagnoses
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            texts = _drawn_texts(fig)
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+            captions = [b for text, b in boxes if " ".join(text.split()) in drawing.notes]
+            assert len(captions) == len(drawing.notes)
+            assert [" ".join(t.get_text().split()) for t in drawing.captions] == drawing.notes
+            for (ta, a), (tb, b) in itertools.combinations(boxes, 2):
+                overlap_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+                overlap_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+                assert overlap_w <= 0 or overlap_h <= 0, f"{ta!r} overlaps {tb!r}"
+            # the captions are inside the figure, under every axes
+            fig_box = fig.bbox
+            lowest_axes = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+            for box in captions:
+                assert box.y0 >= fig_box.y0 - 1e-6
+                assert box.y1 <= lowest_axes
+        finally:
+            plt.close(fig)

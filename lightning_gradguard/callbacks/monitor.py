@@ -5,22 +5,25 @@ gradients' device, the number of non-finite steps and the largest norm of the in
 at the Trainer's logging interval does it read anything back to the host (one transfer), so
 there are zero host synchronisations between logging intervals.
 
-Logged scalars (rank 0, every logger):
+Logged scalars (rank 0, every logger), in the monitor's own ``gradmonitor/`` namespace, so that
+with ``GradGuard`` in the same Trainer no tag is written twice with different values (the
+names are constants in :mod:`lightning_gradguard._tags`):
 
 ========================================  ======================================================
 tag                                       value
 ========================================  ======================================================
-``gradguard/grad_norm``                   total gradient norm at the logging step
-``gradguard/grad_norm_max``               largest finite total norm since the last log
-``gradguard/nonfinite_steps``             cumulative steps with NaN/Inf gradients
-``gradguard/layer_norm/<module>``         per-module norm (``layer_depth`` name components)
-``gradguard/depth_ratio``                 norm of the module nearest the input divided by the
+``gradmonitor/grad_norm``                 total gradient norm at the logging step
+``gradmonitor/grad_norm_max``             largest finite total norm since the last log
+``gradmonitor/nonfinite_steps``           cumulative steps with NaN/Inf gradients (as the
+                                          monitor saw them: after any guard listed before it)
+``gradmonitor/layer_norm/<module>``       per-module norm (``layer_depth`` name components)
+``gradmonitor/depth_ratio``               norm of the module nearest the input divided by the
                                           one nearest the output (> 1: gradients grow toward
                                           the input, the signature of exploding gradients)
 ========================================  ======================================================
 
 With ``log_histograms=True`` and a TensorBoard logger, a histogram of the per-module norms
-(``gradguard/layer_norms``) is written at each logging step too.
+(``gradmonitor/layer_norms``) is written at each logging step too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
+from lightning_gradguard import _tags
+from lightning_gradguard._friendly import friendly_init
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._validation import check_bool, check_int, check_number
@@ -61,6 +66,7 @@ class GradientMonitorLogic:
         ValueError: `layer_depth` must be an int >= 0, got -1
     """
 
+    @friendly_init
     def __init__(self, norm_type: float = 2.0, layer_depth: int = 2, max_layers: int = 32,
                  log_histograms: bool = False) -> None:
         self.norm_type = check_number("norm_type", norm_type, low=0.0, low_inclusive=False,
@@ -142,21 +148,21 @@ class GradientMonitorLogic:
         host = to_host(torch.cat(packed))
         self._max_norm = torch.zeros_like(self._max_norm)
         metrics = {
-            "gradguard/grad_norm": host[0],
-            "gradguard/grad_norm_max": host[1],
-            "gradguard/nonfinite_steps": host[2],
+            _tags.MONITOR_GRAD_NORM: host[0],
+            _tags.MONITOR_GRAD_NORM_MAX: host[1],
+            _tags.MONITOR_NONFINITE_STEPS: host[2],
         }
         layer_norms = host[3:]
         for (label, _), v in zip(groups, layer_norms, strict=True):
-            metrics[f"gradguard/layer_norm/{label}"] = v
+            metrics[_tags.monitor_layer_norm(label)] = v
         if len(layer_norms) >= 2 and layer_norms[-1] > 0 and math.isfinite(layer_norms[0]):
-            metrics["gradguard/depth_ratio"] = layer_norms[0] / layer_norms[-1]
+            metrics[_tags.MONITOR_DEPTH_RATIO] = layer_norms[0] / layer_norms[-1]
         log_scalars(trainer, metrics, step)
         if self.log_histograms and layer_norms:
             values = torch.tensor([v for v in layer_norms if math.isfinite(v)])
             if values.numel():
                 for writer in tensorboard_writers(trainer):
-                    writer.add_histogram("gradguard/layer_norms", values, step)
+                    writer.add_histogram(_tags.MONITOR_LAYER_NORMS, values, step)
 
 
 class GradientMonitor(GradientMonitorLogic, Callback):  # noqa: D101

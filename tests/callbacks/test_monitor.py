@@ -79,7 +79,7 @@ class RecordingLogger(Logger):
     def gradguard(self) -> dict[int, dict[str, float]]:
         out: dict[int, dict[str, float]] = {}
         for s, m in self.calls:
-            gg = {k: v for k, v in m.items() if k.startswith("gradguard/")}
+            gg = {k: v for k, v in m.items() if k.startswith("gradmonitor/")}
             if gg:
                 assert s is not None
                 assert s not in out, f"two gradguard calls at step {s}"
@@ -183,22 +183,22 @@ def test_tags_values_and_host_reads(tmp_path: Path) -> None:
 
     logged = rec.gradguard()
     assert sorted(logged) == list(LOGGED)
-    layer_tags = {"gradguard/layer_norm/net.0", "gradguard/layer_norm/net.2"}
+    layer_tags = {"gradmonitor/layer_norm/net.0", "gradmonitor/layer_norm/net.2"}
     for step, m in logged.items():
-        assert set(m) == {"gradguard/grad_norm", "gradguard/grad_norm_max",
-                          "gradguard/nonfinite_steps", "gradguard/depth_ratio"} | layer_tags
-        assert m["gradguard/grad_norm"] == pytest.approx(before.total[step], rel=1e-5)
-        assert m["gradguard/nonfinite_steps"] == 0.0
+        assert set(m) == {"gradmonitor/grad_norm", "gradmonitor/grad_norm_max",
+                          "gradmonitor/nonfinite_steps", "gradmonitor/depth_ratio"} | layer_tags
+        assert m["gradmonitor/grad_norm"] == pytest.approx(before.total[step], rel=1e-5)
+        assert m["gradmonitor/nonfinite_steps"] == 0.0
         mods = before.modules[step]
-        assert m["gradguard/layer_norm/net.0"] == pytest.approx(mods["net.0"], rel=1e-5)
-        assert m["gradguard/layer_norm/net.2"] == pytest.approx(mods["net.2"], rel=1e-5)
-        assert m["gradguard/depth_ratio"] == pytest.approx(mods["net.0"] / mods["net.2"],
+        assert m["gradmonitor/layer_norm/net.0"] == pytest.approx(mods["net.0"], rel=1e-5)
+        assert m["gradmonitor/layer_norm/net.2"] == pytest.approx(mods["net.2"], rel=1e-5)
+        assert m["gradmonitor/depth_ratio"] == pytest.approx(mods["net.0"] / mods["net.2"],
                                                            rel=1e-5)
     # largest norm of the interval (the logging step included)
     prev = -1
     for step in LOGGED:
         window = [before.total[s] for s in range(prev + 1, step + 1)]
-        assert logged[step]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+        assert logged[step]["gradmonitor/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
         prev = step
 
     # zero host reads between intervals, exactly one at each logging step
@@ -221,11 +221,11 @@ def test_tags_values_and_host_reads(tmp_path: Path) -> None:
     # the same values reach TensorBoard, plus the histogram of per-layer norms
     acc = EventAccumulator(tb.log_dir, size_guidance={SCALARS: 0, HISTOGRAMS: 0})
     acc.Reload()
-    scal = {e.step: e.value for e in acc.Scalars("gradguard/grad_norm")}
+    scal = {e.step: e.value for e in acc.Scalars("gradmonitor/grad_norm")}
     assert sorted(scal) == list(LOGGED)
     assert scal[5] == pytest.approx(before.total[5], rel=1e-5)
-    assert "gradguard/layer_norms" in acc.Tags()["histograms"]
-    assert [e.step for e in acc.Histograms("gradguard/layer_norms")] == list(LOGGED)
+    assert "gradmonitor/layer_norms" in acc.Tags()["histograms"]
+    assert [e.step for e in acc.Histograms("gradmonitor/layer_norms")] == list(LOGGED)
 
 
 def test_layer_tags_bounded_by_max_layers() -> None:
@@ -236,23 +236,23 @@ def test_layer_tags_bounded_by_max_layers() -> None:
     logged = rec.gradguard()
     assert sorted(logged) == [0, 5]
     for step, m in logged.items():
-        layer = {k.removeprefix("gradguard/layer_norm/"): v for k, v in m.items()
-                 if k.startswith("gradguard/layer_norm/")}
+        layer = {k.removeprefix("gradmonitor/layer_norm/"): v for k, v in m.items()
+                 if k.startswith("gradmonitor/layer_norm/")}
         assert 1 < len(layer) <= 4
         assert list(layer) == ["net.0..net.2", "net.4..net.6", "net.8..net.10"]
         mods = before.modules[step]
         merged = math.sqrt(mods["net.0"] ** 2 + mods["net.2"] ** 2)
         assert layer["net.0..net.2"] == pytest.approx(merged, rel=1e-5)
         last = math.sqrt(mods["net.8"] ** 2 + mods["net.10"] ** 2)
-        assert m["gradguard/depth_ratio"] == pytest.approx(merged / last, rel=1e-5)
+        assert m["gradmonitor/depth_ratio"] == pytest.approx(merged / last, rel=1e-5)
 
 
 def test_layer_depth_zero_logs_no_layer_tags() -> None:
     rec = RecordingLogger()
     _fit([GradientMonitor(layer_depth=0)], logger=rec, steps=6)
     for m in rec.gradguard().values():
-        assert set(m) == {"gradguard/grad_norm", "gradguard/grad_norm_max",
-                          "gradguard/nonfinite_steps"}
+        assert set(m) == {"gradmonitor/grad_norm", "gradmonitor/grad_norm_max",
+                          "gradmonitor/nonfinite_steps"}
 
 
 def test_nan_between_intervals_shows_in_next_log() -> None:
@@ -265,13 +265,13 @@ def test_nan_between_intervals_shows_in_next_log() -> None:
           ZeroNonFinite()], logger=rec)
     logged = rec.gradguard()
     assert sorted(logged) == list(LOGGED)  # observe-only: no extra log at the NaN step
-    assert logged[0]["gradguard/nonfinite_steps"] == 0.0
-    assert logged[5]["gradguard/nonfinite_steps"] == 0.0
-    assert logged[10]["gradguard/nonfinite_steps"] == 1.0
+    assert logged[0]["gradmonitor/nonfinite_steps"] == 0.0
+    assert logged[5]["gradmonitor/nonfinite_steps"] == 0.0
+    assert logged[10]["gradmonitor/nonfinite_steps"] == 1.0
     assert math.isnan(before.total[7])
     # the max of the interval ignores the NaN step
     window = [before.total[s] for s in (6, 8, 9, 10)]
-    assert logged[10]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+    assert logged[10]["gradmonitor/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
     assert after.reads == {s: int(s % EVERY == 0) for s in range(STEPS)}
     # counted by torch too (the NaN step included): one transfer per logging step, no other
     assert syncs == {s: {"tolist": 1} if s % EVERY == 0 else {} for s in range(STEPS)}
@@ -314,9 +314,9 @@ def test_logged_norms_follow_norm_type(norm_type: float) -> None:
         grads = before.grads[step]
         total = norm(grads)
         assert total != pytest.approx(before.total[step], rel=1e-3)  # not the 2-norm
-        assert m["gradguard/grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert m["gradmonitor/grad_norm"] == pytest.approx(total, rel=1e-5)
         for layer in ("net.0", "net.2"):
             mine = [g for n, g in zip(names, grads, strict=True) if n.startswith(layer + ".")]
-            assert m[f"gradguard/layer_norm/{layer}"] == pytest.approx(norm(mine), rel=1e-5)
+            assert m[f"gradmonitor/layer_norm/{layer}"] == pytest.approx(norm(mine), rel=1e-5)
     window = [norm(before.grads[s]) for s in range(1, 6)]
-    assert logged[5]["gradguard/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
+    assert logged[5]["gradmonitor/grad_norm_max"] == pytest.approx(max(window), rel=1e-5)
