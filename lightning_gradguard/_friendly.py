@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 __all__ = ["friendly_init", "friendly_kwargs", "unexpected_kwargs_message"]
@@ -23,19 +23,30 @@ __all__ = ["friendly_init", "friendly_kwargs", "unexpected_kwargs_message"]
 _T = TypeVar("_T", bound=type)
 
 
-def unexpected_kwargs_message(name: str, unknown: list[str], known: list[str]) -> str:
+def unexpected_kwargs_message(name: str, unknown: list[str], known: list[str],
+                              hints: Mapping[str, str] | None = None) -> str:
     """The message for ``unknown`` keyword arguments of class ``name`` (arguments ``known``).
+
+    Args:
+        name: The public class.
+        unknown: The keyword arguments it does not take.
+        known: The arguments it takes.
+        hints: A word for a name that is no misspelling but a different idea (e.g. a
+            logging interval the Trainer owns); shown instead of the closest argument.
 
     Example:
         >>> unexpected_kwargs_message("GradientMonitor", ["norm_typ"], ["norm_type", "x"])
         "GradientMonitor got unexpected keyword argument(s) 'norm_typ' (did you mean \
 'norm_type'?); its arguments are: norm_type, x"
     """
-    hints = []
+    parts = []
     for k in unknown:
         close = difflib.get_close_matches(k, known, n=1, cutoff=0.5)
-        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return (f"{name} got unexpected keyword argument(s) {', '.join(hints)}; its arguments are: "
+        if hints and k in hints:
+            parts.append(f"{k!r} ({hints[k]})")
+        else:
+            parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"{name} got unexpected keyword argument(s) {', '.join(parts)}; its arguments are: "
             f"{', '.join(known)}")
 
 
@@ -43,6 +54,8 @@ def friendly_init(init: Callable[..., None]) -> Callable[..., None]:
     """Wrap ``__init__``: a wrong call names the class and the closest valid argument.
 
     The class is ``type(self)`` (the public subclass, not the class defining ``__init__``).
+    A class attribute ``_ARGUMENT_HINTS`` (``{name: words}``) explains names that are no
+    misspelling of an argument but a different idea.
 
     Example:
         >>> class Meter:
@@ -68,7 +81,8 @@ its arguments are: window
             unknown = [k for k in kwargs if k not in known]
             if not unknown:
                 raise TypeError(f"{name}: {err}") from None
-            raise TypeError(unexpected_kwargs_message(name, unknown, known)) from None
+            hints = getattr(type(self), "_ARGUMENT_HINTS", None)
+            raise TypeError(unexpected_kwargs_message(name, unknown, known, hints)) from None
         init(self, *args, **kwargs)
 
     return wrapper

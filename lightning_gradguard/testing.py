@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_gradguard._friendly import friendly_init, friendly_kwargs
 from lightning_gradguard.core._validation import check_choice, check_int, check_number
 
 __all__ = ["Fault", "FaultInjector"]
@@ -40,6 +41,7 @@ _KINDS = ("nan", "inf", "scale")
 _TARGETS = ("grad", "loss", "param")
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class Fault:
     """One fault.
@@ -109,6 +111,7 @@ class FaultInjector(Callback):
         injected: ``(global_step, target, kind)`` of every fault injected so far.
     """
 
+    @friendly_init
     def __init__(self, faults: Sequence[Fault]) -> None:
         if (isinstance(faults, (Fault, str, bytes)) or not isinstance(faults, Iterable)
                 or not all(isinstance(f, Fault) for f in faults)):

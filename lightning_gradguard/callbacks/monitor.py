@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -64,7 +64,18 @@ class GradientMonitorLogic:
         Traceback (most recent call last):
         ...
         ValueError: `layer_depth` must be an int >= 0, got -1
+        >>> GradientMonitor(norm_typ=1.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: GradientMonitor got unexpected keyword argument(s) 'norm_typ' (did you mean \
+'norm_type'?); its arguments are: norm_type, layer_depth, max_layers, log_histograms
     """
+
+    #: names that are no misspelling of an argument (see :func:`friendly_init`)
+    _ARGUMENT_HINTS: ClassVar[dict[str, str]] = {
+        name: "GradientMonitor logs at the Trainer's logging interval: "
+              "Trainer(log_every_n_steps=...)"
+        for name in ("log_every", "log_every_n_steps", "every", "interval", "log_interval")}
 
     @friendly_init
     def __init__(self, norm_type: float = 2.0, layer_depth: int = 2, max_layers: int = 32,
