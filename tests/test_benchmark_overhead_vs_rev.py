@@ -1,4 +1,4 @@
-"""``benchmarks/overhead_vs_rev.py``: the exported revision imports under its own name, and the
+"""``tools/overhead_vs_rev.py``: the exported revision imports under its own name, and the
 interleaving gives every measurement every position."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _module():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("overhead_vs_rev",
-                                                  ROOT / "benchmarks" / "overhead_vs_rev.py")
+                                                  ROOT / "tools" / "overhead_vs_rev.py")
     assert spec is not None
     assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

@@ -11,7 +11,7 @@ name                what runs
 ==================  ==========================================================================
 ``none``            plain Lightning, no clipping
 ``clip1``           ``Trainer(gradient_clip_val=1.0)`` (norm clipping, Lightning's default
-                    algorithm)
+                    algorithm); ``clip<v>`` any value (``clip0.25``: the LSTM recipe's own)
 ``zclip``           ``zclip.ZClipLightningCallback()`` with the package's defaults (``alpha=0.97,
                     z_thresh=2.5, max_grad_norm=1.0, warmup_steps=25, mode="zscore",
                     clip_option="adaptive_scaling"``)
@@ -26,6 +26,7 @@ name                what runs
 ``gradguard(...)``  scratch variants: any ``GradGuard(...)`` keyword arguments, e.g.
                     ``"gradguard(recovery_steps=100)"`` or
                     ``"gradguard(clip=ZScoreClip(z_threshold=3.0))"``
+``<m>+<fault>``     method ``m`` with injected faults (:func:`with_faults`)
 ``floor``           (overhead only) one fused read of the gradients and one host read
 ``monitor``         (overhead only) ``GradientMonitor()``
 ==================  ==========================================================================
@@ -37,7 +38,7 @@ import ast
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +54,12 @@ from lightning_gradguard.core import (
     PercentileClip,
     ZScoreClip,
 )
+from lightning_gradguard.testing import Fault, FaultInjector
 
 __all__ = [
     "REGISTRY", "AGCCallback", "AutoClipCallback", "FloorCallback", "Method", "MethodSetup",
     "get_method", "gradguard_variant", "method_slug", "output_layer", "parse_variant",
-    "register",
+    "register", "with_faults",
 ]
 
 
@@ -114,8 +116,32 @@ def get_method(name: str) -> Method:
         return REGISTRY[name]
     if name.startswith("gradguard(") and name.endswith(")"):
         return parse_variant(name)
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)} or "
+    if re.fullmatch(r"clip[0-9]+(\.[0-9]*)?", name):
+        value = float(name[len("clip"):])
+        return register(Method(name, lambda: MethodSetup(
+            trainer_kwargs={"gradient_clip_val": value}), f"Trainer(gradient_clip_val={value})"))
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(REGISTRY)}, 'clip<value>' or "
                      "'gradguard(<GradGuard kwargs>)'")
+
+
+def with_faults(method: str, label: str, faults: Sequence[Fault]) -> str:
+    """Register (once) and name ``method`` with ``faults`` injected (``"<method>+<label>"``).
+
+    The :class:`~lightning_gradguard.testing.FaultInjector` comes before the method's
+    callbacks, so the method sees the faulty step as it would see a real one.
+    """
+    name = f"{method}+{label}"
+    if name not in REGISTRY:
+        inner = get_method(method)
+
+        def factory() -> MethodSetup:
+            setup = inner.build()
+            return MethodSetup([FaultInjector(list(faults)), *setup.callbacks],
+                               setup.trainer_kwargs)
+
+        register(Method(name, factory, f"{inner.description} + {label}",
+                        library=inner.library, gradguard=inner.gradguard))
+    return name
 
 
 def method_slug(name: str) -> str:

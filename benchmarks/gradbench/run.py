@@ -3,7 +3,9 @@
 :func:`run_one` trains with ``Trainer.fit`` for a fixed number of optimizer steps (no
 validation loop) behind a :class:`Monitor` that sees every step before any method acts, and
 returns a JSON-ready record: validation loss and metric before and after, *diverged* (final
-validation loss non-finite or above the initial one), *non-finite steps*, per-step traces.
+validation loss non-finite or above the initial one), *non-finite steps*, per-step traces and,
+for a GradGuard, its summary and every step it acted on (:class:`GuardEvents`, through
+``GuardCore.listeners``).
 
 :class:`RunCache` stores one JSON file per cell. A cached record is reused only if it was made
 with the same configuration (protocol version, steps, method name, model and datamodule
@@ -29,12 +31,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.core.guard import StepReport
 
 from .common import json_float, library_id, source_hash
 from .methods import Method, get_method, method_slug
 from .workloads import Workload
 
-__all__ = ["CACHE_VERSION", "Monitor", "RunCache", "run_one", "total_norm"]
+__all__ = ["CACHE_VERSION", "GuardEvents", "Monitor", "RunCache", "run_one", "total_norm"]
 
 library_id()  # the sources this process imported (see library_id)
 
@@ -111,6 +114,45 @@ class Monitor(Callback):
             trainer.should_stop = True
 
 
+def why(report: StepReport) -> str:
+    """Why the guard acted at this step: ``nonfinite``, ``growth``, ``spike`` or ``cap``."""
+    # issue 25: replace with StepReport.reason
+    if not report.finite:
+        return "nonfinite"
+    if report.growth:
+        return "growth"
+    if report.spike:
+        return "spike"
+    return "cap"
+
+
+class GuardEvents(Callback):
+    """Every step a GradGuard acted on, from its cores' ``GuardCore.listeners``.
+
+    One row per step that clipped, skipped, backed off, or saw a spike, growth or a
+    non-finite value: ``[step, action, why, backoff (0/1), grad_norm, grad_norm_clipped,
+    threshold, lr_scale]`` (floats as :func:`~gradbench.common.json_float`). Put it after
+    the guards in the callback list: their cores are built in their ``on_train_start``.
+    """
+
+    def __init__(self, guards: Sequence[GradGuard]) -> None:
+        self.guards = list(guards)
+        self.events: list[list[Any]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for guard in self.guards:
+            # GradGuard has no public accessor of its per-optimizer cores
+            for core in guard._cores.values():
+                if self._listen not in core.listeners:
+                    core.listeners.append(self._listen)
+
+    def _listen(self, measurement: Any, decision: Any, r: StepReport) -> None:
+        if r.action.value != "none" or r.backoff or r.spike or r.growth or not r.finite:
+            self.events.append([r.step, r.action.value, why(r), int(r.backoff),
+                                json_float(r.grad_norm), json_float(r.grad_norm_clipped),
+                                json_float(r.threshold), json_float(r.lr_scale)])
+
+
 def _config(workload: Workload, lr: float, seed: int, method: str,
             steps: int) -> dict[str, Any]:
     """The part of a record that identifies its configuration (the cache key)."""
@@ -127,6 +169,8 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
     initial = workload.evaluate(model, datamodule)
     setup = method.build()
     monitor = Monitor()
+    guards = [cb for cb in setup.callbacks if isinstance(cb, GradGuard)]
+    recorder = [GuardEvents(guards)] if guards else []
     tmp = tempfile.mkdtemp(prefix="gg_stability_")
     t0 = time.perf_counter()
     try:
@@ -134,7 +178,7 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
             accelerator="cpu", devices=1, max_steps=steps, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp,
-            callbacks=[monitor, *setup.callbacks],
+            callbacks=[monitor, *setup.callbacks, *recorder],
             **{**workload.trainer_kwargs, **setup.trainer_kwargs},
         )
         trainer.fit(model, datamodule=datamodule)
@@ -164,12 +208,12 @@ def run_one(workload: Workload, lr: float, seed: int, method: Method,
             "lr": [json_float(x) for x in monitor.lr],
         },
     }
-    guards = [cb for cb in setup.callbacks if isinstance(cb, GradGuard)]
     if guards:
         s = guards[0].summary()
         record["gradguard"] = {k: s[k] for k in ("spikes", "clipped_steps", "skipped_steps",
                                                  "lr_backoffs", "growth_events", "lr_scale",
                                                  "halted")}
+        record["events"] = recorder[0].events
     return record
 
 

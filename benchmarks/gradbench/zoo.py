@@ -32,9 +32,9 @@ Each recipe has a healthy LR: the documented default of its optimizer family (Ad
 RMSprop 1e-3, Adagrad 1e-2, schedule-free AdamW 2.5e-3), or, for the SGD family (which has
 none), the best of a sweep without any guard (:data:`SGD_SWEEP`).
 
-Text is the docstring corpus of the rescue benchmark (``rescue_workloads.corpus``); images
-and sequences are class templates plus noise; regression targets are a random linear map of
-the inputs. Everything is generated from seeds; nothing is downloaded.
+Text is the docstring corpus (:func:`gradbench.corpus.corpus`, shared with the rescue
+benchmark); images and sequences are class templates plus noise; regression targets are a
+random linear map of the inputs. Everything is generated from seeds; nothing is downloaded.
 
 The split (:data:`TUNING_SEEDS`, :data:`VALIDATION_SEEDS`) is by generator seed and was fixed
 before any zoo result was looked at.
@@ -53,6 +53,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+
+from .corpus import corpus
 
 __all__ = [
     "FAMILIES", "OPTIMIZERS", "SGD_SWEEP", "TUNING_SEEDS", "VALIDATION_SEEDS", "Recipe",
@@ -186,10 +188,7 @@ def recipes(which: str, steps: int = 80) -> list[Recipe]:
 
 # ----------------------------------------------------------------------------- data
 def _text() -> tuple[Tensor, Tensor]:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
-    from rescue_workloads import corpus  # the docstring corpus (built once, cached)
-
-    c = corpus()
+    c = corpus()  # the docstring corpus (built once, cached)
     return c.train, c.val
 
 

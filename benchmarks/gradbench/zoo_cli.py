@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_gradguard.testing import Fault, FaultInjector
+from lightning_gradguard.testing import Fault
 
 from .common import BENCH_ROOT, library_id, quiet, to_float
-from .methods import REGISTRY, Method, MethodSetup, get_method, register
+from .methods import get_method, with_faults
 from .run import RunCache, run_one
 from .zoo import DEFAULT_LR, SGD_SWEEP, Recipe, ZooWorkload, draw, recipes
 
@@ -54,18 +54,7 @@ def _fault(name: str, step: int) -> Fault:
 
 def faulted(method: str, fault: str, step: int) -> str:
     """Register (once) and name ``method`` with one ``fault`` injected at ``step``."""
-    name = f"{method}+{fault}@{step}"
-    if name not in REGISTRY:
-        inner = get_method(method)
-
-        def factory() -> MethodSetup:
-            setup = inner.build()
-            return MethodSetup([FaultInjector([_fault(fault, step)]), *setup.callbacks],
-                               setup.trainer_kwargs)
-
-        register(Method(name, factory, f"{inner.description} + {fault} at step {step}",
-                        library=inner.library, gradguard=inner.gradguard))
-    return name
+    return with_faults(method, f"{fault}@{step}", [_fault(fault, step)])
 
 
 @dataclass(frozen=True)

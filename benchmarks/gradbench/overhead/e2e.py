@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.core.guard import GuardCore
 
 from ..methods import get_method
@@ -71,9 +72,17 @@ def run_fit(config: str, spec: DemoSpec, args: argparse.Namespace,
     from lightning.pytorch.loggers import CSVLogger
 
     class StepClock(Callback):
-        def __init__(self) -> None:
+        def __init__(self, guards: list[GradGuard], core_acc: list[tuple[float, float]]) -> None:
             self.t: list[float] = []
             self.c: list[float] = []
+            self.guards, self.core_acc = guards, core_acc
+
+        def on_train_start(self, *a: Any, **k: Any) -> None:
+            # also time GuardCore.step inside the hook (adapter cost): each core built by the
+            # guards' on_train_start gets its own bound method wrapped, nothing else
+            for guard in self.guards:
+                for core in guard._cores.values():  # no public accessor of the cores
+                    core.step = timed(core.step, self.core_acc)  # type: ignore[method-assign]
 
         def on_train_batch_end(self, *a: Any, **k: Any) -> None:
             self.t.append(time.perf_counter())
@@ -83,9 +92,11 @@ def run_fit(config: str, spec: DemoSpec, args: argparse.Namespace,
     steps = args.e2e_warmup + args.e2e_steps
     pl.seed_everything(0, verbose=False)
     model, dm = build_demo(spec, steps)
-    clock = StepClock()
     hook: list[tuple[float, float]] = []
+    core_acc: list[tuple[float, float]] = []
     setup = method.build()
+    clock = StepClock([cb for cb in setup.callbacks if isinstance(cb, GradGuard)]
+                      if method.gradguard else [], core_acc)
     if "gradient_clip_val" in setup.trainer_kwargs:
         model.configure_gradient_clipping = timed(model.configure_gradient_clipping, hook)
     for cb in setup.callbacks:
@@ -98,14 +109,7 @@ def run_fit(config: str, spec: DemoSpec, args: argparse.Namespace,
         logger=CSVLogger(tmp, name=re.sub(r"\W", "_", f"{spec.key}_{config}")),
         callbacks=[*setup.callbacks, clock], **setup.trainer_kwargs,
     )
-    core_acc: list[tuple[float, float]] = []
-    orig_step = GuardCore.step
-    if method.gradguard:  # also time GuardCore.step inside the hook: adapter cost
-        GuardCore.step = timed(orig_step, core_acc)  # type: ignore[method-assign]
-    try:
-        trainer.fit(model, datamodule=dm)
-    finally:
-        GuardCore.step = orig_step  # type: ignore[method-assign]
+    trainer.fit(model, datamodule=dm)
     if trainer.global_step != steps:
         raise RuntimeError(f"fit ran {trainer.global_step} steps, expected {steps}")
     w = args.e2e_warmup - 1

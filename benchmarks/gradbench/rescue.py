@@ -1,7 +1,9 @@
-"""Workloads of the rescue benchmark (issue 14): realistic models and offline data.
+"""The rescue benchmark's workloads (issue 14): realistic models and offline data.
 
 Every workload builds a LightningModule (with its own optimizer recipe and validation data)
-and a training dataloader from ``(lr, seed)``; nothing is downloaded.
+and a training dataloader from ``(lr, seed)``; nothing is downloaded. A
+:class:`RescueWorkload` is a ``gradbench`` workload (``run_one`` and ``RunCache`` take it);
+its metric is the module's ``val_loss()``.
 
 ==================  ===========================================================================
 workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
@@ -9,7 +11,7 @@ workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
 ``lstm_lm``         word-level LSTM language model, 2 x 200 (the PyTorch word_language_model
                     recipe: SGD lr 20, dropout 0.2; the recipe itself clips at 0.25; truncated
                     BPTT 20, batch 10 to fit 2 CPU cores), 150 steps, on English docstrings
-                    of torch, numpy and lightning
+                    of torch, numpy and lightning (:mod:`gradbench.corpus`)
 ``tf_pre_warm``     decoder-only transformer LM (2 layers, d 64, 4 heads, context 32, batch 8,
                     200 steps), pre-LN,
                     AdamW (betas 0.9/0.95, weight decay 0.1), linear LR warmup over 40 steps
@@ -18,8 +20,8 @@ workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
 ``tf_post_nowarm``  post-LN, without warmup
 ``resnet_bn``       residual CNN with BatchNorm (8-16-32 channels) on a synthetic 10-class
                     16 x 16 image task, batch 32, SGD momentum 0.9, weight decay 5e-4
-``irnn``            identity-initialised ReLU RNN (64 units) on the adding problem (T = 30),
-                    plain SGD, 1,000 steps
+``irnn``            identity-initialised ReLU RNN (64 units) on the adding problem (T = 30,
+                    the demos' ``AddingProblemDataModule.generate``), plain SGD, 1,000 steps
 ``mlp_sgd``         a user's small healthy MLP (20-64-64-1, ReLU) on a synthetic regression,
                     plain SGD lr 0.05, 300 steps
 ``mlp_sgd_long``    the same, 2,000 steps (a long run)
@@ -28,23 +30,15 @@ workload            what trains (tuned LR; the benchmark also runs x3, x10, x30)
 ``mlp_sgd_fault``   the MLP with SGD (lr 0.05), healthy, one injected fault
 ==================  ===========================================================================
 
-The corpus: docstrings (module, class, function) of every ``.py`` file of the installed
-``torch``, ``numpy`` and ``lightning`` packages, read with :mod:`ast` in sorted path order (no
-imports), lower-cased and split into words and punctuation; the first ``_TOKENS_PER_PACKAGE``
-tokens of each package, 90 % / 10 % train / validation per package; a vocabulary of the
-``VOCAB - 2`` most frequent training words (ties alphabetical) plus ``<unk>`` and ``<eos>``.
-It is cached under ``benchmarks/.cache/rescue/`` keyed by the packages' versions.
+The train / validation split (:data:`TUNING_WORKLOADS`, :data:`VALIDATION_ONLY_WORKLOADS`,
+:data:`TUNING_SEEDS`, :data:`VALIDATION_SEEDS`) was fixed before any result; rules are chosen
+on the tuning set only, the validation set is run once, at the end, with the rule set frozen
+(the reasons: ``benchmarks/results/rescue_split.md``).
 """
 
 from __future__ import annotations
 
-import ast
-import collections
 import hashlib
-import importlib.metadata
-import importlib.util
-import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,92 +49,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from lightning_gradguard.demos import AddingProblemDataModule
 from lightning_gradguard.testing import Fault
 
-__all__ = ["FAULTS", "WORKLOADS", "Corpus", "Workload", "corpus", "source_hash"]
+from .corpus import VOCAB, corpus
 
-ROOT = Path(__file__).resolve().parent
-CACHE = ROOT / ".cache" / "rescue"
+__all__ = [
+    "FAULTS", "TUNING_SEEDS", "TUNING_WORKLOADS", "VALIDATION_ONLY_WORKLOADS",
+    "VALIDATION_SEEDS", "WORKLOADS", "RescueWorkload", "source_hash",
+]
 
-PACKAGES = ("torch", "numpy", "lightning")
-VOCAB = 1000
-_TOKENS_PER_PACKAGE = 300_000
-_WORD = re.compile(r"[a-z]+|[0-9]+|[.,:;()=\[\]]")
-
-
-# ----------------------------------------------------------------------------- corpus
-@dataclass(frozen=True)
-class Corpus:
-    """Token ids of the training and validation text and the vocabulary."""
-
-    train: Tensor
-    val: Tensor
-    vocab: list[str]
-
-
-def _docstrings(path: Path) -> Iterator[str]:
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except (SyntaxError, ValueError):
-        return
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                yield doc
-
-
-def _package_tokens(name: str, limit: int) -> list[str]:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is not installed")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    out: list[str] = []
-    for f in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        for doc in _docstrings(f):
-            words = ["N" if w.isdigit() else w for w in _WORD.findall(doc.lower())]
-            out.extend(words)
-            out.append("<eos>")
-            if len(out) >= limit:
-                return out[:limit]
-    return out
-
-
-def _versions() -> str:
-    return ",".join(f"{p}={importlib.metadata.version(p)}" for p in PACKAGES)
-
-
-_CORPUS: Corpus | None = None
-
-
-def corpus() -> Corpus:
-    """The docstring corpus (built once, then cached on disk and in memory)."""
-    global _CORPUS
-    if _CORPUS is not None:
-        return _CORPUS
-    key = hashlib.sha1(f"{_versions()}|{_TOKENS_PER_PACKAGE}|{_WORD.pattern}".encode())
-    path = CACHE / f"words_{key.hexdigest()[:12]}.pt"
-    if path.exists():
-        d = torch.load(path)
-        train_words, val_words = d["train"], d["val"]
-    else:
-        train_words, val_words = [], []
-        for pkg in PACKAGES:
-            words = _package_tokens(pkg, _TOKENS_PER_PACKAGE)
-            cut = int(len(words) * 0.9)
-            train_words += words[:cut]
-            val_words += words[cut:]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"train": train_words, "val": val_words, "versions": _versions()}, path)
-    counts = collections.Counter(train_words)
-    counts.pop("<eos>", None)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: VOCAB - 2]
-    vocab = ["<unk>", "<eos>"] + [w for w, _ in ranked]
-    index = {w: i for i, w in enumerate(vocab)}
-    train = torch.tensor([index.get(w, 0) for w in train_words], dtype=torch.long)
-    val = torch.tensor([index.get(w, 0) for w in val_words], dtype=torch.long)
-    _CORPUS = Corpus(train, val, vocab)
-    return _CORPUS
+TUNING_WORKLOADS = ("lstm_lm", "mlp_sgd", "mlp_adam_fault", "mlp_sgd_fault", "tf_pre_warm")
+VALIDATION_ONLY_WORKLOADS = ("tf_pre_nowarm", "tf_post_warm", "tf_post_nowarm", "resnet_bn",
+                             "irnn", "mlp_sgd_long")
+TUNING_SEEDS = (0, 1, 2)
+VALIDATION_SEEDS = (3, 4, 5)
 
 
 # ----------------------------------------------------------------------------- LSTM LM
@@ -372,14 +295,9 @@ def _resnet(lr: float, seed: int) -> tuple[pl.LightningModule, DataLoader[Any]]:
 
 
 # ----------------------------------------------------------------------------- IRNN
-def _adding(n: int, t: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    values = torch.rand(n, t, generator=g)
-    marks = torch.zeros(n, t)
-    first = torch.randint(0, t // 2, (n,), generator=g)
-    second = torch.randint(t // 2, t, (n,), generator=g)
-    marks[torch.arange(n), first] = 1.0
-    marks[torch.arange(n), second] = 1.0
-    return torch.stack([values, marks], dim=-1), (values * marks).sum(1, keepdim=True)
+def _adding(n: int, t: int) -> AddingProblemDataModule:
+    """The demo adding problem (``AddingProblemDataModule.generate``): ``n`` sequences of ``t``."""
+    return AddingProblemDataModule(seq_len=t, num_samples=n, batch_size=1)
 
 
 class _AddingStream(IterableDataset[tuple[Tensor, Tensor]]):
@@ -388,8 +306,9 @@ class _AddingStream(IterableDataset[tuple[Tensor, Tensor]]):
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         g = torch.Generator().manual_seed(2000 + self.seed)
+        data = _adding(self.batch, self.t)
         while True:
-            yield _adding(self.batch, self.t, g)
+            yield data.generate(g)
 
 
 class IRNN(pl.LightningModule):
@@ -405,7 +324,7 @@ class IRNN(pl.LightningModule):
             self.rnn.bias_hh_l0.zero_()
             self.rnn.bias_ih_l0.zero_()
         self.out = nn.Linear(hidden, 1)
-        self.val_x, self.val_y = _adding(1000, t, torch.Generator().manual_seed(77))
+        self.val_x, self.val_y = _adding(1000, t).generate(torch.Generator().manual_seed(77))
 
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x)
@@ -486,56 +405,8 @@ FAULTS: dict[str, tuple[Fault, ...]] = {
     "spike1e6": (Fault(step=100, kind="scale", factor=1e6, target="loss"),),
     "all3": (Fault(step=60, kind="nan", target="loss"), Fault(step=120, kind="inf",
                                                                target="grad"),
-             Fault(step=180, kind="scale", factor=1e6, target="loss")),
+                   Fault(step=180, kind="scale", factor=1e6, target="loss")),
 }
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One workload: a builder ``(lr, seed) -> (module, train loader)`` and its protocol.
-
-    ``lr_mults`` multiply ``tuned_lr``; ``faults`` names entries of :data:`FAULTS` (each one
-    a separate run at every LR); the module's ``val_loss()`` is the metric.
-    """
-
-    name: str
-    build: Callable[[float, int], tuple[pl.LightningModule, DataLoader[Any]]]
-    tuned_lr: float
-    steps: int
-    note: str
-    lr_mults: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
-    faults: tuple[str, ...] = ("clean",)
-    extra_methods: tuple[str, ...] = field(default=())
-
-    def lrs(self) -> list[float]:
-        return [float(f"{self.tuned_lr * m:.4g}") for m in self.lr_mults]
-
-
-WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    Workload("lstm_lm", _lstm_lm, 20.0, 150,
-             "word LSTM LM 2x200 on docstrings, SGD (recipe lr 20, recipe clip 0.25), "
-             "truncated BPTT 20, batch 10", extra_methods=("clip0.25",)),
-    Workload("tf_pre_warm", _transformer(True, 40), 3e-3, 200,
-             "transformer LM, pre-LN, AdamW(0.9, 0.95, wd 0.1), warmup 40 steps"),
-    Workload("tf_pre_nowarm", _transformer(True, 0), 3e-3, 200,
-             "transformer LM, pre-LN, AdamW, no warmup"),
-    Workload("tf_post_warm", _transformer(False, 40), 3e-3, 200,
-             "transformer LM, post-LN, AdamW, warmup 40 steps"),
-    Workload("tf_post_nowarm", _transformer(False, 0), 3e-3, 200,
-             "transformer LM, post-LN, AdamW, no warmup"),
-    Workload("resnet_bn", _resnet, 0.1, 300,
-             "ResNet (BatchNorm) on synthetic 16x16 images, SGD momentum 0.9"),
-    Workload("irnn", _irnn, 0.01, 1000,
-             "IRNN(64) adding problem T=30, plain SGD, 1000 steps"),
-    Workload("mlp_sgd", _mlp("sgd"), 0.05, 300, "user MLP, plain SGD"),
-    Workload("mlp_sgd_long", _mlp("sgd"), 0.05, 2000, "user MLP, plain SGD, 2000 steps"),
-    Workload("mlp_adam_fault", _mlp("adam"), 1e-3, 300,
-             "user MLP, Adam, one injected fault", lr_mults=(1.0,),
-             faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
-    Workload("mlp_sgd_fault", _mlp("sgd"), 0.05, 300,
-             "user MLP, SGD, one injected fault", lr_mults=(1.0,),
-             faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
-)}
 
 
 def source_hash() -> str:
@@ -543,5 +414,78 @@ def source_hash() -> str:
     return hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
-def _perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else math.inf
+class _Loader(pl.LightningDataModule):
+    """A datamodule around a workload's training loader (built with the model)."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        super().__init__()
+        self.loader = loader
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return self.loader
+
+
+Builder = Callable[[float, int], tuple[pl.LightningModule, DataLoader[Any]]]
+
+
+@dataclass(frozen=True)
+class RescueWorkload:
+    """One workload: a builder ``(lr, seed) -> (module, train loader)`` and its protocol.
+
+    ``lr_mults`` multiply ``tuned_lr``; ``faults`` names entries of :data:`FAULTS` (each one
+    a separate run at every LR); the module's ``val_loss()`` is the metric;
+    ``extra_methods`` are the recipe's own methods (the LSTM's ``clip0.25``).
+    """
+
+    name: str
+    builder: Builder
+    tuned_lr: float
+    steps: int
+    note: str
+    lr_mults: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    faults: tuple[str, ...] = ("clean",)
+    extra_methods: tuple[str, ...] = field(default=())
+    #: a fixed number of optimizer steps, however many epochs that takes
+    trainer_kwargs: dict[str, Any] = field(default_factory=lambda: {"max_epochs": -1})
+
+    def lrs(self) -> list[float]:
+        return [float(f"{self.tuned_lr * m:.4g}") for m in self.lr_mults]
+
+    def cache_key(self, lr: float, seed: int) -> dict[str, Any]:
+        """The workloads' source: a changed workload reruns (gradbench ``RunCache``)."""
+        return {"rescue_workloads": source_hash()}
+
+    def build(self, lr: float, seed: int) -> tuple[pl.LightningModule, _Loader]:
+        model, loader = self.builder(lr, seed)
+        return model, _Loader(loader)
+
+    def evaluate(self, model: Any, datamodule: Any) -> dict[str, float]:
+        return {"val_loss": float(model.val_loss())}
+
+
+WORKLOADS: dict[str, RescueWorkload] = {w.name: w for w in (
+    RescueWorkload("lstm_lm", _lstm_lm, 20.0, 150,
+                   "word LSTM LM 2x200 on docstrings, SGD (recipe lr 20, recipe clip 0.25), "
+                   "truncated BPTT 20, batch 10", extra_methods=("clip0.25",)),
+    RescueWorkload("tf_pre_warm", _transformer(True, 40), 3e-3, 200,
+                   "transformer LM, pre-LN, AdamW(0.9, 0.95, wd 0.1), warmup 40 steps"),
+    RescueWorkload("tf_pre_nowarm", _transformer(True, 0), 3e-3, 200,
+                   "transformer LM, pre-LN, AdamW, no warmup"),
+    RescueWorkload("tf_post_warm", _transformer(False, 40), 3e-3, 200,
+                   "transformer LM, post-LN, AdamW, warmup 40 steps"),
+    RescueWorkload("tf_post_nowarm", _transformer(False, 0), 3e-3, 200,
+                   "transformer LM, post-LN, AdamW, no warmup"),
+    RescueWorkload("resnet_bn", _resnet, 0.1, 300,
+                   "ResNet (BatchNorm) on synthetic 16x16 images, SGD momentum 0.9"),
+    RescueWorkload("irnn", _irnn, 0.01, 1000,
+                   "IRNN(64) adding problem T=30, plain SGD, 1000 steps"),
+    RescueWorkload("mlp_sgd", _mlp("sgd"), 0.05, 300, "user MLP, plain SGD"),
+    RescueWorkload("mlp_sgd_long", _mlp("sgd"), 0.05, 2000, "user MLP, plain SGD, 2000 steps"),
+    RescueWorkload("mlp_adam_fault", _mlp("adam"), 1e-3, 300,
+                   "user MLP, Adam, one injected fault", lr_mults=(1.0,),
+                   faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
+    RescueWorkload("mlp_sgd_fault", _mlp("sgd"), 0.05, 300,
+                   "user MLP, SGD, one injected fault", lr_mults=(1.0,),
+                   faults=("clean", "nan_loss", "inf_grad", "spike1e6", "all3")),
+)}
+
