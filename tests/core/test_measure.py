@@ -155,3 +155,135 @@ def test_host_values_two_vectors_in_one_transfer_each_from_its_offset() -> None:
                               "w": [30.0]}
     with pytest.raises(ValueError, match="`name` must be new, got 'u'"):
         values.add_vector("u", torch.tensor([1.0]))
+
+
+# --- exact values of each measured quantity (issue 27, mutation survivors) ------------------
+
+
+def test_name_twice_messages_exact() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("loss", torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"^`name` must be new, got 'loss' a second time$"):
+        values.add("loss", torch.tensor(2.0))
+    values.add_vector("u", torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"^`name` must be new, got 'u' a second time$"):
+        values.add_vector("u", torch.tensor([1.0]))
+
+
+def test_host_values_convert_shape_dtype_and_autograd() -> None:
+    values = HostValues(torch.device("cpu"))
+    x = torch.tensor([1.5], requires_grad=True)
+    values.add("x2", (x * 2).reshape(1, 1))  # a one-element tensor with autograd
+    values.add("half", torch.tensor(0.25, dtype=torch.float16))
+    values.add("int", torch.tensor(7))
+    assert all(v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad
+               for v in values._values)
+    assert values.read() == {"x2": 3.0, "half": 0.25, "int": 7.0}
+    assert values.vectors == {}
+
+
+def _measure(params: list[torch.nn.Parameter], norm_type: float = 2.0, **kw: object):  # type: ignore[no-untyped-def]
+    seen: dict[str, float] = {}
+
+    def limit(host: dict[str, float]) -> UpdateLimit:
+        seen.update(host)
+        return UpdateLimit()
+
+    args = dict(loss=None, policy=NoClip(), names=["a", "b"], amp_overflow=False,
+                weights_of=None, weight_norm=False, limit=limit)
+    args.update(kw)
+    m, grads = Meter(params, norm_type).measure(1, **args)  # type: ignore[arg-type]
+    return m, grads, seen
+
+
+@pytest.mark.parametrize(("loss", "expected"), [
+    (torch.tensor([1.0, 3.0]), 2.0),  # a per-sample loss: its mean
+    (torch.tensor([[0.5]]), 0.5),
+    (torch.tensor(0.75, dtype=torch.float16), 0.75),
+    (torch.tensor([1.0, 2.0], dtype=torch.float16), 1.5),
+    (2, 2.0),
+])
+def test_loss_summary(loss: object, expected: float) -> None:
+    m, _, _ = _measure(_params(), loss=loss)
+    assert m.loss == expected
+    assert type(m.loss) is float
+
+
+def test_weight_norm_in_the_meters_norm_type_and_per_tensor_read() -> None:
+    m, grads, seen = _measure(_params(), 1.0, weight_norm=True, read_per_tensor=True,
+                              extra={"e": torch.tensor([[5.0, 6.0]])})
+    # L1 norms: weights 4 + 9, gradients 6 + 12
+    assert seen["weight_norm"] == 13.0
+    assert m.grad_norm == pytest.approx(18.0) and m.clipped_norm == m.grad_norm
+    assert grads is not None
+    assert list(grads.host) == ["per_tensor", "e"]
+    assert grads.host["per_tensor"] == pytest.approx([6.0, 12.0])
+    assert grads.host["e"] == [5.0, 6.0]
+    _, grads2, seen2 = _measure(_params(), 1.0)
+    assert set(seen2) == {"grad_norm"}
+    assert grads2 is not None and grads2.host == {}
+
+
+def test_threshold_is_the_policys_before_the_step() -> None:
+    m, _, _ = _measure(_params(), policy=FixedNormClip(2.5))
+    assert (m.threshold, m.grad_norm, m.unitwise) == (2.5, pytest.approx(5.0), False)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_a_norm_overflowing_float32_is_measured_in_float64(norm_type: float) -> None:
+    a = torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.tensor([3e38, 3e38])  # finite elements, a norm above float32's range
+    m, _, _ = _measure([a], norm_type, names=["a"])
+    expected = 6e38 if norm_type == 1.0 else math.sqrt(2) * 3e38
+    assert m.grad_norm == pytest.approx(expected, rel=1e-6)
+    assert m.finite
+
+
+def test_an_inf_norm_is_not_re_measured() -> None:
+    a = torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.tensor([math.inf, 1.0])
+    m, _, _ = _measure([a], math.inf, names=["a"])
+    assert m.grad_norm == math.inf
+    m2, _, _ = _measure([a], 2.0, names=["a"])
+    assert m2.grad_norm == math.inf  # a real inf stays inf in float64
+
+
+def test_meter_grouping_only_for_plain_parameters() -> None:
+    params = _params()
+    assert Meter(params, 2.0).groups == {(torch.device("cpu"), torch.float32): [0, 1]}
+
+    class MyParam(torch.nn.Parameter):
+        pass
+
+    odd = MyParam(torch.ones(2))
+    assert Meter([params[0], odd], 2.0).groups is None
+
+
+def test_gradients_reuse_the_grouping_only_when_every_parameter_has_one() -> None:
+    params = _params()
+    meter = Meter(params, 2.0)
+    found = meter.gradients()
+    assert found is not None
+    assert found[0].groups == {(torch.device("cpu"), torch.float32): [0, 1]}
+    assert found[1].item() == pytest.approx(5.0)
+    params[0].grad = None
+    found = meter.gradients()
+    assert found is not None
+    assert found[0].groups is None and found[1].item() == pytest.approx(4.0)
+    assert meter.groups is not None  # still known for the next step
+
+
+def test_a_sparse_gradient_switches_to_the_general_path_for_good() -> None:
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    w = torch.nn.Parameter(torch.ones(3))
+    emb(torch.tensor([1, 3])).sum().backward()
+    w.grad = torch.full((3,), 2.0)
+    meter = Meter([emb.weight, w], 2.0)
+    assert meter.groups is not None
+    found = meter.gradients()
+    assert found is not None
+    assert found[0].groups is None and meter.groups is None
+    # 4 ones in the sparse gradient, 3 twos
+    assert found[1].item() == pytest.approx(math.sqrt(4 + 12))
+    assert found[0].per_tensor is not None
+    assert found[0].per_tensor.tolist() == pytest.approx([2.0, math.sqrt(12)])
