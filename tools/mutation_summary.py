@@ -1,9 +1,11 @@
 """Per-module mutation score from ``mutmut results --all true`` (run from the project root).
 
-Usage: ``python tools/mutation_summary.py [--survivors] [GLOB ...]``, with mutant-name globs
-(fnmatch), e.g. ``'lightning_gradguard.core.decide.*'``; none: every mutant mutmut knows.
-Mutants mutmut has not run yet ("not checked") are listed but not scored. ``--survivors``:
-also list the surviving mutants (``mutmut show NAME`` prints one's diff).
+Usage: ``python tools/mutation_summary.py [--survivors | --names] [GLOB ...]``, with
+mutant-name globs (fnmatch), e.g. ``'lightning_gradguard.core.decide.*'``; none: every mutant
+mutmut knows. Mutants mutmut has not run yet ("not checked") are listed but not scored.
+``--survivors``: also list the surviving mutants (``mutmut show NAME`` prints one's diff).
+``--names``: print only the surviving mutants' names, one a line, nothing else (what
+``SURVIVORS=1 tools/mutation.sh`` passes back to ``mutmut run``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 PREFIX = "lightning_gradguard.core."
 
 
-def main(patterns: list[str], survivors: bool = False) -> None:
+def main(patterns: list[str], survivors: bool = False, names_only: bool = False) -> None:
     """Print one row per core module and the total over the selection."""
     pats = patterns or ["*"]
     names: list[str] = []
@@ -31,6 +33,9 @@ def main(patterns: list[str], survivors: bool = False) -> None:
         module = name.removeprefix(PREFIX).split(".")[0]
         c = counts.setdefault(module, {})
         c[status] = c.get(status, 0) + 1
+    if names_only:
+        print("\n".join(sorted(names)))
+        return
     total: dict[str, int] = {}
     print("| module | killed | survived | no tests | not checked | score |")
     print("|---|---|---|---|---|---|")
@@ -54,4 +59,5 @@ def _row(label: str, c: dict[str, int]) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main([a for a in args if a != "--survivors"], survivors="--survivors" in args)
+    main([a for a in args if a not in ("--survivors", "--names")],
+         survivors="--survivors" in args, names_only="--names" in args)
