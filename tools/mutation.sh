@@ -53,7 +53,7 @@ done
 targets=("${patterns[@]}")
 if [[ "${SURVIVORS:-0}" == "1" ]]; then
     [[ -d mutants ]] || { echo "SURVIVORS=1 needs the mutants/ of an earlier run" >&2; exit 2; }
-    mapfile -t targets < <(python tools/mutation_summary.py --names "${patterns[@]}")
+    mapfile -t targets < <(python tools/mutation_summary.py --names "${patterns[@]}" | grep .)
 elif [[ "${KEEP:-0}" != "1" ]]; then
     rm -rf mutants
 fi

@@ -34,7 +34,8 @@ def main(patterns: list[str], survivors: bool = False, names_only: bool = False)
         c = counts.setdefault(module, {})
         c[status] = c.get(status, 0) + 1
     if names_only:
-        print("\n".join(sorted(names)))
+        for name in sorted(names):
+            print(name)
         return
     total: dict[str, int] = {}
     print("| module | killed | survived | no tests | not checked | score |")
