@@ -1,12 +1,17 @@
 """The ``gradguard`` command line (also ``python -m lightning_gradguard``).
 
-* ``gradguard demo [--model mlp] [--steps 300] [--logdir gradguard_runs] [--no-progress]`` —
-  a model that explodes, trained without and with ``GradGuard()`` into a new
-  ``LOGDIR/<model>/version_N`` folder; prints a side-by-side table and the ``tensorboard`` /
-  ``gradguard report`` commands to look at it.
+* ``gradguard demo [--model mlp] [--steps 300] [--logdir gradguard_runs]
+  [--progress | --no-progress]`` — a model that explodes, trained without and with
+  ``GradGuard()`` into a new ``LOGDIR/<model>/version_N`` folder; prints a side-by-side table
+  and the ``tensorboard`` / ``gradguard report`` commands to look at it. The progress bar is
+  shown only when stdout is a terminal, unless ``--progress`` / ``--no-progress`` says so.
 * ``gradguard report LOGDIR [-o PNG]`` — a picture of what happened, from the event files
   (one panel per run folder under ``LOGDIR``).
 * ``gradguard --version`` — the distribution name and version, e.g. ``lightning-gradguard 0.1.0``.
+
+A problem with a path (a log directory that is a file, an output folder that cannot be
+created or written, an image format matplotlib cannot write, ...) is one line on stderr,
+``gradguard <command>: error: ...``, and exit status 2; never a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from lightning_gradguard._paths import writable_dir_problem
 
 __all__ = ["build_parser", "main", "positive_int"]
 
@@ -40,6 +47,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
+
+
+def _error(command: str, message: str) -> int:
+    """Print ``message`` as one line on stderr; the exit status of a usage/path error."""
+    text = " ".join(str(message).split())
+    print(f"gradguard {command}: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _os_error(err: OSError) -> str:
+    """An ``OSError`` in words: the reason and the path, without the errno number."""
+    reason = err.strerror or str(err)
+    where = err.filename if err.filename is not None else ""
+    return f"{reason}: {where}" if where != "" else reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"optimizer steps per run (default: {DEFAULT_STEPS})")
     demo.add_argument("--logdir", default="gradguard_runs",
                       help="TensorBoard log directory (default: gradguard_runs)")
-    demo.add_argument("--no-progress", action="store_true",
-                      help="hide the progress bar (use it without a terminal: the bar "
-                      "otherwise prints hundreds of lines)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="show Lightning's progress bar (default: only when stdout is a "
+                      "terminal; without one the bar would print hundreds of lines)")
     report = sub.add_parser(
         "report", help="render a PNG of what happened from TensorBoard logs",
         description="Draw one panel per run (each folder with event files under LOGDIR; "
@@ -87,16 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lightning_gradguard.demo import format_diagnosis, format_table, run_demo
+    from lightning_gradguard.demo import GUARDED_NAME, format_diagnosis, format_table, run_demo
 
+    problem = writable_dir_problem(args.logdir)
+    if problem is not None:
+        return _error("demo", f"cannot write the logs to --logdir {args.logdir}: {problem}")
     print(f"gradguard demo: training '{args.model}' in its exploding configuration, "
           "first without a guard, then with GradGuard() ...", flush=True)
-    results = run_demo(args.model, args.steps, args.logdir, progress=not args.no_progress)
+    try:
+        results = run_demo(args.model, args.steps, args.logdir, progress=args.progress)
+    except OSError as err:
+        return _error("demo", f"cannot write the logs to --logdir {args.logdir}: "
+                      f"{_os_error(err)}")
     version_dir = Path(results[0].log_dir).parent
     print()
     print(format_table(results))
     print()
-    why = format_diagnosis(results[-1])
+    guarded = [r for r in results if r.name == GUARDED_NAME]
+    why = format_diagnosis(guarded[-1]) if guarded else ""
     if why:
         print(why)
         print()
@@ -110,13 +139,18 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_gradguard.report import (
         ReportError,
+        check_logdir,
+        check_output,
         render_report,
         scan_logdir,
         scan_notes,
         summarize,
     )
 
+    output = args.output or str(Path(args.logdir) / "gradguard_report.png")
     try:
+        check_logdir(args.logdir)  # before the output: a wrong LOGDIR is the first problem
+        check_output(output)
         scan = scan_logdir(args.logdir)
         notes = scan_notes(scan)
         if not scan.runs:
@@ -124,11 +158,11 @@ def _report(args: argparse.Namespace) -> int:
                 f"found event files under {scan.root} but no run has gradguard tags "
                 f"({'; '.join(notes)}); train with GradGuard() or GradientMonitor() and a "
                 "TensorBoardLogger")
-        output = args.output or str(Path(args.logdir) / "gradguard_report.png")
         path = render_report(scan.runs, output, notes)
     except ReportError as err:
-        print(f"gradguard report: error: {err}", file=sys.stderr)
-        return 2
+        return _error("report", str(err))
+    except OSError as err:
+        return _error("report", _os_error(err))
     for run in scan.runs:
         print(summarize(run))
     for note in notes:

@@ -3,7 +3,8 @@
 Both runs use the same seed, data and hyperparameters (a demo "explode" scenario from
 :mod:`lightning_gradguard.demos`). The run without the guard has a
 :class:`~lightning_gradguard.GradientMonitor` so its gradient norms are visible in
-TensorBoard too. Each call writes into a new versioned folder, as Lightning's
+TensorBoard too (under its own ``gradmonitor/`` tags). Each call writes into a new
+versioned folder, as Lightning's
 ``version_N``: ``LOGDIR/<model>/version_N/no_guard`` and ``.../gradguard``, so repeated demos
 never mix their event files. Every step is logged (``log_every_n_steps=1``): the report
 marks every event, and the last logged counters equal the table's counts.
@@ -13,6 +14,10 @@ at ``lr=0.1``), goes non-finite within 20 steps without a guard and learns with 
 LSTM (``--model lstm``, SGD at ``lr=1.0``) is kept finite by the guard too, but in 300 steps
 it ends at the adding problem's trivial predictor (validation MSE about 1/6): it shows a
 rescue from NaN, not learning.
+
+Lightning's progress bar is shown only when stdout is a terminal (``progress=None``); it
+names the run (``run=no guard`` / ``run=GradGuard()``) instead of Lightning's ``v_num``, which
+would show the last four characters of the version folder's name (``uard`` for both).
 """
 
 from __future__ import annotations
@@ -21,18 +26,23 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEMO_MODELS", "DemoResult", "format_diagnosis",
-           "format_table", "next_version_dir", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEMO_MODELS", "GUARDED_NAME", "UNGUARDED_NAME",
+           "DemoResult", "format_diagnosis", "format_table", "next_version_dir", "run_demo"]
 
 DEMO_MODELS = ("mlp", "lstm", "rnn", "residual")
 DEFAULT_MODEL = "mlp"
 DEFAULT_STEPS = 300
+#: :attr:`DemoResult.name` of the run without a guard (also its progress bar's ``run=``)
+UNGUARDED_NAME = "no guard"
+#: :attr:`DemoResult.name` of the run with ``GradGuard()``
+GUARDED_NAME = "GradGuard()"
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,7 @@ class DemoResult:
     """Outcome of one demo run.
 
     The counts are the guard's cumulative counters (``GradGuard.summary()``); for the run
-    without a guard, the ``GradientMonitor``'s ``gradguard/nonfinite_steps`` counter (steps
+    without a guard, the ``GradientMonitor``'s ``gradmonitor/nonfinite_steps`` counter (steps
     with NaN/Inf gradients) at the last step. ``gradguard report`` prints the same numbers.
     """
 
@@ -104,6 +114,27 @@ def _validate(net: Any, data: Any) -> list[Mapping[str, float]]:
     return trainer.validate(net, datamodule=data, verbose=False)
 
 
+def _stdout_is_a_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stdout
+        return False
+
+
+def _progress_bar(run: str) -> Any:
+    """Lightning's progress bar, naming the demo's run instead of showing ``v_num``."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class _RunProgressBar(TQDMProgressBar):
+        def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, int | str | float |
+                                                                     dict[str, float]]:
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return {"run": run, **items}
+
+    return _RunProgressBar()
+
+
 def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
              progress: bool) -> DemoResult:
     import lightning.pytorch as pl
@@ -131,7 +162,10 @@ def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
                                default_hp_metric=False)
     last = _LastLoss()
     guard = GradGuard() if guarded else None
+    title = GUARDED_NAME if guarded else UNGUARDED_NAME
     callbacks: list[Callback] = [last, guard if guard is not None else GradientMonitor()]
+    if progress:
+        callbacks.append(_progress_bar(title))
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
@@ -151,7 +185,7 @@ def _run_one(model: str, guarded: bool, steps: int, version_dir: Path,
         run = load_run(logger.log_dir)
         c = counts(run)
     return DemoResult(
-        name="GradGuard()" if guarded else "no guard", steps=trainer.global_step,
+        name=title, steps=trainer.global_step,
         final_train_loss=last.loss, final_val_loss=val_loss,
         nonfinite_steps=int(c.get("nonfinite_steps", 0)),
         skipped_steps=int(c.get("skipped_steps", 0)),
@@ -221,7 +255,7 @@ def format_diagnosis(result: DemoResult) -> str:
 
 def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
              logdir: str | os.PathLike[str] = "gradguard_runs",
-             progress: bool = True) -> list[DemoResult]:
+             progress: bool | None = None) -> list[DemoResult]:
     """Run the demo: the explode scenario of ``model`` without and with ``GradGuard()``.
 
     Args:
@@ -230,7 +264,9 @@ def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
             learn while the unguarded one is NaN).
         logdir: TensorBoard log directory; this call writes into the next free
             ``LOGDIR/<model>/version_N`` (see :func:`next_version_dir`).
-        progress: Show Lightning's progress bar.
+        progress: Show Lightning's progress bar (``None``: only when stdout is a terminal;
+            without one the bar prints hundreds of lines). The bar names the run
+            (``run=no guard``, ``run=GradGuard()``) instead of showing ``v_num``.
 
     Returns:
         The two :class:`DemoResult` s (without, with the guard); their ``log_dir`` s share
@@ -238,12 +274,16 @@ def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
 
     Raises:
         ValueError: Unknown ``model`` or ``steps < 1``.
+        OSError: The version folder cannot be created under ``logdir`` (checked before
+            training).
     """
     _config(model)
     n = DEFAULT_STEPS if steps is None else steps
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`steps` must be an int >= 1, got {steps!r}")
     version_dir = next_version_dir(Path(logdir) / model)
+    version_dir.mkdir(parents=True)  # a path problem shows now, not after the first run
+    show = _stdout_is_a_terminal() if progress is None else bool(progress)
     import torch
 
     threads = torch.get_num_threads()
@@ -252,7 +292,7 @@ def run_demo(model: str = DEFAULT_MODEL, steps: int | None = None,
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # no "GPU available" / tips between the demo's lines
     try:
-        return [_run_one(model, guarded, n, version_dir, progress) for guarded in (False, True)]
+        return [_run_one(model, guarded, n, version_dir, show) for guarded in (False, True)]
     finally:
         quiet.setLevel(level)
         torch.set_num_threads(threads)

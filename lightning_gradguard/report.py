@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_gradguard import _tags
+from lightning_gradguard._paths import writable_dir_problem
 from lightning_gradguard.core import CAUSES
 
 #: a numbered cause in GradGuard's diagnosis text: ``1. lr_too_high:`` or ``1. `lr_too_high`:``
@@ -52,6 +53,8 @@ __all__ = [
     "ReportDrawing",
     "ReportError",
     "RunData",
+    "check_logdir",
+    "check_output",
     "counts",
     "draw_report",
     "load_run",
@@ -313,6 +316,20 @@ def load_run(folder: str | os.PathLike[str], name: str | None = None) -> RunData
     return _load_folder(path, name if name is not None else path.name)[0]
 
 
+def check_logdir(logdir: str | os.PathLike[str]) -> Path:
+    """``logdir`` as a path, if it is a directory.
+
+    Raises:
+        ReportError: ``logdir`` is missing or is a file.
+    """
+    root = Path(logdir)
+    if root.exists() and not root.is_dir():
+        raise ReportError(f"not a log directory: {root} is a file")
+    if not root.is_dir():
+        raise ReportError(f"log directory not found: {root}")
+    return root
+
+
 def scan_logdir(logdir: str | os.PathLike[str]) -> LogScan:
     """Find the runs under ``logdir``: one per folder holding event files.
 
@@ -326,9 +343,7 @@ def scan_logdir(logdir: str | os.PathLike[str]) -> LogScan:
         ...
         lightning_gradguard.report.ReportError: no TensorBoard event files (...) under ...
     """
-    root = Path(logdir)
-    if not root.is_dir():
-        raise ReportError(f"log directory not found: {root}")
+    root = check_logdir(logdir)
     folders = sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
     if not folders:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {root}")
@@ -746,16 +761,60 @@ def draw_report(runs: Sequence[RunData], notes: Sequence[str] = (),
     return ReportDrawing(fig, panels, list(notes), captions)
 
 
+def check_output(output: str | os.PathLike[str]) -> Path:
+    """Check, before anything is drawn, that the report can be written at ``output``.
+
+    Returns:
+        The path the report will be written to: ``output``, with ``.png`` added when it
+        has no suffix (as matplotlib does).
+
+    Raises:
+        ReportError: ``output`` is a directory, is a file this process may not write, lies
+            under a file or a directory it may not write in, or names an image format
+            matplotlib cannot write (matplotlib missing: names the extra to install).
+
+    Example:
+        >>> check_output("report.xyz")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_gradguard.report.ReportError: cannot write the report to report.xyz: \
+matplotlib cannot write '.xyz' images (use one of: ...png...)
+    """
+    out = Path(output)
+    if not out.suffix and not out.is_dir():
+        out = out.with_name(out.name + ".png")
+    where = f"cannot write the report to {out}"
+    if out.is_dir():
+        raise ReportError(f"{where}: it is a directory (give a file name, e.g. "
+                          f"{out / 'gradguard_report.png'})")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ReportError(f"{where}: no permission to write it")
+    problem = writable_dir_problem(out.parent)
+    if problem is not None:
+        raise ReportError(f"{where}: {problem}")
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix:
+        _pyplot()
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in formats:
+            raise ReportError(f"{where}: matplotlib cannot write '.{suffix}' images (use one "
+                              f"of: {', '.join('.' + f for f in sorted(formats))})")
+    return out
+
+
 def render_report(runs: Sequence[RunData], output: str | os.PathLike[str],
                   notes: Sequence[str] = ()) -> Path:
     """Draw the runs (see :func:`draw_report`) into a PNG at ``output``; returns its path.
 
     Raises:
-        ReportError: If matplotlib is not installed (names the extra to install).
+        ReportError: If matplotlib is not installed (names the extra to install), or the
+            report cannot be written at ``output`` (see :func:`check_output`).
     """
     plt = _pyplot()
+    out = check_output(output)
     drawing = draw_report(runs, notes)
-    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     drawing.figure.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(drawing.figure)

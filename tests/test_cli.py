@@ -123,8 +123,13 @@ def test_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert scan.untagged == []
     assert scan.ignored_files == []
     for run in scan.runs:
-        steps, _ = run.series("gradguard/nonfinite_steps")
+        # GradGuard's counter, or GradientMonitor's in its own namespace (the no-guard run)
+        tag = ("gradmonitor/nonfinite_steps" if run.name.endswith("no_guard")
+               else "gradguard/nonfinite_steps")
+        steps, _ = run.series(tag)
         assert steps == list(range(12)), run.name  # every step logged once, in order
+        if run.name.endswith("no_guard"):  # the monitor writes none of the guard's tags
+            assert not [t for t in run.scalars if t.startswith("gradguard/")], run.name
 
     # one source of truth: the table, the report's text and the picture's legend agree
     png = tmp_path / "demo.png"
