@@ -65,11 +65,13 @@ def export_revision(rev: str, dest: Path) -> str:
 
 
 def tiny_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """4 x ``Linear(8, 8)`` and an input batch: Python overhead dominates."""
     torch.manual_seed(0)
     return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)]), torch.randn(4, 8)
 
 
 def deep_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    """``DeepMLP`` 6 x 1024 (5.3 M parameters) and an input batch: tensor work dominates."""
     from lightning_gradguard import demos
 
     torch.manual_seed(0)
@@ -79,8 +81,11 @@ def deep_model() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def interleaved(fns: dict[str, Callable[[], int]], rounds: int, calls: int) -> dict[str, float]:
-    """Median over rounds of the median per-call time, in microseconds; the rounds cycle
-    through every order of the measurements (no position in a round is favoured)."""
+    """Median over rounds of the median per-call time, in microseconds.
+
+    The rounds cycle through every order of the measurements (no position in a round is
+    favoured).
+    """
     for f in fns.values():
         for _ in range(max(10, calls // 4)):
             f()
@@ -107,6 +112,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
               cores: dict[str, Callable[..., Any]],
               rounds: int, calls: int) -> dict[str, float]:
+    """``GuardCore.step`` of each version in ``cores`` and the floor on ``build``'s gradients."""
     model, x = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss = model(x).pow(2).mean()
@@ -135,8 +141,10 @@ def core_case(build: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
 
 
 def hooks_case(callbacks: dict[str, Any], rounds: int, calls: int) -> dict[str, float]:
-    """The hooks of one optimizer step, called in Lightning's order on a real ``Trainer``
-    (set up as for ``fit``, not fitted), for the tiny model."""
+    """The hooks of one optimizer step, called in Lightning's order on a real ``Trainer``.
+
+    The ``Trainer`` is set up as for ``fit`` (not fitted); the model is the tiny one.
+    """
     import warnings
 
     import lightning.pytorch as pl
@@ -186,6 +194,7 @@ def hooks_case(callbacks: dict[str, Any], rounds: int, calls: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export ``rev``, measure both versions interleaved, print (and write) the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("rev", help="the git revision to compare with (e.g. d472c44)")
     p.add_argument("--rounds", type=int, default=30,

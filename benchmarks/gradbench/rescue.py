@@ -171,6 +171,7 @@ class TransformerLM(pl.LightningModule):
         self.norm = nn.LayerNorm(d) if pre_ln else nn.Identity()
         self.head = nn.Linear(d, vocab)
         nn.init.normal_(self.embed.weight, std=0.02)
+        self.mask: Tensor
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx),
                              persistent=False)
 
@@ -178,7 +179,8 @@ class TransformerLM(pl.LightningModule):
         t = x.size(1)
         h = self.embed(x) + self.pos[:t]
         h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
-        return self.head(self.norm(h))
+        logits: Tensor = self.head(self.norm(h))
+        return logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -207,7 +209,7 @@ class TransformerLM(pl.LightningModule):
         idx = starts[:, None] + torch.arange(self.ctx + 1)
         w = val[idx]
         total = 0.0
-        for chunk in w.split(64):
+        for chunk in torch.split(w, 64):
             logits = self(chunk[:, :-1])
             total += float(nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1), reduction="sum"))
@@ -267,7 +269,8 @@ class ResNetBN(pl.LightningModule):
         self.val_x, self.val_y = _images(1024, 999)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+        logits: Tensor = self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+        return logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -290,8 +293,8 @@ def _resnet(lr: float, seed: int) -> tuple[pl.LightningModule, DataLoader[Any]]:
     model = ResNetBN(lr)
     x, y = _images(4096, 0)
     g = torch.Generator().manual_seed(seed)
-    return model, DataLoader(list(zip(x, y, strict=True)), batch_size=32, shuffle=True,
-                             generator=g)
+    return model, DataLoader(list(zip(x, y, strict=True)),  # type: ignore[arg-type]
+                             batch_size=32, shuffle=True, generator=g)
 
 
 # ----------------------------------------------------------------------------- IRNN
@@ -318,17 +321,19 @@ class IRNN(pl.LightningModule):
         super().__init__()
         self.lr = lr
         self.rnn = nn.RNN(2, hidden, nonlinearity="relu", batch_first=True)
+        p = dict(self.rnn.named_parameters())
         with torch.no_grad():
-            self.rnn.weight_hh_l0.copy_(torch.eye(hidden))
-            self.rnn.weight_ih_l0.normal_(0.0, 0.001)
-            self.rnn.bias_hh_l0.zero_()
-            self.rnn.bias_ih_l0.zero_()
+            p["weight_hh_l0"].copy_(torch.eye(hidden))
+            p["weight_ih_l0"].normal_(0.0, 0.001)
+            p["bias_hh_l0"].zero_()
+            p["bias_ih_l0"].zero_()
         self.out = nn.Linear(hidden, 1)
         self.val_x, self.val_y = _adding(1000, t).generate(torch.Generator().manual_seed(77))
 
     def forward(self, x: Tensor) -> Tensor:
         h, _ = self.rnn(x)
-        return self.out(h[:, -1])
+        out: Tensor = self.out(h[:, -1])
+        return out
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -369,7 +374,8 @@ class UserMLP(pl.LightningModule):
         self.val_x, self.val_y = _regression(1024, 999)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -391,8 +397,8 @@ def _mlp(optimizer: str) -> Callable[[float, int], Any]:
         model = UserMLP(lr, optimizer)
         x, y = _regression(2048, 0)
         g = torch.Generator().manual_seed(seed)
-        return model, DataLoader(list(zip(x, y, strict=True)), batch_size=32, shuffle=True,
-                                 generator=g)
+        return model, DataLoader(list(zip(x, y, strict=True)),  # type: ignore[arg-type]
+                                 batch_size=32, shuffle=True, generator=g)
     return build
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning
 import lightning.pytorch as pl
@@ -35,14 +35,31 @@ from lightning_gradguard.core.guard import StepReport
 
 from .common import json_float, library_id, source_hash
 from .methods import Method, get_method, method_slug
-from .workloads import Workload
 
-__all__ = ["CACHE_VERSION", "GuardEvents", "Monitor", "RunCache", "run_one", "total_norm"]
+__all__ = ["CACHE_VERSION", "GuardEvents", "Monitor", "RunCache", "RunWorkload", "run_one",
+           "total_norm"]
 
 library_id()  # the sources this process imported (see library_id)
 
 #: Bump when the run protocol or the record changes: older cache files are then ignored.
 CACHE_VERSION = 3
+
+
+class RunWorkload(Protocol):
+    """What :func:`run_one` and :class:`RunCache` need of a workload (the stability grid's
+    :class:`~gradbench.workloads.Workload`, the zoo's and the rescue benchmark's)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def trainer_kwargs(self) -> dict[str, Any]: ...
+
+    def cache_key(self, lr: float, seed: int) -> dict[str, Any]: ...
+
+    def build(self, lr: float, seed: int) -> tuple[Any, Any]: ...
+
+    def evaluate(self, model: Any, datamodule: Any) -> dict[str, float]: ...
 
 
 def total_norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -153,14 +170,14 @@ class GuardEvents(Callback):
                                 json_float(r.threshold), json_float(r.lr_scale)])
 
 
-def _config(workload: Workload, lr: float, seed: int, method: str,
+def _config(workload: RunWorkload, lr: float, seed: int, method: str,
             steps: int) -> dict[str, Any]:
     """The part of a record that identifies its configuration (the cache key)."""
     return {"version": CACHE_VERSION, "model": workload.name, "lr": lr, "seed": seed,
             "method": method, "steps": steps, **workload.cache_key(lr, seed)}
 
 
-def run_one(workload: Workload, lr: float, seed: int, method: Method,
+def run_one(workload: RunWorkload, lr: float, seed: int, method: Method,
             steps: int) -> dict[str, Any]:
     """Train one (workload, lr, seed, method) cell and return its JSON record."""
     lightning.seed_everything(seed, verbose=False)
@@ -233,7 +250,7 @@ class RunCache:
     def path(self, model: str, lr: float, seed: int, method: str) -> Path:
         return self.root / model / f"lr{lr:g}_seed{seed}_{method_slug(method)}.json"
 
-    def load(self, workload: Workload, lr: float, seed: int, method: str,
+    def load(self, workload: RunWorkload, lr: float, seed: int, method: str,
              steps: int) -> dict[str, Any] | None:
         """The cached record of this configuration, or ``None`` (missing, stale, unreadable)."""
         path = self.path(workload.name, lr, seed, method)

@@ -323,8 +323,9 @@ def _conv1d() -> nn.Module:
 
 
 def _hf_model(family: str) -> nn.Module:
-    import transformers as tr
+    import transformers
 
+    tr: Any = transformers  # the configs take kwargs (num_labels) their stubs do not declare
     tr.logging.set_verbosity_error()
     if family == "gpt2":
         cfg = tr.GPT2Config(vocab_size=VOCAB, n_positions=CTX, n_embd=64, n_layer=2, n_head=4)
@@ -412,9 +413,11 @@ def build_optimizer(r: Recipe, params: list[nn.Parameter], lr: float) -> torch.o
     if r.optimizer == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
     if r.optimizer == "schedulefree":
-        from schedulefree import AdamWScheduleFree
+        from schedulefree import AdamWScheduleFree  # type: ignore[import-untyped]
 
-        return AdamWScheduleFree(params, lr=lr, weight_decay=wd, warmup_steps=r.steps // 10)
+        opt: torch.optim.Optimizer = AdamWScheduleFree(params, lr=lr, weight_decay=wd,
+                                                       warmup_steps=r.steps // 10)
+        return opt
     raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {r.optimizer!r}")
 
 
@@ -490,20 +493,22 @@ class ZooModule(pl.LightningModule):
                 "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        if hasattr(self.opt, "train"):
-            self.opt.train()  # schedule-free optimizers: the training weights
+        opt: Any = self.opt
+        if hasattr(opt, "train"):
+            opt.train()  # schedule-free optimizers: the training weights
 
     @torch.no_grad()
     def evaluate(self, val: list[Any]) -> float:
         """Mean validation loss (eval mode; schedule-free: the averaged weights)."""
         was = self.training
         self.eval()
-        if hasattr(self.opt, "eval"):
-            self.opt.eval()
+        opt: Any = self.opt  # schedule-free optimizers have train() / eval()
+        if hasattr(opt, "eval"):
+            opt.eval()
         g = torch.Generator().manual_seed(7)
         total = sum(float(self.loss(b, g)) for b in val) / len(val)
-        if hasattr(self.opt, "train"):
-            self.opt.train()
+        if hasattr(opt, "train"):
+            opt.train()
         self.train(was)
         return total
 

@@ -81,9 +81,9 @@ def _run(job: Job, cache_root: str) -> dict[str, Any]:
         faulted(base, fault, int(step))
     # AGC is a peer: its runs stay valid when the rest of the library changes
     cache = RunCache(Path(cache_root), any_library=job.method == "agc")
-    rec = cache.load(workload, job.lr, recipe.seed, job.method, job.steps)  # type: ignore[arg-type]
+    rec = cache.load(workload, job.lr, recipe.seed, job.method, job.steps)
     if rec is None:
-        rec = run_one(workload, job.lr, recipe.seed, get_method(job.method),  # type: ignore[arg-type]
+        rec = run_one(workload, job.lr, recipe.seed, get_method(job.method),
                       job.steps)
         cache.save(rec)
     return rec
