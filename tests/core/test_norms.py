@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -488,3 +490,67 @@ def test_tensor_subclass_that_is_not_a_dtensor(sharded: _AllReduce) -> None:
     out = grad_norms([g, torch.tensor([12.0])])
     assert sharded.calls == []
     assert out.total.item() == 13.0
+
+
+def test_unsupported_layout_message_exact() -> None:
+    csr = torch.eye(3).to_sparse_csr()
+    msg = ("gradients with layout torch.sparse_csr are not supported; "
+           "supported: dense (torch.strided) and sparse COO gradients")
+    with pytest.raises(TypeError, match=f"^{re.escape(msg)}$"):
+        grad_norms([csr])
+
+
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("p", [2.0, INF])
+def test_no_grads_float32_on_the_requested_device(p: float, float64_default: None) -> None:
+    out = grad_norms([], p, device=torch.device("meta"))
+    assert out.total.device.type == "meta" and out.total.dtype == torch.float32
+    assert out.total.shape == ()
+    assert out.per_tensor is not None
+    assert out.per_tensor.device.type == "meta" and out.per_tensor.dtype == torch.float32
+    assert out.per_tensor.shape == (0,)
+    cpu = grad_norms([], p)
+    assert cpu.total.device.type == "cpu" and cpu.total.dtype == torch.float32
+    assert cpu.total.item() == 0.0
+    assert cpu.per_tensor is not None and cpu.per_tensor.dtype == torch.float32
+    assert grad_norms([], p, per_tensor=False).per_tensor is None
+
+
+def test_mixed_devices_reduced_on_the_accelerator() -> None:
+    # "meta" stands in for an accelerator: the CPU norms go there, never the other way
+    grads = [torch.ones(3), torch.ones(2, device="meta"), torch.ones(4, dtype=torch.float16)]
+    out = grad_norms(grads)
+    assert out.total.device.type == "meta"
+    assert out.per_tensor is not None and out.per_tensor.device.type == "meta"
+    out2 = grad_norms([grads[1], grads[0]])
+    assert out2.total.device.type == "meta"
+
+
+def test_result_device_of_cpu_only_or_nothing() -> None:
+    from lightning_gradguard.core.norms import _result_device
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert _result_device([cpu, meta]) == meta
+    assert _result_device([meta, cpu]) == meta
+    assert _result_device([cpu, cpu]) == cpu
+    assert _result_device([]) == cpu
+
+
+@pytest.mark.parametrize("p", [2.0, INF])
+def test_dtensor_float64_statistics_stay_float64(sharded: _AllReduce, p: float) -> None:
+    shard, _, _ = _placements()
+    mesh = _Mesh(_Group("g0", remote=0.0))
+    grads = [_FakeDTensor(torch.tensor([3.0, 4.0], dtype=torch.float64), (shard,), mesh),
+             torch.tensor([1e-20], dtype=torch.float64)]
+    out = grad_norms(grads, p)  # type: ignore[arg-type]
+    assert out.total.dtype == torch.float64
+    assert out.total.item() == (5.0 if p == 2.0 else 4.0)
