@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradguard._friendly import friendly_init, friendly_kwargs
+from lightning_gradguard.core._friendly import friendly_init, friendly_kwargs
 from lightning_gradguard.core._validation import check_choice, check_int, check_number
 
 __all__ = ["Fault", "FaultInjector"]

@@ -3,8 +3,7 @@
 ``GradientMonitor(log_every=5)`` raised ``GradientMonitorLogic.__init__() got an unexpected
 keyword argument`` (an internal name, no suggestion), where ``GradGuard`` said "did you
 mean". Checked here for the public classes of the callbacks and ``lightning_gradguard.testing``
-(must hold), and reported for every class in ``lightning_gradguard.__all__`` and
-``lightning_gradguard.core.__all__`` (expected failures while the core side is changed).
+and for every class in ``lightning_gradguard.__all__`` and ``lightning_gradguard.core.__all__``.
 """
 
 from __future__ import annotations
@@ -85,10 +84,6 @@ def _keyword_params(cls: type) -> list[inspect.Parameter]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-#: classes whose constructor lives in files this change leaves alone (the core): their
-#: message is Python's (``X.__init__() got an unexpected keyword argument``), without the
-#: closest argument; expected to fail until the core wraps them as the callbacks do
-_OWNED_HERE = {"GradGuard", "GradientMonitor"}
 _CASES = [(name, cls) for name, cls in _public_classes() if _keyword_params(cls)]
 
 
@@ -96,11 +91,8 @@ def _typo(name: str) -> str:
     return name + name[-1]  # a doubled last letter: 'clip' -> 'clipp'
 
 
-@pytest.mark.parametrize(("name", "cls"), [
-    pytest.param(name, cls, id=name, marks=() if name in _OWNED_HERE else pytest.mark.xfail(
-        reason="core constructor: Python's message, no closest argument (issue 25, core side)",
-        strict=False))
-    for name, cls in _CASES])
+@pytest.mark.parametrize(("name", "cls"), [pytest.param(name, cls, id=name)
+                                           for name, cls in _CASES])
 def test_every_public_class(name: str, cls: type) -> None:
     params = _keyword_params(cls)
     args = [torch.nn.Linear(1, 1) if p.name == "model" else None for p in params

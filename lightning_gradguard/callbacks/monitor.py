@@ -38,8 +38,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lightning_gradguard import _tags
-from lightning_gradguard._friendly import friendly_init
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
+from lightning_gradguard.core._friendly import friendly_init
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._validation import check_bool, check_int, check_number
 from lightning_gradguard.core.norms import grad_norms

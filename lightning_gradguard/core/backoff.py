@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 
 __all__ = ["LRBackoff", "LRScaler"]
 
 
+@friendly_kwargs
 class LRBackoff(Stateful):
     """The LR scale :math:`s`: multiplicative backoff, geometric recovery.
 
@@ -113,6 +115,7 @@ class _SharedLR:
 _SHARED: weakref.WeakKeyDictionary[Optimizer, _SharedLR] = weakref.WeakKeyDictionary()
 
 
+@friendly_kwargs
 class LRScaler:
     """Applies a scale to an optimizer's learning rates for exactly one update.
 

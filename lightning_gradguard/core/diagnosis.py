@@ -58,6 +58,7 @@ from typing import Any, Final, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_bool, check_choice, check_int, check_number
@@ -94,6 +95,7 @@ _USUAL_CAUSES = (
 )
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class Diagnosis:
     """What a non-finite step looked like.
@@ -193,6 +195,7 @@ report only what the evidence already shows on its own."""
 _EXPLOSIONS = ("spike", "backoff", "nonfinite", "halt")
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class Cause:
     """One ranked cause: its id, the evidence in numbers, and the remedy.
@@ -219,6 +222,7 @@ class Cause:
         return {"cause": self.cause, "evidence": self.evidence, "remedy": self.remedy}
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class DiagnosisThresholds:
     """Where evidence starts to count.
@@ -284,6 +288,7 @@ def _round_lr(lr: float) -> str:
     return f"{float(f'{lr:.1g}'):g}"
 
 
+@friendly_kwargs
 class Diagnostician(Stateful):
     """Gathers cheap evidence about a run and turns it into ranked :class:`Cause` s.
 

@@ -19,12 +19,14 @@ import math
 
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 
 __all__ = ["GrowthDetector"]
 
 
+@friendly_kwargs
 class GrowthDetector(Stateful):
     """Fires after ``patience`` consecutive rises of at least ``min_rise`` (relative).
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
 from lightning_gradguard.core.policies import ClipPolicy
@@ -27,6 +28,7 @@ _PLAIN = (torch.nn.Parameter, torch.Tensor)
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
 
 
+@friendly_kwargs
 class HostValues:
     """Device scalars gathered by name, read to the host in one transfer.
 
@@ -96,6 +98,7 @@ def _scalar_loss(loss: Tensor) -> Tensor:
     return loss.detach().float().mean()
 
 
+@friendly_kwargs
 class Measurement(NamedTuple):
     """What one step measured: host floats only (the input of the decision).
 

@@ -42,6 +42,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._validation import check_number
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 
+@friendly_kwargs
 class NormReducer(Protocol):
     """Reduces a partial norm statistic across processes that hold gradient shards.
 
@@ -65,6 +67,7 @@ class NormReducer(Protocol):
         ...
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class GradNorms:
     """Result of :func:`grad_norms`.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 from lightning_gradguard.core.stats import RobustNormStats
@@ -94,6 +95,7 @@ class ClipPolicy(Stateful):
         return f"{type(self).__name__}({args})"
 
 
+@friendly_kwargs
 class FixedNormClip(ClipPolicy):
     """A fixed norm threshold, as ``Trainer(gradient_clip_val=max_norm)``.
 
@@ -114,6 +116,7 @@ class FixedNormClip(ClipPolicy):
         return self.max_norm
 
 
+@friendly_kwargs
 class NoClip(ClipPolicy):
     """Never clip (detection, skipping and LR backoff still work).
 
@@ -132,6 +135,7 @@ class NoClip(ClipPolicy):
 _STEADY_RISE = 1.05
 
 
+@friendly_kwargs
 class ZScoreClip(ClipPolicy):
     r"""Z-score adaptive threshold :math:`\tau = \mu + z\,\sigma` over an EMA of the norm.
 
@@ -230,6 +234,7 @@ class ZScoreClip(ClipPolicy):
             self._stats.update(norm, bound=bound)
 
 
+@friendly_kwargs
 class PercentileClip(ClipPolicy):
     """The ``percentile``-th percentile of the last ``history_size`` finite norms (AutoClip).
 
@@ -327,6 +332,7 @@ def unitwise_norm(x: Tensor) -> Tensor:
     return out
 
 
+@friendly_kwargs
 class AdaptiveGradClip(ClipPolicy):
     r"""Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, arXiv:2102.06171).
 

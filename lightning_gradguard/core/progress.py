@@ -27,6 +27,7 @@ import statistics
 
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 
 __all__ = ["LONG", "RECENT", "LossTrend"]
@@ -37,6 +38,7 @@ RECENT = 10
 LONG = 50
 
 
+@friendly_kwargs
 class LossTrend(Stateful):
     """The recent and longer medians of the loss; ``improving`` when the recent is lower.
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._validation import check_bool, check_int, check_number
 from lightning_gradguard.core.policies import ClipPolicy, ZScoreClip
 
 __all__ = ["GuardSettings"]
 
 
+@friendly_kwargs
 @dataclass
 class GuardSettings:
     """Validated settings shared by :class:`~lightning_gradguard.core.GuardCore` and the callbacks.

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_gradguard.core._friendly import friendly_kwargs
+
 __all__ = ["Snapshot"]
 
 
@@ -27,6 +29,7 @@ def _copy_to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+@friendly_kwargs
 class Snapshot:
     """Holds the last good ``(model, optimizers)`` state and restores it in place.
 

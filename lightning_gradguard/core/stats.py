@@ -28,12 +28,14 @@ import math
 
 from torch import Tensor
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_number
 
 __all__ = ["RobustNormStats"]
 
 
+@friendly_kwargs
 class RobustNormStats(Stateful):
     """EMA mean and variance of a scalar with NaN/Inf masking and bounded entries.
 

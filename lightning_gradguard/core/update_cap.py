@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 
@@ -45,6 +46,7 @@ __all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "Upda
 _INF = float("inf")
 
 
+@friendly_kwargs
 @dataclass(frozen=True, slots=True)
 class UpdateLimit:
     """What the update control allows at one step (host floats only).
@@ -101,6 +103,7 @@ class UpdateControl(Stateful):
         return NO_LIMIT
 
 
+@friendly_kwargs
 class NoUpdateControl(UpdateControl):
     """No update cap: every spike and every growth counts toward a backoff.
 
@@ -110,6 +113,7 @@ class NoUpdateControl(UpdateControl):
     """
 
 
+@friendly_kwargs
 class SGDUpdateCap(UpdateControl):
     """Plain-SGD update cap: ``lr * ||g|| <= max_ratio * ||w||`` once armed (momentum not counted).
 
