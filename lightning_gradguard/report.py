@@ -82,8 +82,6 @@ _COUNTER_WORDS = {
 COUNTERS: tuple[tuple[str, str], ...] = tuple(
     (_tags.guard_tag(k), _COUNTER_WORDS[k]) for k in _COUNTER_WORDS)
 assert set(_COUNTER_WORDS) == set(_tags.GUARD_COUNTERS)
-#: ``gradguard/grad_norm_max``: GradientMonitor's tag before it had its own namespace
-_OLD_MONITOR_GRAD_NORM_MAX = _tags.guard_tag("grad_norm_max")
 
 
 class ReportError(Exception):
@@ -606,8 +604,7 @@ def _finite_positive(steps: Iterable[int], values: Iterable[float]) -> tuple[lis
 def _draw_panel(run: RunData, ax_norm: Any, ax_lr: Any, ax_loss: Any) -> PanelDrawing:
     panel = PanelDrawing(run.name, run.name, counts=counts(run), halted_at=run.halted_at,
                          axes=(ax_norm, ax_lr, ax_loss))
-    max_tag = (_tags.MONITOR_GRAD_NORM_MAX if _tags.MONITOR_GRAD_NORM_MAX in run.scalars
-               else _OLD_MONITOR_GRAD_NORM_MAX)
+    max_tag = _tags.MONITOR_GRAD_NORM_MAX
     for tag, style, label in (
         (run.grad_norm_tag, {"color": "tab:blue", "lw": 1.2}, "grad norm (before clipping)"),
         (_tags.GUARD_CLIP_THRESHOLD, {"color": "tab:orange", "ls": "--"}, "clip threshold"),

@@ -137,7 +137,7 @@ def test_gradient_monitor_runs(ns: str, tmp_path: Path) -> None:
     _fit(ns, tmp_path, 11, {}, [_callbacks(ns).GradientMonitor()], logger=logger)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         header = set(next(csv.reader(f)))
-    assert {"gradguard/grad_norm", "gradguard/nonfinite_steps"} <= header
+    assert {"gradmonitor/grad_norm", "gradmonitor/nonfinite_steps"} <= header
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

@@ -34,12 +34,8 @@ with the diagnosis of the first non-finite step, every rollback and the halt mes
 
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,39 +46,32 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_gradguard import _tags
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
 from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
 from lightning_gradguard.callbacks._messages import GradGuardWarning, install_format
+from lightning_gradguard.core._friendly import friendly_init
 from lightning_gradguard.core._validation import check_bool, check_choice
 from lightning_gradguard.core.amp import unscale_once_
-from lightning_gradguard.core.clip import skip_step_
-from lightning_gradguard.core.diagnosis import Cause
 from lightning_gradguard.core.evidence import MicroBatches
-from lightning_gradguard.core.guard import Action, GuardCore, GuardSettings, StepReport
-from lightning_gradguard.core.messages import causes_text, end_of_fit_line, nonfinite_message
+from lightning_gradguard.core.guard import (
+    STATE_VERSION,
+    Action,
+    GuardCore,
+    GuardSettings,
+    StepReport,
+)
+from lightning_gradguard.core.messages import causes_text, end_of_fit_line
 from lightning_gradguard.core.norms import grad_norms
+from lightning_gradguard.core.notices import Notice, NoticeKind, log
 from lightning_gradguard.core.policies import ClipPolicy
 
 __all__ = ["GradGuard", "GradGuardHalt", "GradGuardLogic", "GradGuardWarning"]
 
-log = logging.getLogger("lightning_gradguard")
 log.setLevel(logging.INFO)
 if not logging.getLogger().hasHandlers():  # as Lightning does for its own logger
     log.addHandler(logging.StreamHandler())
     log.propagate = False
-
-#: at most one backoff notice per this many optimizer steps (the others are counted in it)
-_NOTICE_EVERY = 50
-
-_COUNTER_TAGS = (
-    "skipped_steps",
-    "spikes",
-    "clipped_steps",
-    "nonfinite_steps",
-    "lr_backoffs",
-    "rollbacks",
-    "amp_overflow_steps",
-)
 
 
 class GradGuardHalt(RuntimeError):
@@ -134,32 +123,6 @@ def _refuse_closure_optimizer(index: int, optimizer: Optimizer) -> None:
 
 def _raw(optimizer: Any) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)  # type: ignore[no-any-return]
-
-
-def _friendly_init(init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap ``__init__`` so that a misspelt argument names the class and the closest one."""
-
-    @functools.wraps(init)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        sig = inspect.signature(init)
-        try:
-            sig.bind(self, *args, **kwargs)
-        except TypeError as err:
-            known = list(sig.parameters)[1:]
-            unknown = [k for k in kwargs if k not in known]
-            name = type(self).__name__
-            if not unknown:
-                raise TypeError(f"{name}: {err}") from None
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1, cutoff=0.5)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise TypeError(
-                f"{name} got unexpected keyword argument(s) {', '.join(hints)}; its arguments "
-                f"are: {', '.join(known)}") from None
-        init(self, *args, **kwargs)
-
-    return wrapper
 
 
 class GradGuardLogic:
@@ -230,7 +193,7 @@ class GradGuardLogic:
         ValueError: `on_halt` must be one of ('stop', 'raise'), got 'explode'
     """
 
-    @_friendly_init
+    @friendly_init
     def __init__(
         self,
         clip: ClipPolicy | None = None,
@@ -291,8 +254,9 @@ class GradGuardLogic:
         #: the micro-batches of the current optimizer step (read only on a non-finite step)
         self._batches: list[Any] = []
         self._window_done = False
-        self._notice_step = -_NOTICE_EVERY
-        self._notices_held = 0
+        self._trainer: pl.Trainer | None = None
+        #: this step's TensorBoard text (one ``gradguard/events`` entry per step)
+        self._markdown: list[str] = []
 
     # ----------------------------------------------------------------- identity & state
     @property
@@ -304,7 +268,7 @@ class GradGuardLogic:
         """Statistics, counters, backoff and warmup progress of every optimizer's guard."""
         cores = {i: c.state_dict() for i, c in self._cores.items()}
         cores.update({i: s for i, s in self._pending_state.items() if i not in cores})
-        return {"version": 1, "cores": cores} if cores else {}
+        return {"version": STATE_VERSION, "cores": cores} if cores else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore state; applied as soon as each optimizer's guard exists.
@@ -312,6 +276,12 @@ class GradGuardLogic:
         Outside a fit (before it, or between two fits of a reused instance) the state waits
         for the next fit's guards.
         """
+        if state_dict and state_dict.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"{self.state_key} state has version {state_dict.get('version')!r}, this "
+                f"lightning_gradguard reads version {STATE_VERSION}: the checkpoint was saved "
+                "by another release; resume without the guard's state (delete "
+                f"checkpoint['callbacks'][{self.state_key!r}]) to start its statistics afresh")
         for i, s in state_dict.get("cores", {}).items():
             if self._in_fit and int(i) in self._cores:
                 self._cores[int(i)].load_state_dict(s)
@@ -390,11 +360,12 @@ class GradGuardLogic:
                 )
         layout = {
             "gradguard": {
-                "gradient norm": ["Multiline", ["gradguard/grad_norm",
-                                                "gradguard/clip_threshold",
-                                                "gradguard/grad_norm_clipped"]],
-                "interventions": ["Multiline", [f"gradguard/{k}" for k in _COUNTER_TAGS]],
-                "LR scale": ["Multiline", ["gradguard/lr_scale"]],
+                "gradient norm": ["Multiline", [_tags.GUARD_GRAD_NORM,
+                                                _tags.GUARD_CLIP_THRESHOLD,
+                                                _tags.GUARD_GRAD_NORM_CLIPPED]],
+                "interventions": ["Multiline", [_tags.guard_tag(k)
+                                                for k in _tags.GUARD_COUNTERS]],
+                "LR scale": ["Multiline", [_tags.GUARD_LR_SCALE]],
             }
         }
         for writer in tensorboard_writers(trainer):
@@ -427,7 +398,7 @@ class GradGuardLogic:
 
     def _text(self, trainer: pl.Trainer, message: str) -> None:
         for writer in tensorboard_writers(trainer):
-            writer.add_text("gradguard/events", message, trainer.global_step)
+            writer.add_text(_tags.GUARD_EVENTS, message, trainer.global_step)
 
     # ----------------------------------------------------------------- the step
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -465,9 +436,12 @@ class GradGuardLogic:
         if core is None or core.optimizer is not optimizer:
             # several processes: one decision on all ranks, global norms of sharded grads
             core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
+            core.speaker.sink = self._say
             self._cores[idx] = core
         if idx in self._pending_state:
             core.load_state_dict(self._pending_state.pop(idx))
+        if trainer.ckpt_path:
+            core.resumed = True  # the first-step message names the checkpoint
         return idx, core
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -480,13 +454,16 @@ class GradGuardLogic:
             # fused optimizers unscale inside step(): unscale now so the guard sees true grads
             unscale_once_(scaler, optimizer)
         if self._stopping:
-            # halted, but the Trainer's min_steps/min_epochs keep it running: skip, once told
-            skip_step_(core.params)
+            # halted, but the Trainer's min_steps/min_epochs keep it running: every guard
+            # skips (GuardCore.stop), once told
+            core.stop()  # (a guard built after the halt too)
+            core.step()
             self._loss = None
             self._window_done = True
             return
         others = ([_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
                   if len(trainer.optimizers) > 1 else ())
+        self._trainer = trainer
         consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
         loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:
@@ -497,26 +474,12 @@ class GradGuardLogic:
                 consensus.disarm()
         self._loss = None
         self._window_done = True
+        if self._markdown:
+            self._text(trainer, "\n\n".join(self._markdown))
+            self._markdown = []
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
         self._show_progress(trainer, pl_module)
-        self._messages(trainer, core, report)
-        snap_step = core.snapshot.step if core.snapshot else "?"
-        if not report.params_finite:
-            msg = (f"GradGuard: step {report.step}: the weights are non-finite although the "
-                   "gradients and the loss are finite (e.g. an Inf weight behind a saturating "
-                   "activation); the step was skipped and "
-                   + (f"the last good snapshot (step {snap_step}) restored" if report.rollback
-                      else "no snapshot was available to restore"))
-            install_format()
-            rank_zero_warn(msg, category=GradGuardWarning)
-            self._text(trainer, msg)
-        elif report.rollback:
-            msg = (f"GradGuard: restored the last good snapshot (step {snap_step}) after "
-                   f"{core.streaks.nonfinite} consecutive non-finite steps")
-            install_format()
-            rank_zero_warn(msg, category=GradGuardWarning)
-            self._text(trainer, msg)
         if report.halt:
             # act after the (skipped) step completes, so the checkpoint's loop state and the
             # guard's counters agree on where training is
@@ -559,8 +522,7 @@ class GradGuardLogic:
         if not params_ok:
             others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
             params_ok = core.restore_snapshot(others)
-        first, sep, causes = core.halt_message.partition("\nLikely causes")
-        head = f"GradGuard halted training: {first.rstrip('.')}."
+        head = f"GradGuard halted training: {core.halt_facts.rstrip('.')}."
         kept = _min_keeps_running(trainer)
         if kept:
             head += (f" The Trainer's {kept} keeps the run going past this stop: GradGuard "
@@ -578,58 +540,34 @@ class GradGuardLogic:
         else:
             where = ("The weights themselves are non-finite and no snapshot exists: nothing "
                      "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
-        msg = f"{head} {where}." + (f"\nLikely causes{causes}" if sep else "")
+        msg = f"{head} {where}." + ("\nLikely causes, most likely first:\n"
+                                     + causes_text(core.causes) if core.causes else "")
         log.error(msg)  # whatever happened to the checkpoint, the diagnosis is not lost
-        self._text(trainer, f"**halt** — {msg}")
+        self._text(trainer, f"{_tags.HALT_MARKER} — {msg}")
         if self.on_halt == "raise":
             raise GradGuardHalt(msg)
         trainer.should_stop = True
         self._stopping = True
+        for other in self._cores.values():
+            other.stop()
 
     # ----------------------------------------------------------------- messages
-    def _warn(self, trainer: pl.Trainer, message: str) -> None:
-        if trainer.is_global_zero and self.settings.verbose:
-            install_format()  # again: a module imported later may have replaced it
-            rank_zero_warn(message, category=GradGuardWarning)
+    def _say(self, notice: Notice) -> None:
+        """The guards' notices: warnings and notices on rank 0, TensorBoard events text.
 
-    def _messages(self, trainer: pl.Trainer, core: GuardCore, report: StepReport) -> None:
-        """Warnings, notices and TensorBoard text for this step (rank 0)."""
-        causes = list(report.causes or ())
-        if report.diagnosis is not None and report.step == core.first_nonfinite_step:
-            msg = nonfinite_message(report.diagnosis, causes,
-                                    resumed=core.resumed or bool(trainer.ckpt_path),
-                                    halt_after=self.settings.halt_after)
-            self._warn(trainer, msg)
-            self._text(trainer, "**first non-finite step**\n\n" + msg)
-        elif report.diagnosis_event == "preflight" and causes:
-            msg = (f"GradGuard: step {report.step}: the first step's evidence already says "
-                   "this run is likely to explode (silence with GradGuard(preflight=False)):\n"
-                   + causes_text(causes))
-            self._warn(trainer, msg)
-            self._text(trainer, "**pre-flight**\n\n" + msg)
-        elif report.diagnosis_event in ("spike", "backoff") and causes:
-            self._text(trainer, f"**diagnosis at the first {report.diagnosis_event}** (step "
-                       f"{report.step})\n\n" + _md_causes(causes))
-        if report.backoff:
-            self._backoff_notice(trainer, core, report)
-
-    def _backoff_notice(self, trainer: pl.Trainer, core: GuardCore, report: StepReport) -> None:
-        """One line per backoff, at most one per ``_NOTICE_EVERY`` steps (the rest counted)."""
-        if not (self.settings.verbose and trainer.is_global_zero):
+        The halt notice is left out: :meth:`_halt` says it, with where the weights went.
+        """
+        trainer = self._trainer
+        if trainer is None or notice.kind is NoticeKind.HALT:
             return
-        if report.step - self._notice_step < _NOTICE_EVERY:
-            self._notices_held += 1
-            return
-        why = ("non-finite step" if not report.finite else
-               "sustained growth of the gradient norm" if report.growth else
-               f"{self.settings.spike_patience} spikes within {self.settings.spike_window} steps")
-        held = (f"; {self._notices_held} more since the last notice" if self._notices_held
-                else "")
-        cause = (f"; likely cause: {core.causes[0].cause}" if core.causes else "")
-        log.info(f"GradGuard: step {report.step}: LR backoff #{core.counters.lr_backoffs} "
-                 f"({why}{held}): LR now x{core.backoff.scale:.2g} of the schedule{cause}")
-        self._notice_step = report.step
-        self._notices_held = 0
+        if notice.shown and notice.text and trainer.is_global_zero:
+            if notice.level >= logging.WARNING:
+                install_format()  # again: a module imported later may have replaced it
+                rank_zero_warn(notice.text, category=GradGuardWarning)
+            else:
+                log.log(notice.level, notice.text)
+        if notice.markdown:
+            self._markdown.append(notice.markdown)  # written once the step is over
 
     # ----------------------------------------------------------------- reporting
     def _log(self, trainer: pl.Trainer, idx: int, core: GuardCore, report: StepReport) -> None:
@@ -641,12 +579,12 @@ class GradGuardLogic:
         suffix = "" if idx == 0 else f"/optimizer{idx}"
         c = core.counters
         metrics = {
-            "gradguard/grad_norm": report.grad_norm,
-            "gradguard/grad_norm_clipped": report.grad_norm_clipped,
-            "gradguard/clip_threshold": report.threshold,
-            "gradguard/lr_scale": report.lr_scale,
+            _tags.GUARD_GRAD_NORM: report.grad_norm,
+            _tags.GUARD_GRAD_NORM_CLIPPED: report.grad_norm_clipped,
+            _tags.GUARD_CLIP_THRESHOLD: report.threshold,
+            _tags.GUARD_LR_SCALE: report.lr_scale,
         }
-        metrics.update({f"gradguard/{k}": float(getattr(c, k)) for k in _COUNTER_TAGS})
+        metrics.update({_tags.guard_tag(k): float(getattr(c, k)) for k in _tags.GUARD_COUNTERS})
         log_scalars(trainer, {k + suffix: v for k, v in metrics.items()}, step)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -677,8 +615,9 @@ class GradGuardLogic:
 
         Keys: ``steps``, ``nonfinite_steps``, ``skipped_steps``, ``spikes``,
         ``clipped_steps``, ``lr_backoffs``, ``lr_scale`` (the smallest over optimizers),
-        ``rollbacks``, ``growth_events``, ``amp_overflow_steps``, ``halted``, and
-        ``halt_checkpoint`` (path or ``None``).
+        ``rollbacks``, ``growth_events``, ``amp_overflow_steps``, ``halted``,
+        ``halt_checkpoint`` (path or ``None``), ``reasons`` (LR backoffs and halts counted by
+        their reason, e.g. ``{"update_capped": 2}``) and ``diagnosis``.
 
         Example:
             >>> GradGuard().summary()["steps"]
@@ -689,13 +628,17 @@ class GradGuardLogic:
         out: dict[str, Any] = dict.fromkeys(keys, 0)
         out["lr_scale"] = 1.0
         out["halted"] = False
+        reasons: dict[str, int] = {}
         for core in self._cores.values():
             s = core.summary()
             for k in keys:
                 out[k] += s[k]
+            for reason, n in s["reasons"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
             out["lr_scale"] = min(out["lr_scale"], s["lr_scale"])
             out["halted"] = out["halted"] or s["halted"]
         out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
+        out["reasons"] = reasons
         seen: set[str] = set()
         out["diagnosis"] = []
         for core in self._cores.values():
@@ -718,11 +661,6 @@ class GradGuardLogic:
             line = end_of_fit_line(self.summary())
             if line:
                 log.info(line)
-
-
-def _md_causes(causes: list[Cause]) -> str:
-    return "\n".join(f"{i}. `{c.cause}`: {c.evidence}. **Remedy:** {c.remedy}"
-                     for i, c in enumerate(causes, 1))
 
 
 class GradGuard(GradGuardLogic, Callback):  # noqa: D101

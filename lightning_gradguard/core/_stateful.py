@@ -13,8 +13,6 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 __all__ = ["Stateful"]
 
 
@@ -65,9 +63,6 @@ class Stateful:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load state produced by :meth:`state_dict`.
 
-        A number saved as a one-element tensor (by versions that kept state on the device)
-        is read back as a number.
-
         Raises:
             KeyError: If a declared state is missing from ``state_dict``.
         """
@@ -77,11 +72,7 @@ class Stateful:
                 f"{type(self).__name__}.load_state_dict: missing keys {missing}; "
                 f"expected {sorted([*self._defaults, *self._children])}"
             )
-        for name, default in self._defaults.items():
-            value = state_dict[name]
-            if isinstance(default, (bool, int, float)) and isinstance(value, torch.Tensor):
-                setattr(self, name, type(default)(value.item()))  # a tensor-era checkpoint
-            else:
-                setattr(self, name, copy.deepcopy(value))
+        for name in self._defaults:
+            setattr(self, name, copy.deepcopy(state_dict[name]))
         for name, child in self._children.items():
             child.load_state_dict(state_dict[name])

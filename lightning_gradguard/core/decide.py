@@ -77,12 +77,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core.clip import clip_coef
 from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import Streaks
 
-__all__ = ["CLIP_RULE", "Action", "Decision", "GuardState", "decide"]
+__all__ = ["CLIP_RULE", "Action", "Decision", "GuardState", "Reason", "decide"]
 
 #: clipped steps among the last ``CLIP_HISTORY`` that make clipping the rule (evidence (b))
 CLIP_RULE = 5
@@ -99,6 +100,39 @@ class Action(str, Enum):
     AMP_SKIP = "amp_skip"
 
 
+class Reason(str, Enum):
+    """Why a step backed the LR off or halted: one value per decision, the rule that fired.
+
+    ``Decision.reason`` (and ``StepReport.reason``) is the halt's reason on a halting step
+    (a halt outranks the backoff it comes with), otherwise the backoff's; ``None`` on every
+    other step. :func:`~lightning_gradguard.core.messages.reason_text` says it in words.
+
+    Example:
+        >>> Reason.UPDATE_CAPPED.value
+        'update_capped'
+    """
+
+    #: a non-finite step came within ``nonfinite_window`` steps of the last one (with
+    #: ``nonfinite_window=0``: every non-finite step)
+    NONFINITE_REPEAT = "nonfinite_repeat"
+    #: the weights are non-finite although the gradients and the loss are finite
+    NONFINITE_WEIGHTS = "nonfinite_weights"
+    #: spikes or capped updates reached ``spike_patience`` and this update was over the
+    #: optimizer's update cap (evidence (a))
+    UPDATE_CAPPED = "update_capped"
+    #: spikes reached ``spike_patience`` while clipping is the rule (evidence (b))
+    CLIPPING_RULE = "clipping_rule"
+    #: spikes reached ``spike_patience`` while the LR is still backed off (evidence (c))
+    ALREADY_BACKED_OFF = "already_backed_off"
+    #: the gradient norm rose ``growth_patience`` steps in a row (with evidence)
+    GROWTH = "growth"
+    #: ``halt_after`` consecutive non-finite steps
+    HALT = "halt"
+    #: ``amp_halt_after`` consecutive steps the GradScaler skipped with a finite loss
+    AMP_HALT = "amp_halt"
+
+
+@friendly_kwargs
 @dataclass(slots=True)
 class GuardState:
     """The guard's state as the decision sees it (host values only; a value, never changed).
@@ -115,6 +149,10 @@ class GuardState:
         loss_improving: The median of the last 10 losses is below the median of the last 50
             and below the run's first loss (see
             :class:`~lightning_gradguard.core.progress.LossTrend`): the run is learning.
+        clock: The optimizer's own step count, the clock of every window (``spike_window``,
+            ``nonfinite_window``, the clip history); ``None``: the measurement's step. With
+            several optimizers the caller's step (Lightning's ``global_step``) advances on
+            every optimizer's step, so each guard counts its windows in its own steps.
     """
 
     streaks: Streaks = field(default_factory=Streaks)
@@ -123,8 +161,10 @@ class GuardState:
     growth_fires: bool = False
     lr_scale: float = 1.0
     loss_improving: bool = False
+    clock: int | None = None
 
 
+@friendly_kwargs
 @dataclass(slots=True)
 class Decision:
     """What to do at one step; the apply stage carries it out in a fixed order.
@@ -136,7 +176,8 @@ class Decision:
         path: Which row of the table the step took.
         action: :class:`Action` for the report.
         streaks: The streaks after this step.
-        spike_steps: The backoff window after this step.
+        spike_steps: The backoff window after this step (in the clock of
+            :attr:`GuardState.clock`).
         threshold: The threshold to report (lowered to the update cap when that clipped).
         clipped_norm: The total norm after clipping.
         scales: Multiply the gradients by each of these, in order (clipping).
@@ -151,6 +192,8 @@ class Decision:
         snapshot: Capture a last-good snapshot.
         halt: Training cannot recover: stop.
         diagnose: Diagnose where the non-finite values came from.
+        reason: Why this step halts or backs the LR off (:class:`Reason`; ``None``: it
+            does neither).
     """
 
     path: Path
@@ -171,6 +214,7 @@ class Decision:
     snapshot: bool = False
     halt: bool = False
     diagnose: bool = False
+    reason: Reason | None = None
 
 
 def decide(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
@@ -200,16 +244,19 @@ def _nonfinite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     optimizer state untouched); another within ``nonfinite_window`` steps backs the LR off.
     """
     last = state.streaks.last_nonfinite
+    clock = m.step if state.clock is None else state.clock
     repeated = s.nonfinite_window == 0 or (last is not None
-                                           and 0 <= m.step - last < s.nonfinite_window)
-    streaks = state.streaks.on_nonfinite(m.step)
+                                           and 0 <= clock - last < s.nonfinite_window)
+    streaks = state.streaks.on_nonfinite(m.step, clock)
     n = streaks.nonfinite
+    backoff = s.lr_backoff and repeated
+    halt = s.halt_after > 0 and n >= s.halt_after
     return Decision(
         "nonfinite", Action.SKIP if s.skip_nonfinite else Action.NONE, streaks,
         state.spike_steps, m.threshold, m.grad_norm, skip=s.skip_nonfinite,
-        backoff=s.lr_backoff and repeated, rollback=n % s.rollback_after == 0,
-        halt=s.halt_after > 0 and n >= s.halt_after,
-        diagnose=not state.diagnosed or n >= s.halt_after > 0)
+        backoff=backoff, rollback=n % s.rollback_after == 0, halt=halt,
+        diagnose=not state.diagnosed or n >= s.halt_after > 0,
+        reason=Reason.HALT if halt else Reason.NONFINITE_REPEAT if backoff else None)
 
 
 def _amp_overflow(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
@@ -218,14 +265,16 @@ def _amp_overflow(m: Measurement, state: GuardState, s: GuardSettings) -> Decisi
     # not an overflow any more at the halt: the scaler cannot fix it
     halt = s.halt_after > 0 and streaks.amp >= s.amp_halt_after
     return Decision("amp_overflow", Action.AMP_SKIP, streaks, state.spike_steps, m.threshold,
-                    m.grad_norm, halt=halt, diagnose=halt)
+                    m.grad_norm, halt=halt, diagnose=halt,
+                    reason=Reason.AMP_HALT if halt else None)
 
 
 def _nonfinite_weights(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     """Finite gradients and loss, but non-finite weights: skip, back off, restore."""
     return Decision("nonfinite_weights", Action.SKIP, state.streaks.on_finite(),
                     state.spike_steps, m.threshold, m.grad_norm, skip=True,
-                    backoff=s.lr_backoff, rollback=True)
+                    backoff=s.lr_backoff, rollback=True,
+                    reason=Reason.NONFINITE_WEIGHTS if s.lr_backoff else None)
 
 
 def _clip(m: Measurement, spike: bool) -> tuple[Action, tuple[float, ...], float, float, bool]:
@@ -261,14 +310,21 @@ def _backoff_due(window: tuple[int, ...], grew: bool, s: GuardSettings) -> bool:
     return s.lr_backoff and (grew or (s.spike_patience > 0 and len(window) >= s.spike_patience))
 
 
-def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float) -> bool:
+def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float) -> Reason | None:
     """Evidence that the LR, not the batch, is the problem (a triggered backoff needs it).
 
     (a) this update was clipped by the update cap, (b) at least :data:`CLIP_RULE` of the
     recent steps (``clipped``, this one included) were clipped, or (c) the LR is already
     backed off and has not recovered.
+
+    Returns:
+        The first evidence that holds, in that order (``None``: none).
     """
-    return capped or len(clipped) >= CLIP_RULE or lr_scale < 1.0
+    if capped:
+        return Reason.UPDATE_CAPPED
+    if len(clipped) >= CLIP_RULE:
+        return Reason.CLIPPING_RULE
+    return Reason.ALREADY_BACKED_OFF if lr_scale < 1.0 else None
 
 
 def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
@@ -280,23 +336,29 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
     grew = fired and large
     spike = m.grad_norm > m.threshold
     action, scales, clipped, threshold, capped = _clip(m, spike)
+    clock = m.step if state.clock is None else state.clock
     window = state.spike_steps
     if (spike and large) or capped:
-        window = (*window, m.step)
+        window = (*window, clock)
     if window:  # forget counted steps that left the window
-        oldest = m.step - s.spike_window
+        oldest = clock - s.spike_window
         window = tuple([t for t in window if t > oldest])
-    streaks = state.streaks.on_finite(m.step, clipped=action is Action.CLIP)
+    streaks = state.streaks.on_finite(clock, clipped=action is Action.CLIP)
     triggered = _backoff_due(window, grew, s)
-    # without evidence that the LR is too high the clip has answered it: the count restarts.
-    # A loss that keeps falling at the full LR shows that clipping became the rule because
-    # the threshold lags a rising norm of a run that learns: only a capped update counts then
-    # (once backed off, a falling loss is the backoff's doing: (c) counts as always)
-    learning = state.loss_improving and state.lr_scale >= 1.0
-    backoff = triggered and (capped if learning
-                             else _lr_too_high(capped, streaks.clipped, state.lr_scale))
+    evidence: Reason | None = None
+    if triggered:
+        # without evidence that the LR is too high the clip has answered it: the count
+        # restarts. A loss that keeps falling at the full LR shows that clipping became the
+        # rule because the threshold lags a rising norm of a run that learns: only a capped
+        # update counts then (once backed off, a falling loss is the backoff's doing: (c)
+        # counts as always)
+        learning = state.loss_improving and state.lr_scale >= 1.0
+        evidence = ((Reason.UPDATE_CAPPED if capped else None) if learning
+                    else _lr_too_high(capped, streaks.clipped, state.lr_scale))
+    backoff = evidence is not None
     return Decision(
         "finite", action, streaks, () if triggered else window, threshold,
         clipped, scales=scales, observe=True, spike=spike, growth=grew,
         hold_growth=fired and not large, backoff=backoff, recover=not (spike or backoff),
-        snapshot=m.params_finite is True)
+        snapshot=m.params_finite is True,
+        reason=(Reason.GROWTH if grew else evidence) if backoff else None)

@@ -31,26 +31,29 @@ lives in :mod:`~lightning_gradguard.core.update_cap`, chosen once from the optim
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import scale_grads_, skip_step_
-from lightning_gradguard.core.decide import Action, Decision, GuardState, decide
+from lightning_gradguard.core.decide import Action, Decision, GuardState, Reason, decide
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter
 from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.norms import NormReducer
+from lightning_gradguard.core.notices import Speaker
 from lightning_gradguard.core.policies import ClipPolicy
 from lightning_gradguard.core.progress import LossTrend
 from lightning_gradguard.core.settings import GuardSettings
@@ -58,9 +61,14 @@ from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.streaks import Streaks
 from lightning_gradguard.core.update_cap import UpdateControl, UpdateLimit, make_update_control
 
-__all__ = ["Action", "GuardCore", "GuardCounters", "GuardSettings", "StepListener", "StepReport"]
+__all__ = ["STATE_VERSION", "Action", "GuardCore", "GuardCounters", "GuardSettings", "Reason",
+           "StepListener", "StepReport"]
+
+#: the layout of :meth:`GuardCore.state_dict` (``"version"``; another is refused on load)
+STATE_VERSION = 1
 
 
+@friendly_kwargs
 @dataclass(frozen=True)
 class StepReport:
     """What the guard saw and did at one optimizer step.
@@ -91,6 +99,8 @@ class StepReport:
             contains is not diagnosed); ``None`` on other steps.
         diagnosis_event: What :attr:`causes` answer: ``"preflight"``, ``"backoff"``,
             ``"nonfinite"`` or ``"halt"`` (``None`` without them).
+        reason: Why this step halted or backed the LR off
+            (:class:`~lightning_gradguard.core.decide.Reason`; ``None``: neither).
     """
 
     step: int
@@ -110,8 +120,10 @@ class StepReport:
     diagnosis: Diagnosis | None = None
     causes: tuple[Cause, ...] | None = None
     diagnosis_event: str | None = None
+    reason: Reason | None = None
 
 
+@friendly_kwargs
 @dataclass
 class GuardCounters:
     """The guard's public counts (every field is a key of :meth:`GuardCore.summary`).
@@ -127,6 +139,9 @@ class GuardCounters:
         rollbacks: Restores of the last-good snapshot.
         amp_overflow_steps: Non-finite steps left to the GradScaler.
         halted: Training was halted.
+        reasons: Steps that backed the LR off or halted, by their
+            :class:`~lightning_gradguard.core.decide.Reason` (``{"update_capped": 2}``); a
+            halting step counts under its halt reason.
     """
 
     steps: int = 0
@@ -139,9 +154,14 @@ class GuardCounters:
     rollbacks: int = 0
     amp_overflow_steps: int = 0
     halted: bool = False
+    reasons: dict[str, int] = field(default_factory=dict)
 
-    def record(self, d: Decision, rolled_back: bool) -> None:
-        """Count what a step's decision did (``steps`` is counted when the step starts)."""
+    def record(self, d: Decision) -> None:
+        """Count what a step's decision did.
+
+        ``steps`` is counted when the step starts, ``rollbacks`` by
+        :meth:`GuardCore.restore_snapshot`.
+        """
         if d.path == "nonfinite":
             self.nonfinite_steps += 1
         elif d.path == "amp_overflow":
@@ -156,32 +176,15 @@ class GuardCounters:
             self.growth_events += 1
         if d.backoff:
             self.lr_backoffs += 1
-        if rolled_back:
-            self.rollbacks += 1
         if d.halt:
             self.halted = True
-
-    # Read-only views of decision state that older code read from the counters (not counts,
-    # not fields: never in summary() or state_dict()["counters"]).
-    @property
-    def spike_steps(self) -> list[int]:
-        """Same as :attr:`GuardCore.spike_steps` of the guard that owns these counters."""
-        owner: GuardCore | None = getattr(self, "_owner", None)
-        return list(owner.spike_steps) if owner is not None else []
-
-    @property
-    def nonfinite_streak(self) -> int:
-        """Same as ``GuardCore.streaks.nonfinite`` of the guard that owns these counters."""
-        owner: GuardCore | None = getattr(self, "_owner", None)
-        return owner.streaks.nonfinite if owner is not None else 0
+        if d.reason is not None:
+            self.reasons[d.reason.value] = self.reasons.get(d.reason.value, 0) + 1
 
 
 #: ``listener(measurement, decision, report)``: see :attr:`GuardCore.listeners`
 StepListener = Callable[[Measurement, Decision, "StepReport"], None]
 
-#: keys of the counters of a state saved before the counters held only counts
-_LEGACY_STREAK_KEYS = {"nonfinite_streak": "nonfinite", "streak_start": "nonfinite_start",
-                       "amp_streak": "amp", "amp_streak_start": "amp_start"}
 
 
 def _named_params(
@@ -222,6 +225,7 @@ def _group_layout(optimizer: Optimizer | None) -> tuple[int, ...]:
     return tuple([len(g["params"]) for g in optimizer.param_groups])
 
 
+@friendly_kwargs
 class GuardCore(Stateful):
     """Gradient guard for one optimizer, usable in any training loop.
 
@@ -250,6 +254,9 @@ class GuardCore(Stateful):
         >>> model.weight.grad is None
         True
     """
+
+    #: the keyword settings ``**kwargs`` passes on to :class:`GuardSettings`
+    _MORE_ARGUMENTS = tuple(inspect.signature(GuardSettings).parameters)
 
     def __init__(
         self,
@@ -297,11 +304,14 @@ class GuardCore(Stateful):
         #: called after every step with its measurement, decision and report (e.g. a cause
         #: diagnosis that looks at the first steps or the first backoff)
         self.listeners: list[StepListener] = []
+        #: what the guard says about a step (its ``sink``: the ``lightning_gradguard`` logger
+        #: by default; the callback adds TensorBoard text), under ``verbose``
+        self.speaker = Speaker(s)
         self._reset_run()
 
     def _reset_run(self) -> None:
         """Counters, streaks, the backoff window and the diagnoses of a fresh run."""
-        self.counters = self._own(GuardCounters())
+        self.counters = GuardCounters()
         #: the non-finite and GradScaler streaks
         self.streaks = Streaks()
         #: steps of the spikes (and cap hits) in the window that count toward a backoff
@@ -319,10 +329,9 @@ class GuardCore(Stateful):
         self._steps_at_start = 0
         #: the state was loaded from a checkpoint
         self.resumed = False
-
-    def _own(self, counters: GuardCounters) -> GuardCounters:
-        counters._owner = self  # type: ignore[attr-defined]  # for its read-only views
-        return counters
+        #: :meth:`stop` was called: every further step is skipped
+        self.stopped = False
+        self.speaker.reset()
 
     # ------------------------------------------------------------------ the step
     def step(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
@@ -349,12 +358,40 @@ class GuardCore(Stateful):
         Returns:
             A :class:`StepReport`.
         """
+        if self.stopped:
+            return self._held(step)
         self.counters.steps += 1
         step = self.counters.steps if step is None else step
         self.follow_optimizer()
         measurement, grads = self.measure(loss, amp_overflow=amp_overflow, step=step)
         decision = decide(measurement, self.state(measurement), self.settings)
         return self.apply(measurement, decision, grads, snapshot_extra, batch=batch)
+
+    def stop(self) -> None:
+        """The run is over: every further :meth:`step` is skipped, the weights stay as they are.
+
+        For a caller that cannot end the run at once (Lightning's ``min_steps`` keeps a halted
+        run going). Held steps are not counted; :meth:`reset` or :meth:`load_state_dict`
+        starts again.
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(2))
+            >>> guard = GuardCore([p])
+            >>> guard.stop()
+            >>> p.grad = torch.ones(2)
+            >>> guard.step().action, p.grad, guard.counters.steps
+            (<Action.SKIP: 'skip'>, None, 0)
+        """
+        self.stopped = True
+
+    def _held(self, step: int | None) -> StepReport:
+        """A step after :meth:`stop`: the gradients cleared, nothing measured or counted."""
+        skip_step_(self.params)
+        nan = float("nan")
+        return StepReport(step=self.counters.steps if step is None else step, grad_norm=nan,
+                          grad_norm_clipped=nan, threshold=nan, finite=True,
+                          action=Action.SKIP, lr_scale=self.lr_scale,
+                          halt=self.counters.halted)
 
     def follow_optimizer(self) -> bool:
         """Watch the parameters the optimizer holds now (e.g. after ``add_param_group``).
@@ -420,7 +457,7 @@ class GuardCore(Stateful):
                           diagnosed=self.first_nonfinite_step is not None,
                           growth_fires=self.growth.fires(measurement.grad_norm),
                           lr_scale=self.backoff.scale,
-                          loss_improving=self.loss_trend.improving)
+                          loss_improving=self.loss_trend.improving, clock=self.counters.steps)
 
     def apply(self, m: Measurement, d: Decision, grads: Gradients | None,
               snapshot_extra: Sequence[Optimizer] = (), *, batch: Any = None) -> StepReport:
@@ -458,16 +495,22 @@ class GuardCore(Stateful):
             self.restore_lr()
         if d.recover:
             self.backoff.recover()  # takes effect from the next update on
-        self.counters.record(d, rolled_back)
+        self.counters.record(d)
         self.streaks, self.spike_steps = d.streaks, d.spike_steps
         self.last_report = StepReport(
             step=m.step, grad_norm=m.grad_norm, grad_norm_clipped=d.clipped_norm,
             threshold=d.threshold, finite=m.finite, action=d.action, spike=d.spike,
             growth=d.growth, backoff=d.backoff, lr_scale=lr_scale, rollback=rolled_back,
             params_finite=d.path != "nonfinite_weights", halt=d.halt, loss=m.loss,
-            diagnosis=diagnosis, causes=causes, diagnosis_event=event)
+            diagnosis=diagnosis, causes=causes, diagnosis_event=event, reason=d.reason)
+        r = self.last_report
+        self.speaker.speak(
+            r, first_nonfinite=diagnosis is not None and r.step == self.first_nonfinite_step,
+            resumed=self.resumed, backoffs=self.counters.lr_backoffs, causes=self.causes,
+            snapshot_step=self.snapshot.step if self.snapshot is not None else None,
+            streak=self.streaks.nonfinite, halt_text=self.halt_message if d.halt else "")
         for listener in self.listeners:
-            listener(m, d, self.last_report)
+            listener(m, d, r)
         return self.last_report
 
     # ------------------------------------------------------------------ LR and snapshots
@@ -502,11 +545,12 @@ class GuardCore(Stateful):
             snapshot_extra: The further optimizers passed to :meth:`step`.
 
         Returns:
-            Whether a snapshot was restored (counters are the caller's business).
+            Whether a snapshot was restored (counted in ``rollbacks``).
         """
         if self.snapshot is None or not self.snapshot.available or self.module is None:
             return False
         self.snapshot.restore(self.module, self._optimizers(snapshot_extra))
+        self.counters.rollbacks += 1
         return True
 
     def _diagnose(self, m: Measurement,
@@ -601,7 +645,18 @@ class GuardCore(Stateful):
     # ------------------------------------------------------------------ reporting
     @property
     def halt_message(self) -> str:
-        """Why training should stop (empty unless halted): step, parameters, likely cause."""
+        """Why training should stop (empty unless halted): step, parameters, likely causes.
+
+        :attr:`halt_facts`, then (with a diagnosis) the ranked causes, most likely first.
+        """
+        facts = self.halt_facts
+        if facts and self.causes:
+            return facts + ".\nLikely causes, most likely first:\n" + causes_text(self.causes)
+        return facts
+
+    @property
+    def halt_facts(self) -> str:
+        """Why training should stop, without the ranked causes (empty unless halted)."""
         if not self.counters.halted:
             return ""
         end = self.last_report.step if self.last_report else self.counters.steps
@@ -630,13 +685,11 @@ class GuardCore(Stateful):
         return self._with_diagnosis(parts, "last step", last)
 
     def _with_diagnosis(self, parts: list[str], label: str, diagnosis: Diagnosis | None) -> str:
-        """``parts`` joined, then the labelled step's facts and the ranked causes (if any)."""
+        """``parts`` joined, then the labelled step's facts (the causes follow separately)."""
         if diagnosis is not None and self.causes:
             parts.append(f"{label}: {_facts(diagnosis).message()}"
                          .removesuffix(". Likely cause: "))
-            return "; ".join(parts) + ".\nLikely causes, most likely first:\n" + causes_text(
-                self.causes)
-        if diagnosis is not None:
+        elif diagnosis is not None:
             parts.append(f"{label}: {diagnosis.message()}")
         return "; ".join(parts)
 
@@ -664,9 +717,14 @@ class GuardCore(Stateful):
         self._reset_run()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly (statistics, counters, backoff, snapshot)."""
-        out = super().state_dict()  # backoff, growth, update_control
+        """Everything needed to resume exactly (statistics, counters, backoff, snapshot).
+
+        One layout, marked ``"version"`` (:data:`STATE_VERSION`); :meth:`load_state_dict`
+        refuses another.
+        """
+        out = super().state_dict()  # backoff, growth, update_control, loss_trend
         out.update({
+            "version": STATE_VERSION,
             "policy_type": type(self.policy).__name__,
             "policy": self.policy.state_dict(),
             "counters": asdict(self.counters),
@@ -685,47 +743,41 @@ class GuardCore(Stateful):
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (also a state saved by earlier versions).
+        """Restore from :meth:`state_dict`.
 
         A state saved with another clip policy type restores everything but the policy's
         statistics (with a warning). A state saved at a halt is resumed as a fresh attempt:
         ``halted`` and the streaks are cleared.
+
+        Raises:
+            ValueError: The state is of another layout (its ``"version"`` is not
+                :data:`STATE_VERSION`).
         """
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"GuardCore state has version {version!r}, this lightning_gradguard reads "
+                f"version {STATE_VERSION}: it was saved by another release; resume without "
+                "the guard's state (drop it from the checkpoint) to start its statistics afresh")
         self._load_policy(state_dict)
-        self.backoff.load_state_dict(state_dict["backoff"])
-        self.growth.load_state_dict(state_dict["growth"])
-        control = dict(state_dict.get("update_control") or {})
-        control.setdefault("weight_norm", state_dict.get("weight_norm"))  # earlier layout
-        control.setdefault("armed", False)
-        control.setdefault("last_grad_norm", None)
-        self.update_control.load_state_dict(control)
-        if "loss_trend" in state_dict:  # absent in states saved before the loss trend
-            self.loss_trend.load_state_dict(state_dict["loss_trend"])
-        else:
-            self.loss_trend.reset()
+        super().load_state_dict(state_dict)  # backoff, growth, update_control, loss_trend
         counters = dict(state_dict["counters"])
-        legacy = {k: counters.pop(k) for k in [*_LEGACY_STREAK_KEYS, "spike_steps",
-                                               "first_nonfinite_step"] if k in counters}
-        streaks = state_dict.get("streaks") or {
-            new: legacy.get(old, getattr(Streaks(), new))
-            for old, new in _LEGACY_STREAK_KEYS.items()}
         # a state saved at a halt resumes as a fresh attempt
-        self.streaks = Streaks() if counters.get("halted") else Streaks(**streaks)
+        streaks = dict(state_dict["streaks"], clipped=tuple(state_dict["streaks"]["clipped"]))
+        self.streaks = Streaks() if counters["halted"] else Streaks(**streaks)
         counters["halted"] = False
-        names = {f.name for f in fields(GuardCounters)}
-        self.counters = self._own(GuardCounters(**{k: v for k, v in counters.items()
-                                                   if k in names}))
-        self.spike_steps = tuple(state_dict.get("spike_steps", legacy.get("spike_steps", ())))
-        self.first_nonfinite_step = state_dict.get("first_nonfinite_step",
-                                                   legacy.get("first_nonfinite_step"))
-        first = state_dict.get("first_diagnosis")
+        counters["reasons"] = dict(counters["reasons"])
+        self.counters = GuardCounters(**counters)
+        self.spike_steps = tuple(state_dict["spike_steps"])
+        self.first_nonfinite_step = state_dict["first_nonfinite_step"]
+        first = state_dict["first_diagnosis"]
         self.first_diagnosis = None if first is None else Diagnosis(
             step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
             origin=first["origin"], likely_cause=first["likely_cause"],
-            weights_finite=first.get("weights_finite"), first_step=first.get("first_step", False))
+            weights_finite=first["weights_finite"], first_step=first["first_step"])
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
-        saved = state_dict.get("diagnosis")  # absent in states saved before diagnoses
+        saved = state_dict.get("diagnosis")  # absent when saved with diagnose=False
         if self.diagnostician is not None and saved is not None:
             self.diagnostician.load_state_dict(saved["state"])
             self.preflight_done = bool(saved["preflight_done"])
@@ -733,6 +785,7 @@ class GuardCore(Stateful):
             self.causes = tuple(Cause(**c) for c in saved["causes"])
         self._steps_at_start = self.counters.steps
         self.resumed = True
+        self.stopped = False
 
     def _load_policy(self, state_dict: Mapping[str, Any]) -> None:
         saved_type = state_dict.get("policy_type", type(self.policy).__name__)

@@ -1,8 +1,10 @@
-"""What the user reads: ranked causes, the first non-finite step, backoffs, the end of fit.
+"""What the user reads: every message of the guard, built here from structured values.
 
-Plain strings from host values (no tensors); the callbacks print them, :class:`GuardCore
-<lightning_gradguard.core.GuardCore>` users may too. Messages put the most important fact
-first and carry no source location.
+Ranked causes, the first non-finite step, the pre-flight warning, the reason of a backoff
+(:func:`reason_text`, from :class:`~lightning_gradguard.core.decide.Reason`), rollbacks, the
+halt, the end of fit. Plain strings from host values (no tensors); no other module writes
+prose for the user or parses it. Messages put the most important fact first and carry no
+source location.
 """
 
 from __future__ import annotations
@@ -10,9 +12,131 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lightning_gradguard.core.decide import CLIP_RULE, Reason
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis
+from lightning_gradguard.core.settings import GuardSettings
+from lightning_gradguard.core.streaks import CLIP_HISTORY
 
-__all__ = ["causes_text", "end_of_fit_line", "needed_help", "nonfinite_message"]
+__all__ = ["backoff_notice", "causes_markdown", "causes_text", "end_of_fit_line",
+           "needed_help", "nonfinite_message", "nonfinite_weights_message",
+           "preflight_message", "reason_text", "rollback_message"]
+
+
+def reason_text(reason: Reason, s: GuardSettings) -> str:
+    """Why the guard backed the LR off (or halted), in words, with the settings that fired.
+
+    Example:
+        >>> print(reason_text(Reason.UPDATE_CAPPED, GuardSettings()))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        3 spikes or capped updates within 50 steps, this update over the update cap (the LR
+        times the gradient would move the weights by more than max_update_ratio=0.1 of their
+        norm)
+        >>> reason_text(Reason.NONFINITE_REPEAT, GuardSettings())
+        'a second non-finite step within nonfinite_window=50 steps'
+    """
+    spikes = f"{s.spike_patience} spikes within {s.spike_window} steps"
+    texts = {
+        Reason.NONFINITE_REPEAT: (
+            f"a second non-finite step within nonfinite_window={s.nonfinite_window} steps"
+            if s.nonfinite_window else "a non-finite step, with nonfinite_window=0"),
+        Reason.NONFINITE_WEIGHTS: "non-finite weights (finite gradients and loss)",
+        Reason.UPDATE_CAPPED: (
+            f"{s.spike_patience} spikes or capped updates within {s.spike_window} steps, this "
+            "update over the update cap (the LR times the gradient would move the weights by "
+            f"more than max_update_ratio={s.max_update_ratio} of their norm)"),
+        Reason.CLIPPING_RULE: (f"{spikes} while clipping is the rule ({CLIP_RULE} of the last "
+                               f"{CLIP_HISTORY} steps clipped)"),
+        Reason.ALREADY_BACKED_OFF: f"{spikes} while the LR is still backed off",
+        Reason.GROWTH: (f"sustained growth of the gradient norm ({s.growth_patience} rising "
+                        "steps in a row)"),
+        Reason.HALT: f"{s.halt_after} consecutive non-finite steps",
+        Reason.AMP_HALT: (f"{s.amp_halt_after} consecutive steps the GradScaler skipped with a "
+                          "finite loss"),
+    }
+    return texts[reason]
+
+
+def backoff_notice(step: int, number: int, reason: Reason | None, lr_scale: float,
+                   s: GuardSettings, *, held: int = 0, cause: str | None = None) -> str:
+    """The one-line notice of an LR backoff: its number, its reason and the LR now.
+
+    Args:
+        step: The step of the backoff.
+        number: How many backoffs the run has had, this one included.
+        reason: The backoff's :class:`~lightning_gradguard.core.decide.Reason`.
+        lr_scale: The LR scale after the backoff.
+        s: The guard's settings (the reason names them).
+        held: Backoffs since the last notice that were not announced (rate limit).
+        cause: The most likely cause diagnosed so far (``None``: none).
+
+    Example:
+        >>> print(backoff_notice(12, 1, Reason.GROWTH, 0.5, GuardSettings()))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        GradGuard: step 12: LR backoff #1 (sustained growth of the gradient norm (5 rising
+        steps in a row)): LR now x0.5 of the schedule
+    """
+    why = reason_text(reason, s) if reason is not None else "LR backoff"
+    more = f"; {held} more since the last notice" if held else ""
+    tail = f"; likely cause: {cause}" if cause else ""
+    return (f"GradGuard: step {step}: LR backoff #{number} ({why}{more}): LR now "
+            f"x{lr_scale:.2g} of the schedule{tail}")
+
+
+def preflight_message(step: int, causes: Sequence[Cause]) -> str:
+    """The warning of the first step whose evidence already says the run will explode.
+
+    Example:
+        >>> print(preflight_message(1, [Cause("init_scale", "x3 per layer", "use He init")]))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        GradGuard: step 1: the first step's evidence already says this run is likely to
+        explode (silence with GradGuard(preflight=False)):
+          1. init_scale: x3 per layer
+             remedy: use He init
+    """
+    return (f"GradGuard: step {step}: the first step's evidence already says this run is "
+            "likely to explode (silence with GradGuard(preflight=False)):\n"
+            + causes_text(causes))
+
+
+def nonfinite_weights_message(step: int, restored_from: int | None) -> str:
+    """A finite step whose weights are non-finite: skipped, and the snapshot restored (or not).
+
+    Args:
+        step: The step.
+        restored_from: The step of the snapshot restored (``None``: none was available).
+
+    Example:
+        >>> print(nonfinite_weights_message(9, None).split("; ")[1])
+        the step was skipped and no snapshot was available to restore
+    """
+    done = (f"the last good snapshot (step {restored_from}) restored"
+            if restored_from is not None else "no snapshot was available to restore")
+    return (f"GradGuard: step {step}: the weights are non-finite although the gradients and "
+            "the loss are finite (e.g. an Inf weight behind a saturating activation); the "
+            f"step was skipped and {done}")
+
+
+def rollback_message(snapshot_step: int | None, streak: int) -> str:
+    """The notice of a rollback after a streak of non-finite steps.
+
+    Example:
+        >>> rollback_message(100, 3)
+        'GradGuard: restored the last good snapshot (step 100) after 3 consecutive non-finite steps'
+    """
+    where = "?" if snapshot_step is None else snapshot_step
+    return (f"GradGuard: restored the last good snapshot (step {where}) after {streak} "
+            "consecutive non-finite steps")
+
+
+def causes_markdown(causes: Sequence[Cause]) -> str:
+    """The ranked causes as a numbered markdown list (TensorBoard text, the report).
+
+    Example:
+        >>> print(causes_markdown([Cause("lr_too_high", "40 % per step", "lower the LR")]))
+        1. `lr_too_high`: 40 % per step. **Remedy:** lower the LR
+    """
+    return "\n".join(f"{i}. `{c.cause}`: {c.evidence}. **Remedy:** {c.remedy}"
+                     for i, c in enumerate(causes, 1))
 
 
 def causes_text(causes: Sequence[Cause], indent: str = "  ") -> str:

@@ -53,8 +53,8 @@ def test_end_of_fit_line_names_the_lr_scale_and_backoff_notices_are_rate_limited
     s = guard.summary()
     assert s["lr_backoffs"] == 5
     lines = _lines(caplog)
-    assert lines[0] == ("GradGuard: step 4: LR backoff #1 (non-finite step): LR now x0.5 of the "
-                        "schedule")
+    assert lines[0] == ("GradGuard: step 4: LR backoff #1 (a second non-finite step within "
+                        "nonfinite_window=50 steps): LR now x0.5 of the schedule")
     assert lines[-1] == (f"GradGuard: 12 steps, 0 clipped, 6 skipped, 5 LR backoffs (LR now "
                          f"x{s['lr_scale']:.2g} of the schedule)")
     assert len(lines) == 2
@@ -73,8 +73,9 @@ def test_backoff_notices_exactly_the_rate_limit_apart_are_both_shown(
     assert guard.summary()["lr_backoffs"] == 3
     notices = [line.removeprefix("GradGuard: ").split(": LR now")[0]
                for line in _lines(caplog) if "LR backoff #" in line]
-    assert notices == ["step 2: LR backoff #1 (non-finite step)",
-                       "step 52: LR backoff #3 (non-finite step; 1 more since the last notice)"]
+    assert notices == ["step 2: LR backoff #1 (a non-finite step, with nonfinite_window=0)",
+                       "step 52: LR backoff #3 (a non-finite step, with nonfinite_window=0; 1 "
+                       "more since the last notice)"]
 
 
 def test_verbose_false_prints_nothing(caplog: pytest.LogCaptureFixture) -> None:

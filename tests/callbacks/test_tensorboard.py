@@ -337,10 +337,13 @@ def test_text_events_entry(tb_run: TBRun) -> None:
     text = texts[NAN_STEP]
     assert "first non-finite step" in text
     assert "Non-finite gradients" in text
-    # any other entry is the diagnosis at the first spike or backoff
+    # the step's backoff is in the same entry, with its reason (one entry per step)
+    assert ("**LR backoff #1** (step 7): a non-finite step, with nonfinite_window=0; LR now "
+            "x0.5 of the schedule") in text
+    # any other entry is the diagnosis at the first backoff, or a backoff with its reason
     for step, other in texts.items():
         if step != NAN_STEP:
-            assert other.startswith("**diagnosis at the first "), other
+            assert other.startswith(("**diagnosis at the first backoff", "**LR backoff #")), other
 
 
 def test_text_event_names_the_global_step(tb_run: TBRun) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lightning_gradguard.core.clip import clip_coef
-from lightning_gradguard.core.decide import Action, GuardState, decide
+from lightning_gradguard.core.decide import Action, GuardState, Reason, decide
 from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import Streaks
@@ -243,3 +243,79 @@ def test_clip_history_keeps_the_last_ten_steps() -> None:
     assert s.on_finite(14).clipped == (5, 11)
     assert s.on_finite(21).clipped == ()
     assert s.on_nonfinite(12).clipped == (2, 5, 11)  # a skipped step leaves it alone
+
+
+# (id, measurement, state, settings, the decision's reason)
+REASONS: list[tuple[str, Measurement, GuardState, dict[str, Any], Reason | None]] = [
+    ("clean step: none", meas(), GuardState(), {}, None),
+    ("isolated non-finite step: a skip, no reason", meas(grad_norm=NAN), GuardState(), {},
+     None),
+    ("second non-finite step in the window", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(last_nonfinite=STEP - 1), diagnosed=True), {},
+     Reason.NONFINITE_REPEAT),
+    ("nonfinite_window=0: every non-finite step", meas(grad_norm=NAN), GuardState(),
+     {"nonfinite_window": 0}, Reason.NONFINITE_REPEAT),
+    ("the halt outranks the backoff it comes with", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(nonfinite=2, last_nonfinite=STEP - 1), diagnosed=True),
+     {"halt_after": 3}, Reason.HALT),
+    ("lr_backoff=False: a repeat is no backoff, no reason", meas(grad_norm=NAN),
+     GuardState(streaks=Streaks(last_nonfinite=STEP - 1), diagnosed=True),
+     {"lr_backoff": False}, None),
+    ("GradScaler streak at amp_halt_after", meas(grad_norm=INF, amp_overflow=True, loss=1.0),
+     GuardState(streaks=Streaks(amp=2)), {"amp_halt_after": 3}, Reason.AMP_HALT),
+    ("non-finite weights", meas(params_finite=False), GuardState(), {},
+     Reason.NONFINITE_WEIGHTS),
+    ("non-finite weights, lr_backoff=False: no backoff, no reason",
+     meas(params_finite=False), GuardState(), {"lr_backoff": False}, None),
+    ("(a) third counted step, this update capped: update capped",
+     meas(grad_norm=3.0, threshold=INF, limit=UpdateLimit(cap=1.0, far=10.0)),
+     GuardState(spike_steps=(8, 9)), {}, Reason.UPDATE_CAPPED),
+    ("(a) beats (b) and (c)",
+     meas(grad_norm=3.0, threshold=INF, limit=UpdateLimit(cap=1.0, far=10.0)),
+     GuardState(spike_steps=(8, 9), lr_scale=0.5, streaks=Streaks(clipped=(5, 6, 7, 8, 9))),
+     {}, Reason.UPDATE_CAPPED),
+    ("(b) third spike, clipping is the rule: clipping the rule", meas(grad_norm=8.0),
+     GuardState(spike_steps=(8, 9), streaks=Streaks(clipped=(5, 6, 7, 8))), {},
+     Reason.CLIPPING_RULE),
+    ("(c) third spike while backed off: already backed off", meas(grad_norm=8.0),
+     GuardState(spike_steps=(8, 9), lr_scale=0.5), {}, Reason.ALREADY_BACKED_OFF),
+    ("third spike without evidence: no backoff, no reason", meas(grad_norm=8.0),
+     GuardState(spike_steps=(8, 9)), {}, None),
+    ("growth with evidence: growth", meas(), GuardState(growth_fires=True, lr_scale=0.5), {},
+     Reason.GROWTH),
+    ("learning at the full LR, clipping the rule: no backoff, no reason", meas(grad_norm=8.0),
+     GuardState(spike_steps=(8, 9), streaks=Streaks(clipped=(5, 6, 7, 8)),
+                loss_improving=True), {}, None),
+]
+
+
+@pytest.mark.parametrize(("m", "state", "settings", "reason"), [c[1:] for c in REASONS],
+                         ids=[c[0] for c in REASONS])
+def test_every_backoff_and_halt_carries_its_reason(m: Measurement, state: GuardState,
+                                                   settings: dict[str, Any],
+                                                   reason: Reason | None) -> None:
+    d = run(m, state, **settings)
+    assert d.reason is reason
+    # a reason exactly when the step halts or backs off
+    assert (d.reason is not None) == (d.halt or d.backoff)
+
+
+def test_every_reason_is_reached_by_the_table() -> None:
+    assert {c[4] for c in REASONS} - {None} == set(Reason)
+
+
+def test_windows_count_in_the_clock_not_the_callers_step() -> None:
+    """With two optimizers the caller's step advances twice per step of each: the windows
+    of one optimizer's guard count its own steps (the clock)."""
+    # the last non-finite step 30 clock ticks ago, 60 of the caller's steps ago
+    state = GuardState(streaks=Streaks(last_nonfinite=70), diagnosed=True, clock=100)
+    d = run(meas(step=200, grad_norm=NAN), state)
+    assert d.backoff is True
+    assert d.streaks.last_nonfinite == 100
+    assert d.streaks.nonfinite_start == 200
+    # a spike is counted at its clock, and the window forgets by the clock
+    d = run(meas(step=200, grad_norm=8.0), GuardState(spike_steps=(40, 80), clock=100))
+    assert d.spike_steps == (80, 100)
+    d = run(meas(step=200, grad_norm=8.0, threshold=2.0),
+            GuardState(streaks=Streaks(clipped=(95,)), clock=100))
+    assert d.streaks.clipped == (95, 100)

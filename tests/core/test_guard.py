@@ -714,7 +714,7 @@ def test_agc_policy_in_guard_clips_unitwise() -> None:
 # ----------------------------------------------------------------------------- state
 SUMMARY_KEYS = {"steps", "nonfinite_steps", "skipped_steps", "spikes", "clipped_steps",
                 "lr_backoffs", "growth_events", "rollbacks", "amp_overflow_steps", "halted",
-                "lr_scale", "diagnosis"}
+                "lr_scale", "diagnosis", "reasons"}
 
 
 def test_summary_keys() -> None:

@@ -1,13 +1,14 @@
-"""GuardCore's state: counters, streaks and the backoff window; earlier checkpoints; listeners."""
+"""GuardCore's state: counters, streaks and the backoff window; the saved layout; listeners."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import pytest
 import torch
 
-from lightning_gradguard.core import FixedNormClip, GuardCore, LossTrend, Streaks
+from lightning_gradguard.core import FixedNormClip, GuardCore, Streaks
 from lightning_gradguard.core.decide import Decision
 from lightning_gradguard.core.guard import StepReport
 from lightning_gradguard.core.measure import Measurement
@@ -23,48 +24,66 @@ def _grads(model: torch.nn.Module, value: float) -> None:
         p.grad = torch.full_like(p, value)
 
 
-def _old_layout(halted: bool) -> dict[str, Any]:
-    """A state as saved before the counters held only counts (flat, with the streaks)."""
+def _saved_state(halted: bool) -> dict[str, Any]:
+    """A state of this release's layout with a non-finite streak, a window and a halt flag."""
     _, guard = _sgd_guard()
     state = guard.state_dict()
-    for key in ("streaks", "spike_steps", "first_nonfinite_step", "update_control",
-                "loss_trend"):
-        state.pop(key)
-    state["weight_norm"] = 2.5
-    state["counters"] = {
-        "steps": 9, "nonfinite_steps": 3, "skipped_steps": 3, "spikes": 2,
-        "clipped_steps": 2, "lr_backoffs": 3, "growth_events": 0, "rollbacks": 0,
-        "amp_overflow_steps": 1, "nonfinite_streak": 2, "amp_streak": 1,
-        "amp_streak_start": 4, "halted": halted, "first_nonfinite_step": 5,
-        "streak_start": 8, "spike_steps": [6, 7]}
+    state["counters"].update(steps=9, nonfinite_steps=3, skipped_steps=3, spikes=2,
+                             clipped_steps=2, lr_backoffs=3, amp_overflow_steps=1,
+                             halted=halted, reasons={"nonfinite_repeat": 3})
+    state["streaks"] = {"nonfinite": 2, "nonfinite_start": 8, "amp": 1, "amp_start": 4,
+                        "last_nonfinite": 9, "clipped": [6, 7]}
+    state["spike_steps"] = [6, 7]
+    state["first_nonfinite_step"] = 5
     return state
 
 
-def test_a_state_saved_by_earlier_versions_loads() -> None:
+def test_a_saved_state_loads_every_field() -> None:
     _, guard = _sgd_guard()
-    guard.load_state_dict(_old_layout(halted=False))
+    guard.load_state_dict(_saved_state(halted=False))
     assert guard.summary() == {
         "steps": 9, "nonfinite_steps": 3, "skipped_steps": 3, "spikes": 2,
         "clipped_steps": 2, "lr_backoffs": 3, "growth_events": 0, "rollbacks": 0,
-        "amp_overflow_steps": 1, "halted": False, "lr_scale": 1.0, "diagnosis": []}
-    assert guard.streaks == Streaks(nonfinite=2, nonfinite_start=8, amp=1, amp_start=4)
+        "amp_overflow_steps": 1, "halted": False, "lr_scale": 1.0, "diagnosis": [],
+        "reasons": {"nonfinite_repeat": 3}}
+    assert guard.streaks == Streaks(nonfinite=2, nonfinite_start=8, amp=1, amp_start=4,
+                                    last_nonfinite=9, clipped=(6, 7))
     assert guard.spike_steps == (6, 7)
     assert guard.first_nonfinite_step == 5
-    assert guard.update_control.state_dict() == {"weight_norm": 2.5, "armed": False,
-                                                 "last_grad_norm": None}
-    # saved before the loss trend: it starts fresh
-    assert repr(guard.loss_trend.state_dict()) == repr(LossTrend().state_dict())
-    # the old names still read the same values
-    assert guard.counters.spike_steps == [6, 7]
-    assert guard.counters.nonfinite_streak == 2
+    assert guard.resumed is True
 
 
-def test_an_earlier_halted_state_resumes_as_a_fresh_attempt() -> None:
+def test_a_halted_state_resumes_as_a_fresh_attempt() -> None:
     _, guard = _sgd_guard()
-    guard.load_state_dict(_old_layout(halted=True))
+    guard.load_state_dict(_saved_state(halted=True))
     assert guard.counters.halted is False
     assert guard.streaks == Streaks()
     assert guard.counters.steps == 9
+    assert guard.counters.reasons == {"nonfinite_repeat": 3}
+
+
+@pytest.mark.parametrize("version", [None, 0, 2])
+def test_a_state_of_another_layout_is_refused_and_nothing_loaded(version: Any) -> None:
+    state = _saved_state(halted=False)
+    if version is None:
+        del state["version"]
+    else:
+        state["version"] = version
+    _, guard = _sgd_guard()
+    with pytest.raises(ValueError, match=rf"GuardCore state has version {version!r}, this "
+                       r"lightning_gradguard reads version 1: it was saved by another release"):
+        guard.load_state_dict(state)
+    assert guard.counters.steps == 0
+    assert guard.resumed is False
+
+
+def test_a_state_missing_a_declared_key_is_refused() -> None:
+    state = _saved_state(halted=False)
+    del state["loss_trend"]
+    _, guard = _sgd_guard()
+    with pytest.raises(KeyError, match=r"GuardCore\.load_state_dict: missing keys "
+                       r"\['loss_trend'\]"):
+        guard.load_state_dict(state)
 
 
 def test_round_trip_keeps_streaks_window_and_update_control() -> None:
@@ -90,7 +109,7 @@ def test_summary_is_the_counters_and_the_lr_scale() -> None:
         "steps": 1, "nonfinite_steps": 1, "skipped_steps": 1, "spikes": 0,
         "clipped_steps": 0, "lr_backoffs": 0, "growth_events": 0, "rollbacks": 0,
         "amp_overflow_steps": 0, "halted": False, "lr_scale": 1.0,
-        "diagnosis": []}  # isolated: one skip
+        "diagnosis": [], "reasons": {}}  # isolated: one skip
 
 
 def test_listeners_see_every_step_once() -> None:

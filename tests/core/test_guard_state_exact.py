@@ -264,20 +264,6 @@ def test_load_state_dict_without_policy_type_is_the_same_type(
     assert_state_equal(fresh.state_dict()["policy"], state["policy"], "policy")
 
 
-def test_tensor_era_checkpoint_loads_as_python_numbers() -> None:
-    """Older checkpoints stored host state as 0-dim tensors."""
-    model, opt, guard = _sgd_guard()
-    _drive(model, opt, guard, ".....")
-    state = copy.deepcopy(guard.state_dict())
-    as_tensors = {k: torch.tensor(v) for k, v in state["growth"].items()}
-    _, _, fresh = _sgd_guard()
-    fresh.load_state_dict(dict(state, growth=as_tensors))
-    growth = fresh.state_dict()["growth"]
-    assert growth == state["growth"]
-    assert type(growth["prev"]) is float
-    assert type(growth["streak"]) is int
-
-
 # ----------------------------------------------------------------- non-finite weights
 @pytest.mark.parametrize("lr_backoff", [True, False])
 def test_nonfinite_weights_skip_and_roll_back(lr_backoff: bool) -> None:

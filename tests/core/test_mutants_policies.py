@@ -83,13 +83,6 @@ def test_load_state_dict_missing_keys_names_class_and_keys() -> None:
         p.load_state_dict({"k": 2, "child": {"rows": []}})
 
 
-def test_load_state_dict_reads_tensor_era_numbers() -> None:
-    s = _Nested()
-    s.load_state_dict({"rows": [], "n": torch.tensor([3])})
-    assert s.n == 3
-    assert type(s.n) is int
-
-
 def test_parent_round_trip_and_reset() -> None:
     a = _Parent()
     a.k = 7

@@ -149,7 +149,7 @@ def test_guard_core_end_to_end_fuzz(values: list[float], policy: str, with_loss:
         opt.zero_grad(set_to_none=True)
         assert opt.param_groups[0]["lr"] == LR  # the scheduled LR is back after the update
         assert _shapes(core.policy.state_dict()) == shapes  # bounded state
-        assert len(core.counters.spike_steps) <= SPIKE_WINDOW
+        assert len(core.spike_steps) <= SPIKE_WINDOW
 
     c = core.counters
     assert c.steps == len(values)
@@ -159,7 +159,7 @@ def test_guard_core_end_to_end_fuzz(values: list[float], policy: str, with_loss:
     if policy != "agc" and optim == "adam":  # with SGD, max_update_ratio clips too
         assert c.clipped_steps <= c.spikes
     assert c.halted == (halts > 0)
-    assert c.nonfinite_streak == streak
+    assert core.streaks.nonfinite == streak
 
     # the state, whatever went into it, survives a round trip
     _, _, fresh = _make(policy, rollback, optim)
