@@ -131,25 +131,15 @@ class Monitor(Callback):
             trainer.should_stop = True
 
 
-def why(report: StepReport) -> str:
-    """Why the guard acted at this step: ``nonfinite``, ``growth``, ``spike`` or ``cap``."""
-    # issue 25: replace with StepReport.reason
-    if not report.finite:
-        return "nonfinite"
-    if report.growth:
-        return "growth"
-    if report.spike:
-        return "spike"
-    return "cap"
-
-
 class GuardEvents(Callback):
     """Every step a GradGuard acted on, from its cores' ``GuardCore.listeners``.
 
     One row per step that clipped, skipped, backed off, or saw a spike, growth or a
-    non-finite value: ``[step, action, why, backoff (0/1), grad_norm, grad_norm_clipped,
-    threshold, lr_scale]`` (floats as :func:`~gradbench.common.json_float`). Put it after
-    the guards in the callback list: their cores are built in their ``on_train_start``.
+    non-finite value: ``[step, action, reason, backoff (0/1), grad_norm, grad_norm_clipped,
+    threshold, lr_scale]`` (floats as :func:`~gradbench.common.json_float`); ``reason`` is
+    the step's ``StepReport.reason`` (why it backed off or halted), ``""`` on other steps.
+    Put it after the guards in the callback list: their cores are built in their
+    ``on_train_start``.
     """
 
     def __init__(self, guards: Sequence[GradGuard]) -> None:
@@ -165,7 +155,8 @@ class GuardEvents(Callback):
 
     def _listen(self, measurement: Any, decision: Any, r: StepReport) -> None:
         if r.action.value != "none" or r.backoff or r.spike or r.growth or not r.finite:
-            self.events.append([r.step, r.action.value, why(r), int(r.backoff),
+            reason = r.reason.value if r.reason is not None else ""
+            self.events.append([r.step, r.action.value, reason, int(r.backoff),
                                 json_float(r.grad_norm), json_float(r.grad_norm_clipped),
                                 json_float(r.threshold), json_float(r.lr_scale)])
 
