@@ -144,6 +144,9 @@ class Speaker:
             streak: The non-finite streak (the rollback notice counts it).
             halt_text: Why training halts (with ``r.halt``).
         """
+        if not (r.backoff or r.rollback or r.halt or r.diagnosis_event
+                or r.diagnosis is not None or not r.params_finite):
+            return  # the usual step: nothing to say
         s, out = self.settings, []
         step_causes = list(r.causes or ())
         if r.diagnosis is not None and first_nonfinite:
