@@ -70,12 +70,8 @@ from lightning_gradguard.core.evidence import (
     schedule_position,
     update_ratio,
 )
-from lightning_gradguard.core.structure import (
-    ForwardProbe,
-    ModelStructure,
-    inspect_model,
-    is_adaptive,
-)
+from lightning_gradguard.core.optim import is_adaptive, learning_rate
+from lightning_gradguard.core.structure import ForwardProbe, ModelStructure, inspect_model
 
 __all__ = [
     "CAUSES",
@@ -425,12 +421,8 @@ class Diagnostician(Stateful):
             s.probed_norms = tuple(self.probed_norms)
 
     def _lr(self) -> float | None:
-        if self.optimizer is None or not self.optimizer.param_groups:
-            return None
-        lr = self.optimizer.param_groups[0].get("lr")
-        if isinstance(lr, Tensor) and lr.device.type != "cpu":
-            return None  # reading it would add a host synchronisation every step
-        return float(lr) if isinstance(lr, (int, float, Tensor)) else None
+        """The optimizer's LR (:func:`~lightning_gradguard.core.optim.learning_rate`)."""
+        return learning_rate(self.optimizer)
 
     def observe(self, step: int, loss: float | None = None,
                 grad_norm: float | None = None) -> None:

@@ -54,6 +54,7 @@ from lightning_gradguard.core.measure import Gradients, Measurement, Meter
 from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.notices import Speaker
+from lightning_gradguard.core.optim import group_layout, named_params
 from lightning_gradguard.core.policies import ClipPolicy
 from lightning_gradguard.core.progress import LossTrend
 from lightning_gradguard.core.settings import GuardSettings
@@ -187,42 +188,11 @@ StepListener = Callable[[Measurement, Decision, "StepReport"], None]
 
 
 
-def _named_params(
-    model: torch.nn.Module | Iterable[Any], optimizer: Optimizer | None
-) -> tuple[list[str], list[torch.nn.Parameter]]:
-    if isinstance(model, torch.nn.Module):
-        # torch.compile wraps modules as ``_orig_mod``: report the user's names
-        named = [(n.replace("_orig_mod.", ""), p) for n, p in model.named_parameters()]
-    else:
-        items = list(model)
-        if items and isinstance(items[0], tuple):
-            named = [(str(n), p) for n, p in items]
-        else:
-            named = [(f"param_{i}", p) for i, p in enumerate(items)]
-    if optimizer is not None:
-        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        names_by_id = {id(p): n for n, p in named}
-        ordered = [p for g in optimizer.param_groups for p in g["params"]]
-        # keep model order (output layer last) for the parameters the optimizer updates
-        named = [(n, p) for n, p in named if id(p) in in_opt]
-        known = {id(p) for _, p in named}
-        named += [(names_by_id.get(id(p), f"param_{i}"), p)
-                  for i, p in enumerate(ordered) if id(p) not in known]
-    return [n for n, _ in named], [p for _, p in named]
-
-
 def _facts(d: Diagnosis) -> Diagnosis:
     """``d`` with only the facts of its likely cause (the ranked causes replace the rest)."""
     fact = d.likely_cause.split(";")[0]
     return replace(d, likely_cause=fact if fact.startswith(("the loss itself", "the total"))
                    else "")
-
-
-def _group_layout(optimizer: Optimizer | None) -> tuple[int, ...]:
-    """The sizes of the optimizer's param groups (compared by ``follow_optimizer``)."""
-    if optimizer is None:
-        return ()
-    return tuple([len(g["params"]) for g in optimizer.param_groups])
 
 
 @friendly_kwargs
@@ -273,8 +243,8 @@ class GuardCore(Stateful):
         self.settings = s = settings if settings is not None else GuardSettings(**kwargs)
         self.module = model if isinstance(model, torch.nn.Module) else None
         self.optimizer = optimizer
-        self.names, self.params = _named_params(model, optimizer)
-        self._layout = _group_layout(optimizer)
+        self.names, self.params = named_params(model, optimizer)
+        self._layout = group_layout(optimizer)
         self._snapshot_due = False
         self.reducer = reducer
         self.meter = Meter(self.params, s.norm_type, reducer)
@@ -404,13 +374,13 @@ class GuardCore(Stateful):
         Returns:
             Whether the parameters changed.
         """
-        layout = _group_layout(self.optimizer)
+        layout = group_layout(self.optimizer)
         if layout == self._layout:
             return False
         self._layout = layout
         source: Any = (self.module if self.module is not None
                        else list(zip(self.names, self.params, strict=True)))
-        self.names, self.params = _named_params(source, self.optimizer)
+        self.names, self.params = named_params(source, self.optimizer)
         self.meter = Meter(self.params, self.settings.norm_type, self.reducer)
         if self.snapshot is not None:
             self.snapshot.clear()

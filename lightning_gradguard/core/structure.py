@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard.core.optim import is_adaptive  # re-exported (it lives in .optim)
+
 __all__ = [
     "ActivationInfo",
     "ForwardProbe",
@@ -65,41 +67,6 @@ _NOT_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Upsample, nn.ZeroPad2d,
     nn.modules.loss._Loss, nn.Embedding, nn.EmbeddingBag,
 )
-#: optimizer state that holds a per-coordinate second moment (or its running sum)
-_SECOND_MOMENT_STATE = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta",
-                        "exp_inf", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq_factored",
-                        "v", "nu", "hessian", "state2")
-#: hyper-parameters that only optimizers dividing by a gradient statistic take
-_ADAPTIVE_HPARAMS = ("betas", "eps", "beta2", "beta2_decay", "rho", "initial_accumulator_value")
-
-
-def is_adaptive(optimizer: Any) -> bool:
-    """Whether ``optimizer`` scales each coordinate's step by its own gradient history.
-
-    Recognised by what it keeps, not by its class name: after its first step, by a
-    second-moment entry in its state (Adam's ``exp_avg_sq``, RMSprop's ``square_avg``,
-    Adagrad's ``sum``, Adadelta's ``acc_delta``, Adamax's ``exp_inf``, Adafactor's factored
-    rows and columns ...); before it, by the hyper-parameters only such optimizers take
-    (``betas``, ``eps``, ``rho`` ...; plain SGD has none of them). A subclass of Adam, or an
-    ``AdamW8bit``, is adaptive; SGD with momentum is not.
-
-    Example:
-        >>> p = [nn.Parameter(torch.ones(1))]
-        >>> is_adaptive(torch.optim.Adam(p)), is_adaptive(torch.optim.SGD(p, lr=0.1))
-        (True, False)
-        >>> class Mine(torch.optim.AdamW): ...
-        >>> is_adaptive(Mine(p))
-        True
-    """
-    state = getattr(optimizer, "state", None)
-    if isinstance(state, Mapping) and state:
-        entries = [v for v in state.values() if isinstance(v, Mapping)]
-        if entries:
-            return any(k in e for e in entries for k in _SECOND_MOMENT_STATE)
-    groups = getattr(optimizer, "param_groups", None) or []
-    return any(k in g for g in groups if isinstance(g, Mapping) for k in _ADAPTIVE_HPARAMS)
-
-
 @dataclass(frozen=True)
 class LayerInfo:
     """A weight layer and its initial scale.

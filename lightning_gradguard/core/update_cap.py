@@ -33,12 +33,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
+from lightning_gradguard.core.optim import learning_rate
 
 __all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "UpdateLimit",
            "make_update_control"]
@@ -195,19 +195,16 @@ class SGDUpdateCap(UpdateControl):
             self.armed = True
 
     def lr(self, lr_scale: float) -> float | None:
-        """The update's LR: the largest group LR times ``lr_scale``.
+        """The update's LR: the optimizer's (:func:`.optim.learning_rate`) times ``lr_scale``.
 
         ``None`` when there is no cap: no weight norm yet, a non-finite or negative LR, or a
         tensor LR on an accelerator (reading it would add a host synchronisation every step).
         """
         if self.weight_norm is None:
             return None
-        lr = 0.0
-        for g in self.optimizer.param_groups:
-            glr = g.get("lr", 0.0)
-            if isinstance(glr, Tensor) and glr.device.type != "cpu":
-                return None
-            lr = max(lr, float(glr))
+        lr = learning_rate(self.optimizer)
+        if lr is None:
+            return None
         lr *= lr_scale
         return lr if math.isfinite(lr) and lr >= 0.0 else None
 
