@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from lightning_gradguard.core import messages as _messages
+
 __all__ = [
     "GUARD_CLIPPED_STEPS",
     "GUARD_CLIP_THRESHOLD",
@@ -76,8 +78,9 @@ GUARD_COUNTERS = ("skipped_steps", "spikes", "clipped_steps", "nonfinite_steps",
                   "lr_backoffs", "rollbacks", "amp_overflow_steps")
 #: GradGuard's text entries (pre-flight, diagnosis, halt).
 GUARD_EVENTS = guard_tag("events")
-#: How a halt entry in :data:`GUARD_EVENTS` starts.
-HALT_MARKER = "**halt**"
+#: How a halt entry in :data:`GUARD_EVENTS` starts (defined with the words, in
+#: :mod:`lightning_gradguard.core.messages`).
+HALT_MARKER = _messages.HALT_MARKER
 
 # -- GradientMonitor -----------------------------------------------------------------------
 MONITOR_GRAD_NORM = monitor_tag("grad_norm")

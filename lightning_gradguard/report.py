@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,9 +40,9 @@ from typing import Any
 from lightning_gradguard import _tags
 from lightning_gradguard._paths import writable_dir_problem
 from lightning_gradguard.core import CAUSES
+from lightning_gradguard.core.messages import cause_ids
 
 #: a numbered cause in GradGuard's diagnosis text: ``1. lr_too_high:`` or ``1. `lr_too_high`:``
-_CAUSE_LINE = re.compile(r"^\s*\d+\. `?([a-z_]+)`?:", re.MULTILINE)
 
 __all__ = [
     "COUNTERS",
@@ -193,7 +192,7 @@ class RunData:
             (4, ['lr_too_high'])
         """
         for step, text in reversed(self.texts):
-            ids = [m.group(1) for m in _CAUSE_LINE.finditer(text) if m.group(1) in CAUSES]
+            ids = [c for c in cause_ids(text) if c in CAUSES]
             if ids:
                 return step, ids
         return None

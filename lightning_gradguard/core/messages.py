@@ -9,6 +9,7 @@ source location.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,9 +18,31 @@ from lightning_gradguard.core.diagnosis import Cause, Diagnosis
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.streaks import CLIP_HISTORY
 
-__all__ = ["backoff_notice", "causes_markdown", "causes_text", "end_of_fit_line",
+__all__ = ["HALT_MARKER", "backoff_notice", "cause_ids", "causes_markdown", "causes_text",
+           "end_of_fit_line",
            "needed_help", "nonfinite_message", "nonfinite_weights_message",
            "preflight_message", "reason_text", "rollback_message"]
+
+
+#: how the TensorBoard text entry of a halt starts (the report finds the halt by it)
+HALT_MARKER = "**halt**"
+
+#: a numbered cause as :func:`causes_text` and :func:`causes_markdown` write it
+_CAUSE_LINE = re.compile(r"^\s*\d+\. `?([a-z_]+)`?:", re.MULTILINE)
+
+
+def cause_ids(text: str) -> list[str]:
+    """The ranked cause ids in a text written by :func:`causes_text` / :func:`causes_markdown`.
+
+    The report reads them back from the ``gradguard/events`` text: the format is this
+    module's, written and read here.
+
+    Example:
+        >>> c = [Cause("lr_too_high", "40 %", "lower the LR"), Cause("data_nonfinite", "", "")]
+        >>> cause_ids("GradGuard: step 3: ...\\n" + causes_text(c)), cause_ids(causes_markdown(c))
+        (['lr_too_high', 'data_nonfinite'], ['lr_too_high', 'data_nonfinite'])
+    """
+    return [m.group(1) for m in _CAUSE_LINE.finditer(text)]
 
 
 def reason_text(reason: Reason, s: GuardSettings) -> str:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from lightning_gradguard.core.diagnosis import Cause
 from lightning_gradguard.core.messages import (
+    HALT_MARKER,
     backoff_notice,
     causes_markdown,
     nonfinite_message,
@@ -173,7 +174,8 @@ class Speaker:
             out.append(Notice(NoticeKind.ROLLBACK, r.step, msg, msg, logging.WARNING))
         if r.halt:
             msg = f"GradGuard halted training: {halt_text}"
-            out.append(Notice(NoticeKind.HALT, r.step, msg, f"**halt** — {msg}", logging.ERROR))
+            out.append(Notice(NoticeKind.HALT, r.step, msg, f"{HALT_MARKER} — {msg}",
+                              logging.ERROR))
         for notice in out:
             self.sink(notice)
 
