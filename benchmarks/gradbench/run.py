@@ -148,8 +148,7 @@ class GuardEvents(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for guard in self.guards:
-            # GradGuard has no public accessor of its per-optimizer cores
-            for core in guard._cores.values():
+            for core in guard.cores.values():
                 if self._listen not in core.listeners:
                     core.listeners.append(self._listen)
 

@@ -13,7 +13,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-__all__ = ["log_scalars", "should_log", "tensorboard_writers"]
+from lightning_gradguard import _tags
+
+__all__ = ["events_text", "guard_layout", "log_scalars", "should_log", "tensorboard_writers"]
 
 
 def should_log(trainer: pl.Trainer, step: int) -> bool:
@@ -47,3 +49,21 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
         return []
     return [lg.experiment for lg in trainer.loggers  # type: ignore[attr-defined]
             if any(c.__name__ == "TensorBoardLogger" for c in type(lg).__mro__)]
+
+
+def events_text(trainer: pl.Trainer, message: str) -> None:
+    """Write ``message`` as the ``gradguard/events`` text at the current step (TensorBoard)."""
+    for writer in tensorboard_writers(trainer):
+        writer.add_text(_tags.GUARD_EVENTS, message, trainer.global_step)
+
+
+def guard_layout() -> dict[str, Any]:
+    """GradGuard's TensorBoard custom-scalars layout: norms, counters, LR scale."""
+    return {
+        "gradguard": {
+            "gradient norm": ["Multiline", [_tags.GUARD_GRAD_NORM, _tags.GUARD_CLIP_THRESHOLD,
+                                            _tags.GUARD_GRAD_NORM_CLIPPED]],
+            "interventions": ["Multiline", [_tags.guard_tag(k) for k in _tags.GUARD_COUNTERS]],
+            "LR scale": ["Multiline", [_tags.GUARD_LR_SCALE]],
+        }
+    }

@@ -36,19 +36,33 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_gradguard import _tags
+from lightning_gradguard.callbacks._compat import (
+    check_optimizers,
+    check_trainer,
+    raw_optimizer,
+    trainable,
+)
 from lightning_gradguard.callbacks._distributed import ConsensusReducer, make_reducer
-from lightning_gradguard.callbacks._logging import log_scalars, should_log, tensorboard_writers
+from lightning_gradguard.callbacks._halt import GradGuardHalt, halt
+from lightning_gradguard.callbacks._logging import (
+    events_text,
+    guard_layout,
+    log_scalars,
+    should_log,
+    tensorboard_writers,
+)
 from lightning_gradguard.callbacks._messages import GradGuardWarning, install_format
 from lightning_gradguard.core._friendly import friendly_init
 from lightning_gradguard.core._validation import check_bool, check_choice
@@ -61,8 +75,7 @@ from lightning_gradguard.core.guard import (
     GuardSettings,
     StepReport,
 )
-from lightning_gradguard.core.messages import causes_text, end_of_fit_line
-from lightning_gradguard.core.norms import grad_norms
+from lightning_gradguard.core.messages import end_of_fit_line
 from lightning_gradguard.core.notices import Notice, NoticeKind, log
 from lightning_gradguard.core.policies import ClipPolicy
 
@@ -72,57 +85,6 @@ log.setLevel(logging.INFO)
 if not logging.getLogger().hasHandlers():  # as Lightning does for its own logger
     log.addHandler(logging.StreamHandler())
     log.propagate = False
-
-
-class GradGuardHalt(RuntimeError):
-    """Raised by ``GradGuard(on_halt="raise")`` when training cannot recover."""
-
-
-def _overrides_clipping(pl_module: Any) -> bool:
-    """Whether the module's class (not Lightning's) defines ``configure_gradient_clipping``."""
-    for cls in type(pl_module).__mro__:
-        if "configure_gradient_clipping" in vars(cls):
-            return not cls.__module__.startswith(("lightning.", "pytorch_lightning."))
-    return False
-
-
-_CKPT_NAME = "gradguard_last_good.ckpt"
-
-
-def _min_keeps_running(trainer: pl.Trainer) -> str:
-    """The Trainer minimum (``"min_steps=N"``) that keeps a stopped run going, else ``""``.
-
-    Lightning ignores ``should_stop`` until ``min_steps`` / ``min_epochs`` are reached.
-    """
-    loop = getattr(trainer, "fit_loop", None)
-    min_steps = getattr(getattr(loop, "epoch_loop", None), "min_steps", None) or 0
-    min_epochs = getattr(loop, "min_epochs", None) or 0
-    if min_steps and trainer.global_step < min_steps:
-        return f"min_steps={min_steps}"
-    if min_epochs and trainer.current_epoch < min_epochs:
-        return f"min_epochs={min_epochs}"
-    return ""
-
-
-def _refuse_closure_optimizer(index: int, optimizer: Optimizer) -> None:
-    """Raise for optimizers that evaluate the closure several times per step (LBFGS).
-
-    Such an optimizer runs ``on_before_optimizer_step`` once per function evaluation inside
-    its ``step`` and reads its learning rate before the closure: every evaluation would count
-    as a step (skewing halt, rollback and spike windows), a skip would feed it zero
-    gradients, and an LR backoff would never reach its update.
-    """
-    if isinstance(optimizer, torch.optim.LBFGS) or "LBFGS" in type(optimizer).__name__:
-        raise ValueError(
-            f"GradGuard does not support optimizer {index} ({type(optimizer).__name__}): it "
-            "evaluates the closure several times per step, so GradGuard would count function "
-            "evaluations as steps and its LR backoff could not reach the update. Use "
-            "GradientMonitor to watch the gradients, or a first-order optimizer (SGD, Adam, "
-            "AdamW) with GradGuard.")
-
-
-def _raw(optimizer: Any) -> Optimizer:
-    return getattr(optimizer, "_optimizer", optimizer)  # type: ignore[no-any-return]
 
 
 class GradGuardLogic:
@@ -243,6 +205,7 @@ class GradGuardLogic:
         self.progress_bar = check_bool("progress_bar", progress_bar)
         self._bar_shown: dict[str, float] = {}
         self._cores: dict[int, GuardCore] = {}
+        self._cores_view = MappingProxyType(self._cores)
         self._pending_state: dict[int, Any] = {}
         self._loss: torch.Tensor | None = None
         #: where the halt checkpoint went (a ``Path``; a ``str`` for a URL such as s3://)
@@ -259,6 +222,25 @@ class GradGuardLogic:
         self._markdown: list[str] = []
 
     # ----------------------------------------------------------------- identity & state
+    @property
+    def cores(self) -> Mapping[int, GuardCore]:
+        """The guard of each optimizer, by its index in ``trainer.optimizers`` (read-only).
+
+        A live view: the guards are built when training starts (one per optimizer with
+        trainable parameters) and replaced at the next fit's start. Read their counters,
+        statistics or reports; the callback drives them. Empty before the first fit.
+
+        Example:
+            >>> guard = GradGuard()
+            >>> dict(guard.cores)
+            {}
+            >>> guard.cores[0] = None
+            Traceback (most recent call last):
+            ...
+            TypeError: 'mappingproxy' object does not support item assignment
+        """
+        return self._cores_view
+
     @property
     def state_key(self) -> str:
         """Stable across hyperparameter changes; ``name`` tells two guards apart."""
@@ -288,44 +270,12 @@ class GradGuardLogic:
             else:
                 self._pending_state[int(i)] = s
 
-    # ----------------------------------------------------------------- setup checks
+    # ----------------------------------------------------------------- fit start
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check for conflicts with the Trainer's own settings; start a fit afresh."""
+        """Check for conflicts with the Trainer's own settings (``_compat``); start a fit."""
         if stage == "fit":
             self._start_fit()
-        callbacks = getattr(trainer, "callbacks", [])
-        same = [cb for cb in callbacks if isinstance(cb, GradGuardLogic) and cb is not self
-                and cb.state_key == self.state_key]
-        if same:
-            raise ValueError(
-                f"Two GradGuard callbacks share state_key {self.state_key!r}; "
-                "give each a distinct `name=` (e.g. GradGuard(name='a'), GradGuard(name='b'))"
-            )
-        strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
-            raise ValueError(
-                "GradGuard does not support DeepSpeed: its engine steps the optimizer itself, "
-                "so a step cannot be skipped by clearing gradients. Use DeepSpeed's own "
-                "`gradient_clipping` config, or a DDP/FSDP strategy with GradGuard."
-            )
-        if _overrides_clipping(pl_module):
-            rank_zero_warn(
-                f"{type(pl_module).__name__} overrides `configure_gradient_clipping`. It still "
-                "runs, after GradGuard, on every step GradGuard does not skip, and sees the "
-                "gradients GradGuard already clipped; on skipped steps the gradients are None. "
-                "If it clips too, the effective threshold is the smaller of the two: remove "
-                "the override's clipping to let GradGuard adapt."
-            )
-        if trainer.gradient_clip_val:
-            rank_zero_warn(
-                f"GradGuard and Trainer(gradient_clip_val={trainer.gradient_clip_val}) are both "
-                "active. GradGuard runs first (it skips non-finite steps and clips spikes to "
-                "its adaptive threshold); Lightning then clips the result again to "
-                "gradient_clip_val, so the effective threshold is the smaller of the two. "
-                "Remove `gradient_clip_val` to let GradGuard adapt, or use "
-                "GradGuard(clip=FixedNormClip(...)) for a fixed threshold with GradGuard's "
-                "skipping and backoff."
-            )
+        check_trainer(self, GradGuardLogic, trainer, pl_module)
 
     def _start_fit(self) -> None:
         """Per-fit state starts fresh (a reused instance; ``load_state_dict`` comes after).
@@ -336,7 +286,7 @@ class GradGuardLogic:
         """
         for core in self._cores.values():
             core.close()
-        self._cores = {}
+        self._cores.clear()
         self._in_fit = True
         self._loss = None
         self.halt_checkpoint = None
@@ -345,40 +295,36 @@ class GradGuardLogic:
         self.last_reports = {}
         self._bar_shown.clear()
 
-    # ----------------------------------------------------------------- TensorBoard
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse closure-based optimizers, warn about empty ones, write the TB layout."""
-        for i, opt in enumerate(trainer.optimizers):
-            raw = _raw(opt)
-            _refuse_closure_optimizer(i, raw)
-            groups = getattr(raw, "param_groups", [])
-            if not any(p.requires_grad for g in groups for p in g["params"]):
-                rank_zero_warn(
-                    f"GradGuard: optimizer {i} ({type(raw).__name__}) has no trainable "
-                    "parameters (its param groups are empty or every parameter has "
-                    "requires_grad=False): there is nothing to guard."
-                )
-        layout = {
-            "gradguard": {
-                "gradient norm": ["Multiline", [_tags.GUARD_GRAD_NORM,
-                                                _tags.GUARD_CLIP_THRESHOLD,
-                                                _tags.GUARD_GRAD_NORM_CLIPPED]],
-                "interventions": ["Multiline", [_tags.guard_tag(k)
-                                                for k in _tags.GUARD_COUNTERS]],
-                "LR scale": ["Multiline", [_tags.GUARD_LR_SCALE]],
-            }
-        }
+        check_optimizers(trainer.optimizers)
         for writer in tensorboard_writers(trainer):
-            writer.add_custom_scalars(layout)
+            writer.add_custom_scalars(guard_layout())
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build each optimizer's guard now, so its diagnosis probes the first forward pass."""
         for opt in trainer.optimizers:
-            raw = _raw(opt)
-            if any(p.requires_grad for g in getattr(raw, "param_groups", [])
-                   for p in g["params"]):
-                self._core_for(trainer, pl_module, raw)
+            if trainable(raw_optimizer(opt)):
+                self._core_for(trainer, pl_module, raw_optimizer(opt))
 
+    def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  optimizer: Optimizer) -> tuple[int, GuardCore]:
+        optimizers = trainer.optimizers
+        idx = (0 if len(optimizers) == 1 else
+               next((i for i, o in enumerate(optimizers) if raw_optimizer(o) is optimizer), 0))
+        core = self._cores.get(idx)
+        if core is None or core.optimizer is not optimizer:
+            # several processes: one decision on all ranks, global norms of sharded grads
+            core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
+            core.speaker.sink = self._say
+            self._cores[idx] = core
+        if idx in self._pending_state:
+            core.load_state_dict(self._pending_state.pop(idx))
+        if trainer.ckpt_path:
+            core.resumed = True  # the first-step message names the checkpoint
+        return idx, core
+
+    # ----------------------------------------------------------------- gather
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         """Keep a reference to the batch (read for NaN/Inf only on a non-finite step).
@@ -396,11 +342,6 @@ class GradGuardLogic:
             return self._batches[0]
         return MicroBatches(self._batches) if self._batches else None
 
-    def _text(self, trainer: pl.Trainer, message: str) -> None:
-        for writer in tensorboard_writers(trainer):
-            writer.add_text(_tags.GUARD_EVENTS, message, trainer.global_step)
-
-    # ----------------------------------------------------------------- the step
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
         """Remember the loss of the step (its finiteness is part of the decision).
@@ -427,55 +368,36 @@ class GradGuardLogic:
             if core.diagnostician is not None and not core.preflight_done:
                 core.diagnostician.finish_probe()
 
-    def _core_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                  optimizer: Optimizer) -> tuple[int, GuardCore]:
-        optimizers = trainer.optimizers
-        idx = (0 if len(optimizers) == 1
-               else next((i for i, o in enumerate(optimizers) if _raw(o) is optimizer), 0))
-        core = self._cores.get(idx)
-        if core is None or core.optimizer is not optimizer:
-            # several processes: one decision on all ranks, global norms of sharded grads
-            core = GuardCore(pl_module, optimizer, self.settings, reducer=make_reducer(trainer))
-            core.speaker.sink = self._say
-            self._cores[idx] = core
-        if idx in self._pending_state:
-            core.load_state_dict(self._pending_state.pop(idx))
-        if trainer.ckpt_path:
-            core.resumed = True  # the first-step message names the checkpoint
-        return idx, core
-
+    # ----------------------------------------------------------------- the step
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
-        """Measure, decide and act on this optimizer step."""
-        optimizer = _raw(optimizer)
+        """Hand the step to its optimizer's guard (measure, decide, act), then log it."""
+        optimizer = raw_optimizer(optimizer)
         idx, core = self._core_for(trainer, pl_module, optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             # fused optimizers unscale inside step(): unscale now so the guard sees true grads
             unscale_once_(scaler, optimizer)
+        self._loss, loss = None, self._loss
+        self._window_done = True
         if self._stopping:
             # halted, but the Trainer's min_steps/min_epochs keep it running: every guard
-            # skips (GuardCore.stop), once told
-            core.stop()  # (a guard built after the halt too)
+            # skips, a guard built after the halt too (GuardCore.stop)
+            core.stop()
             core.step()
-            self._loss = None
-            self._window_done = True
             return
-        others = ([_raw(o) for o in trainer.optimizers if _raw(o) is not optimizer]
-                  if len(trainer.optimizers) > 1 else ())
         self._trainer = trainer
         consensus = core.reducer if isinstance(core.reducer, ConsensusReducer) else None
-        loss = self._loss if consensus is None else consensus.arm(self._loss)
         try:
-            report = core.step(loss, amp_overflow=scaler is not None, snapshot_extra=others,
-                               step=trainer.global_step, batch=self._step_batch())
+            report = core.step(loss if consensus is None else consensus.arm(loss),
+                               amp_overflow=scaler is not None, step=trainer.global_step,
+                               snapshot_extra=self._others(trainer, optimizer),
+                               batch=self._step_batch())
         finally:
             if consensus is not None:
                 consensus.disarm()
-        self._loss = None
-        self._window_done = True
         if self._markdown:
-            self._text(trainer, "\n\n".join(self._markdown))
+            events_text(trainer, "\n\n".join(self._markdown))
             self._markdown = []
         self.last_reports[idx] = report
         self._log(trainer, idx, core, report)
@@ -485,77 +407,31 @@ class GradGuardLogic:
             # guard's counters agree on where training is
             self._halt_pending = core
 
+    @staticmethod
+    def _others(trainer: pl.Trainer, optimizer: Optimizer | None) -> list[Optimizer]:
+        """The Trainer's other optimizers (a rollback snapshot restores them too)."""
+        if len(trainer.optimizers) < 2:
+            return []
+        return [raw_optimizer(o) for o in trainer.optimizers
+                if raw_optimizer(o) is not optimizer]
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Halt (checkpoint, message, stop or raise) after a step that decided so."""
+        """Halt (checkpoint, message, stop or raise: ``_halt``) after a step that decided so."""
         core, self._halt_pending = self._halt_pending, None
-        if core is not None:
-            self._halt(trainer, pl_module, core)
+        if core is None:
+            return
+        halted = halt(trainer, pl_module, core, others=self._others(trainer, core.optimizer),
+                      checkpoint_dir=self.checkpoint_dir)
+        self.halt_checkpoint = halted.checkpoint
+        self._stopping = self.on_halt == "stop"
+        halted.end(trainer, self.on_halt, self._cores.values())
 
-    # ----------------------------------------------------------------- halt
-    def _checkpoint_path(self, trainer: pl.Trainer) -> Path | str:
-        base = os.fspath(self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir)
-        if "://" in base:  # a URL (s3://, gs://, memory://): never through pathlib
-            return base.rstrip("/") + "/" + _CKPT_NAME
-        return Path(base) / _CKPT_NAME
-
-    def _save_halt_checkpoint(self, trainer: pl.Trainer, path: Path | str) -> str | None:
-        """Save through the Trainer's fsspec-aware checkpoint IO; return why it failed, or None.
-
-        The write is atomic (``_atomic_save``), local or remote (s3://, gs://, memory://).
-        """
-        error: str | None = None
-        try:
-            if trainer.is_global_zero:
-                get_filesystem(path).makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
-            trainer.save_checkpoint(path)
-        except Exception as exc:  # a failed save must not lose the diagnosis
-            error = f"{type(exc).__name__}: {exc}"
-        trainer.strategy.barrier("gradguard_halt_checkpoint")
-        return error
-
-    def _halt(self, trainer: pl.Trainer, pl_module: pl.LightningModule, core: GuardCore) -> None:
-        # the same answer on every rank (what follows saves a checkpoint: a collective)
-        params_ok = bool(torch.isfinite(grad_norms(
-            [p.detach() for p in pl_module.parameters()], per_tensor=False,
-            reducer=core.reducer).total))
-        if not params_ok:
-            others = [_raw(o) for o in trainer.optimizers if _raw(o) is not core.optimizer]
-            params_ok = core.restore_snapshot(others)
-        head = f"GradGuard halted training: {core.halt_facts.rstrip('.')}."
-        kept = _min_keeps_running(trainer)
-        if kept:
-            head += (f" The Trainer's {kept} keeps the run going past this stop: GradGuard "
-                     "skips every remaining step (the weights stay as they are now).")
-        path = self._checkpoint_path(trainer)
-        where: str
-        if params_ok:
-            error = self._save_halt_checkpoint(trainer, path)
-            if error is None:
-                self.halt_checkpoint = path
-                where = f"The last good weights were saved to {path}"
-            else:
-                where = (f"The last good weights could NOT be saved to {path} ({error}); set "
-                         "GradGuard(checkpoint_dir=...) to a writable directory")
-        else:
-            where = ("The weights themselves are non-finite and no snapshot exists: nothing "
-                     "was saved (use GradGuard(rollback=True) to keep a last-good snapshot)")
-        msg = f"{head} {where}." + ("\nLikely causes, most likely first:\n"
-                                     + causes_text(core.causes) if core.causes else "")
-        log.error(msg)  # whatever happened to the checkpoint, the diagnosis is not lost
-        self._text(trainer, f"{_tags.HALT_MARKER} — {msg}")
-        if self.on_halt == "raise":
-            raise GradGuardHalt(msg)
-        trainer.should_stop = True
-        self._stopping = True
-        for other in self._cores.values():
-            other.stop()
-
-    # ----------------------------------------------------------------- messages
+    # ----------------------------------------------------------------- log
     def _say(self, notice: Notice) -> None:
         """The guards' notices: warnings and notices on rank 0, TensorBoard events text.
 
-        The halt notice is left out: :meth:`_halt` says it, with where the weights went.
+        The halt notice is left out: ``_halt`` says it, with where the weights went.
         """
         trainer = self._trainer
         if trainer is None or notice.kind is NoticeKind.HALT:
@@ -569,7 +445,6 @@ class GradGuardLogic:
         if notice.markdown:
             self._markdown.append(notice.markdown)  # written once the step is over
 
-    # ----------------------------------------------------------------- reporting
     def _log(self, trainer: pl.Trainer, idx: int, core: GuardCore, report: StepReport) -> None:
         step = trainer.global_step
         event = (report.action in (Action.SKIP, Action.AMP_SKIP) or report.spike
@@ -617,7 +492,8 @@ class GradGuardLogic:
         ``clipped_steps``, ``lr_backoffs``, ``lr_scale`` (the smallest over optimizers),
         ``rollbacks``, ``growth_events``, ``amp_overflow_steps``, ``halted``,
         ``halt_checkpoint`` (path or ``None``), ``reasons`` (LR backoffs and halts counted by
-        their reason, e.g. ``{"update_capped": 2}``) and ``diagnosis``.
+        their reason, e.g. ``{"update_capped": 2}``) and ``diagnosis`` (each cause once, in
+        the order of the optimizers).
 
         Example:
             >>> GradGuard().summary()["steps"]
@@ -625,27 +501,20 @@ class GradGuardLogic:
         """
         keys = ("steps", "nonfinite_steps", "skipped_steps", "spikes", "clipped_steps",
                 "lr_backoffs", "rollbacks", "growth_events", "amp_overflow_steps")
-        out: dict[str, Any] = dict.fromkeys(keys, 0)
-        out["lr_scale"] = 1.0
-        out["halted"] = False
+        each = [core.summary() for core in self._cores.values()]
+        out: dict[str, Any] = {k: sum(s[k] for s in each) for k in keys}
+        out["lr_scale"] = min([1.0] + [s["lr_scale"] for s in each])
+        out["halted"] = any(s["halted"] for s in each)
+        out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
         reasons: dict[str, int] = {}
-        for core in self._cores.values():
-            s = core.summary()
-            for k in keys:
-                out[k] += s[k]
+        diagnosis: dict[str, Any] = {}  # each cause once, the first optimizer's entry
+        for s in each:
             for reason, n in s["reasons"].items():
                 reasons[reason] = reasons.get(reason, 0) + n
-            out["lr_scale"] = min(out["lr_scale"], s["lr_scale"])
-            out["halted"] = out["halted"] or s["halted"]
-        out["halt_checkpoint"] = str(self.halt_checkpoint) if self.halt_checkpoint else None
+            for entry in s["diagnosis"]:
+                diagnosis.setdefault(entry["cause"], entry)
         out["reasons"] = reasons
-        seen: set[str] = set()
-        out["diagnosis"] = []
-        for core in self._cores.values():
-            for entry in core.summary()["diagnosis"]:
-                if entry["cause"] not in seen:
-                    seen.add(entry["cause"])
-                    out["diagnosis"].append(entry)
+        out["diagnosis"] = list(diagnosis.values())
         return out
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

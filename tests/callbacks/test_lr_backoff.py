@@ -121,16 +121,16 @@ def test_manual_optimization_two_optimizers_separate_guards(net: str, idx: int) 
     injector = FaultInjector([Fault(step, params=f"{net}.*")])
     trainer = fit(module, 12, [injector, guard, track])
     assert injector.injected == [(step, "grad", "nan")]
-    assert len(guard._cores) == 2
+    assert len(guard.cores) == 2
     assert trainer.global_step == 12
     s = guard.summary()
     assert s["steps"] == 12
     assert (s["nonfinite_steps"], s["skipped_steps"], s["lr_backoffs"]) == (1, 1, 1)
-    bad, good = guard._cores[idx].counters, guard._cores[1 - idx].counters
+    bad, good = guard.cores[idx].counters, guard.cores[1 - idx].counters
     assert (bad.steps, bad.skipped_steps) == (6, 1)
     assert (good.steps, good.skipped_steps, good.nonfinite_steps) == (6, 0, 0)
-    assert guard._cores[1 - idx].backoff.scale == 1.0
-    assert s["lr_scale"] == guard._cores[idx].backoff.scale < 1.0
+    assert guard.cores[1 - idx].backoff.scale == 1.0
+    assert s["lr_scale"] == guard.cores[idx].backoff.scale < 1.0
     skipped = track.gen if net == "gen" else track.disc
     other = track.disc if net == "gen" else track.gen
     assert all(torch.equal(a, b) for a, b in zip(skipped[batch - 1], skipped[batch], strict=True))

@@ -66,7 +66,7 @@ def test_resume_equals_uninterrupted(case: str, via: str, tmp_path: Path) -> Non
     fit(m_full, TOTAL, [FaultInjector(FAULTS), g_full])
 
     g1, g2, m2 = _split_run(make_guard, tmp_path, via)
-    core1 = g1._cores[0]
+    core1 = g1.cores[0]
     assert core1.backoff.scale < 1.0, "checkpoint is mid-backoff"
     if case == "warmup60":
         assert int(core1.policy.stats.count) < 60, "checkpoint is mid-warmup"
@@ -77,7 +77,7 @@ def test_resume_equals_uninterrupted(case: str, via: str, tmp_path: Path) -> Non
     assert g2.summary() == g_full.summary()
     s = g_full.summary()
     assert (s["nonfinite_steps"], s["skipped_steps"], s["spikes"]) == (3, 3, 1)
-    full, resumed = g_full._cores[0].state_dict(), g2._cores[0].state_dict()
+    full, resumed = g_full.cores[0].state_dict(), g2.cores[0].state_dict()
     assert_state_close(resumed["policy"], full["policy"])
     assert_state_close(resumed["growth"], full["growth"])
     assert resumed["backoff"] == full["backoff"]
@@ -102,7 +102,7 @@ def test_state_key_is_stable_across_hyperparameters(tmp_path: Path) -> None:
     assert s2["steps"] == SPLIT + 1
     assert s2["nonfinite_steps"] == s1["nonfinite_steps"] == 2
     assert s2["spikes"] >= s1["spikes"] == 1
-    assert int(g2._cores[0].policy.stats.count) == int(g1._cores[0].policy.stats.count) + 1
+    assert int(g2.cores[0].policy.stats.count) == int(g1.cores[0].policy.stats.count) + 1
 
 
 def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
@@ -203,4 +203,4 @@ def test_resume_keeps_the_update_cap(tmp_path: Path) -> None:
     assert g2.summary() == g_full.summary()
     for a, b in zip(m_full.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    assert g2._cores[0]._weight_norm == g_full._cores[0]._weight_norm
+    assert g2.cores[0]._weight_norm == g_full.cores[0]._weight_norm

@@ -128,7 +128,7 @@ def test_rollback_restores_last_good_snapshot() -> None:
     assert s["nonfinite_steps"] == 2  # steps 13 and 14; the rollback happens at 14
     assert s["halted"] is False
     assert all_finite(module)
-    core = guard._cores[0]
+    core = guard.cores[0]
     assert core.snapshot is not None
     # snapshots at guard steps 1, 6, 11 (global 0, 5, 10): taken before the update of
     # global step 10, i.e. the weights at the end of step 9

@@ -81,7 +81,7 @@ def run_fit(config: str, spec: DemoSpec, args: argparse.Namespace,
             # also time GuardCore.step inside the hook (adapter cost): each core built by the
             # guards' on_train_start gets its own bound method wrapped, nothing else
             for guard in self.guards:
-                for core in guard._cores.values():  # no public accessor of the cores
+                for core in guard.cores.values():
                     core.step = timed(core.step, self.core_acc)  # type: ignore[method-assign]
 
         def on_train_batch_end(self, *a: Any, **k: Any) -> None:

@@ -207,7 +207,7 @@ def snapshot_via_callback(args: argparse.Namespace) -> dict[str, Any]:
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[guard])
     trainer.fit(model, datamodule=dm)
-    core = guard._cores[0]
+    core = guard.cores[0]
     assert core.snapshot is not None
     return {"snapshot_bytes": core.snapshot.nbytes,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
