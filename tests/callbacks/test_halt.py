@@ -109,10 +109,21 @@ def test_halt_with_nonfinite_weights_restores_snapshot_before_saving(tmp_path: P
     module = TinyModule()
     fit(module, MAX_STEPS, [FaultInjector([Fault(5, target="param")]), guard],
         default_root_dir=tmp_path)
-    assert guard.summary()["halted"]
+    s = guard.summary()
+    assert s["halted"]
+    # the halt's restore is the run's only one (rollback_after=100), and it is counted
+    assert s["rollbacks"] == 1
     raw = torch.load(tmp_path / CKPT_NAME, weights_only=False)
     assert all(bool(torch.isfinite(v).all()) for v in raw["state_dict"].values())
     assert all_finite(module)
+    # the checkpoint holds exactly the restored weights, and the module keeps them
+    snapshot = guard.cores[0].snapshot
+    assert snapshot is not None
+    assert snapshot.available
+    saved = raw["state_dict"]
+    assert set(saved) == {n for n, _ in module.named_parameters()}
+    for name, p in module.named_parameters():
+        assert torch.equal(saved[name], p.detach()), name
 
 
 class _WeightsPerBatch(Callback):
@@ -149,8 +160,19 @@ def test_halt_under_min_steps_freezes_every_optimizer(tmp_path: Path,
     errors = [r.getMessage() for r in caplog.records
               if r.name == "lightning_gradguard" and r.levelno == logging.ERROR]
     assert len(errors) == 1
-    assert "min_steps=30" in errors[0]
+    ckpt = tmp_path / CKPT_NAME
+    assert errors[0].startswith("GradGuard halted training: 3 consecutive non-finite steps")
+    assert (". The Trainer's min_steps=30 keeps the run going past this stop: GradGuard skips "
+            "every remaining step (the weights stay as they are now). The last good weights "
+            f"were saved to {ckpt}.") in errors[0]
+    assert guard.summary()["halt_checkpoint"] == str(ckpt)
     assert guard.summary()["halted"]
+    # every optimizer's guard is stopped, and the held steps are not counted: each guard
+    # saw its own five steps (the generator's fifth, global step 8, was the third NaN)
+    assert sorted(guard.cores) == [0, 1]
+    assert all(core.stopped for core in guard.cores.values())
+    assert [core.counters.steps for core in guard.cores.values()] == [5, 5]
+    assert guard.summary()["steps"] == 10
     # both nets trained before the halt (the discriminator up to its last step)...
     assert not _same(disc.at[2], disc.at[10])
     assert not _same(gen.at[2], gen.at[4])
@@ -166,6 +188,8 @@ def test_reused_guard_after_a_halt_guards_the_next_fit(tmp_path: Path,
     """A halted fit leaves nothing behind: the same instance guards (and trains) the next."""
     guard, _ = _halted_run(tmp_path, caplog)
     assert guard.summary()["halted"]
+    halted_core = guard.cores[0]
+    assert halted_core.stopped
     module = TinyModule()
     start = params_of(module)
     trainer = fit(module, 10, [guard], default_root_dir=tmp_path)
@@ -175,5 +199,7 @@ def test_reused_guard_after_a_halt_guards_the_next_fit(tmp_path: Path,
     assert s["halted"] is False
     assert s["skipped_steps"] == 0
     assert guard.last_reports[0].step == 9
+    assert guard.cores[0] is not halted_core
+    assert not guard.cores[0].stopped
     assert not _same(start, params_of(module))  # the weights moved
     assert all_finite(module)
