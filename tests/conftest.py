@@ -1,12 +1,20 @@
-"""Fixtures shared by the whole test suite."""
+"""Fixtures shared by the whole test suite; shared helpers live in ``tests/support``."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+# ``import support`` from any test: pytest's default (prepend) import mode already puts this
+# folder on sys.path, as it has no __init__.py; --import-mode=importlib does not.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture(autouse=True)
