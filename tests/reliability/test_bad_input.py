@@ -1,6 +1,7 @@
 """Bad input: every public constructor argument, out of range or of the wrong type, raises a
-ValueError/TypeError that names the argument and shows the bad value; degenerate models
-(no trainable parameters, all frozen, empty param groups) do not crash the guard."""
+ValueError/TypeError that names the argument and shows the bad value; a closure-based
+optimizer (LBFGS) is refused at fit start; degenerate models (no trainable parameters, all
+frozen, empty param groups) do not crash the guard."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.modules import TinyModule
+from support.state import all_finite
+from support.trainer import fit
 
 from lightning_gradguard import (
     AdaptiveGradClip,
@@ -22,7 +26,6 @@ from lightning_gradguard import (
 )
 from lightning_gradguard.callbacks import GradGuard, GradientMonitor
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.callbacks._helpers import TinyModule, all_finite, fit
 
 NAN, INF = math.nan, math.inf
 
@@ -252,3 +255,13 @@ def test_nothing_to_guard_warns_once(cls: type[TinyModule], tmp_path: Path) -> N
     assert len(found) == 1, found
     assert "no trainable parameters" in found[0]
     assert "nothing to guard" in found[0]
+
+
+class LBFGSModule(TinyModule):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+def test_closure_based_optimizer_is_refused_at_setup() -> None:
+    with pytest.raises(ValueError, match=r"optimizer 0 \(LBFGS\).*closure several times"):
+        fit(LBFGSModule(), 3, [GradGuard()])

@@ -1,14 +1,9 @@
-"""Regression tests for the fixes to lightning_gradguard/testing.py made with this suite.
-
-1. The ``training_step`` wrapper for loss faults outlived the fit: a later fit of the same
-   module (e.g. resuming after the halt, with the injector removed) still got a NaN loss,
-   and a second injector on that module never fired (it saw the old wrapper and returned).
-2. NaN/Inf injection used ``t.view(-1)``, which raises on non-contiguous tensors.
-3. ``Fault(params=..., ranks=...)`` and ``FaultInjector(faults=...)`` were not validated
-   (errors surfaced mid-training, or as "object is not iterable", without the argument).
-4. A loss fault on a ``training_step`` that returns no loss (manual optimization) was
-   recorded as injected although nothing happened; now it warns and is not recorded.
-"""
+"""``FaultInjector`` itself: the ``training_step`` wrapper for loss faults is removed after
+the fit (also when it raises) so a later fit or a second injector behaves; NaN/Inf land in
+non-contiguous tensors; ``Fault``/``FaultInjector`` arguments are validated up front (a
+``params`` glob that matches no parameter is refused); a fault that touches nothing -- a
+loss fault without a loss, a gradient fault on a frozen parameter -- warns and is not
+recorded."""
 
 from __future__ import annotations
 
@@ -17,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from support.modules import TinyModule, TwoNetManual
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardHalt
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.callbacks._helpers import TinyModule, TwoNetManual, fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradGuard:UserWarning")
 
@@ -112,4 +108,20 @@ def test_loss_fault_without_a_loss_warns_and_is_not_recorded(tmp_path: Path) -> 
     injector = FaultInjector([Fault(2, target="loss")])
     with pytest.warns(UserWarning, match="cannot inject.*manual optimization use target='grad'"):
         fit(TwoNetManual(), 3, [injector], default_root_dir=tmp_path)
+    assert injector.injected == []
+
+
+def test_fault_whose_glob_matches_nothing_is_refused() -> None:
+    injector = FaultInjector([Fault(2, kind="nan", params="net.O.*")])  # letter O, not 0
+    with pytest.raises(ValueError, match=r"matches no parameter.*net\.0\.weight"):
+        fit(TinyModule(), 4, [injector, GradGuard()])
+    assert injector.injected == []
+
+
+def test_fault_touching_no_gradient_is_not_recorded() -> None:
+    module = TinyModule()
+    module.net[0].weight.requires_grad_(False)
+    injector = FaultInjector([Fault(1, kind="nan", params="net.0.weight")])
+    with pytest.warns(UserWarning, match="touched no gradient"):
+        fit(module, 3, [injector])
     assert injector.injected == []

@@ -31,17 +31,73 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule
+from support.recorders import ClearGradsAt, Recorder
+from support.state import params_of
+from support.trainer import fit, precision_kwargs
 
 from lightning_gradguard.callbacks import GradGuard
-from lightning_gradguard.testing import Fault
-
-from ._common import COUNTERS, N_STEPS, PRECISIONS, ClearGradsAt, Run, rel, run
+from lightning_gradguard.testing import Fault, FaultInjector
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradGuard:UserWarning")
+
+#: Steps per run; ZScoreClip's default warmup is 25 observations.
+N_STEPS = 40
+PRECISIONS = ("32", "bf16-mixed", "16-mixed+scaler")
+COUNTERS = ("nonfinite_steps", "skipped_steps", "spikes", "clipped_steps",
+            "amp_overflow_steps", "lr_backoffs", "rollbacks")
+
+
+def make_module() -> TinyModule:
+    """``Linear(4, 8) - Tanh - Linear(8, 1)``, SGD with momentum (it has optimizer state)."""
+    return TinyModule(opt="sgdm", lr=0.02)
+
+
+@dataclass
+class Run:
+    trainer: pl.Trainer
+    module: TinyModule
+    guard: GradGuard
+    rec: Recorder
+    injector: FaultInjector
+    params: list[torch.Tensor]
+    #: the GradScaler's scale at the end (fp16 only)
+    scale: float | None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.guard.summary()
+
+    def counters(self) -> dict[str, int]:
+        s = self.guard.summary()
+        return {k: s[k] for k in COUNTERS}
+
+
+def run(precision: str, faults: Sequence[Fault], guard: GradGuard, root: Path | str, *,
+        before_guard: Sequence[Callback] = (), max_steps: int = N_STEPS) -> Run:
+    """One fit of the tiny model with ``[injector, *before_guard, guard, recorder]``."""
+    rec = Recorder(guard)
+    injector = FaultInjector(faults)
+    module = make_module()
+    trainer = fit(module, max_steps, [injector, *before_guard, guard, rec],
+                  default_root_dir=str(root), **precision_kwargs(precision))
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return Run(trainer, module, guard, rec, injector, params_of(module),
+               None if scaler is None else float(scaler.get_scale()))
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a / b - 1.0)
+
 
 KINDS = ("nan", "inf", "scale")
 WHEN = {"warmup": 3, "late": 30}

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.state import assert_state_close
 
 from lightning_gradguard import (
     AdaptiveGradClip,
@@ -29,7 +30,6 @@ from lightning_gradguard import (
     ZScoreClip,
 )
 from lightning_gradguard.core.guard import Action
-from tests.callbacks._helpers import assert_state_close
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

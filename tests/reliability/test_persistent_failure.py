@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from support.modules import TinyModule
+from support.state import all_finite, params_of
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardHalt
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.callbacks._helpers import TinyModule, all_finite, fit, params_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradGuard:UserWarning")
 

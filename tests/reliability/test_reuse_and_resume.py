@@ -1,8 +1,11 @@
-"""Resume cases that tests/callbacks/test_resume.py lacks: an interrupted run resumed from a
-checkpoint equals the uninterrupted one -- counters exactly, statistics allclose, weights
-allclose -- with PercentileClip (mid-"warmup"), AdaptiveGradClip, gradient accumulation,
-rollback snapshots that actually rolled back (before and after the split), and fp16 with a
-GradScaler. Every checkpoint is taken mid-backoff (LR scale < 1)."""
+"""Reuse and resume: an interrupted run resumed from a checkpoint equals the uninterrupted one
+-- counters exactly, statistics allclose, weights allclose -- with PercentileClip
+(mid-"warmup"), AdaptiveGradClip, gradient accumulation, rollback snapshots that actually
+rolled back (before and after the split), and fp16 with a GradScaler, every checkpoint taken
+mid-backoff (LR scale < 1); one ``GradGuard`` instance reused for another fit resumes like a
+fresh one and takes state loaded between fits; the halt checkpoint and
+``GradientMonitor``'s non-finite count are per fit, and the monitor's count is saved in
+checkpoints."""
 
 from __future__ import annotations
 
@@ -13,13 +16,15 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from support.modules import NaNFrom, TinyModule
+from support.state import all_finite, assert_state_close
+from support.trainer import fit, precision_kwargs
 
 from lightning_gradguard import AdaptiveGradClip, PercentileClip, ZScoreClip
-from lightning_gradguard.callbacks import GradGuard
+from lightning_gradguard.callbacks import GradGuard, GradientMonitor
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.callbacks._helpers import TinyModule, all_finite, assert_state_close, fit
 
-from ._common import precision_kwargs
+CKPT = "gradguard_last_good.ckpt"
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:GradGuard:UserWarning",
@@ -136,3 +141,61 @@ def test_resume_equals_uninterrupted(case: str, via: str, tmp_path: Path) -> Non
         assert (s["nonfinite_steps"], s["skipped_steps"], s["amp_overflow_steps"]) == (3, 3, 0)
     else:
         assert (s["nonfinite_steps"], s["skipped_steps"]) == (3, 3)
+
+
+def test_reused_guard_resumes_like_a_fresh_one(tmp_path: Path) -> None:
+    def first_fit(guard: GradGuard) -> Path:
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=10)
+        faults = FaultInjector([Fault(3, kind="nan"), Fault(6, kind="scale", factor=1e4)])
+        fit(TinyModule(), 10, [faults, guard, ckpt], enable_checkpointing=True)
+        return tmp_path / "last.ckpt"
+
+    reused = GradGuard()
+    last = first_fit(reused)
+    before = reused.summary()
+    assert before["steps"] == 10
+    assert before["skipped_steps"] == 1
+    fit(TinyModule(), 20, [reused], ckpt_path=str(last))
+
+    fresh = GradGuard()
+    fit(TinyModule(), 20, [fresh], ckpt_path=str(last))
+    assert reused.summary() == fresh.summary()
+    assert reused.summary()["steps"] == 20
+    assert reused.summary()["skipped_steps"] == 1
+
+
+def test_state_loaded_between_fits_reaches_the_next_fit() -> None:
+    guard = GradGuard()
+    fit(TinyModule(), 6, [FaultInjector([Fault(2, kind="nan")]), guard])
+    saved = guard.state_dict()
+    other = GradGuard()
+    fit(TinyModule(), 3, [other])
+    other.load_state_dict(saved)  # between two fits of a reused instance
+    fit(TinyModule(), 2, [other])
+    assert other.summary()["steps"] == 6 + 2
+    assert other.summary()["skipped_steps"] == 1
+
+
+def test_halt_checkpoint_and_monitor_count_are_per_fit(tmp_path: Path) -> None:
+    guard = GradGuard(halt_after=3)
+    monitor = GradientMonitor()
+    fit(NaNFrom(2), 20, [monitor, guard], default_root_dir=tmp_path)
+    assert guard.summary()["halt_checkpoint"] == str(tmp_path / CKPT)
+    assert monitor.state_dict()["nonfinite_steps"] == 3
+    fit(TinyModule(), 5, [monitor, guard], default_root_dir=tmp_path)
+    assert guard.summary()["halt_checkpoint"] is None
+    assert guard.summary()["halted"] is False
+    assert monitor.state_dict()["nonfinite_steps"] == 0
+
+
+def test_monitor_count_survives_resume(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=8)
+    faults = FaultInjector([Fault(2, kind="nan"), Fault(5, kind="inf")])
+    fit(TinyModule(), 8, [faults, GradientMonitor(), GradGuard(), ckpt],
+        enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert saved["GradientMonitor"] == {"nonfinite_steps": 2}
+    resumed = GradientMonitor()
+    fit(TinyModule(), 10, [FaultInjector([Fault(9, kind="nan")]), resumed, GradGuard()],
+        ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.state_dict()["nonfinite_steps"] == 3
