@@ -320,7 +320,8 @@ class _AllReduce:
     def __call__(self, t: torch.Tensor, op: object, group: _Group) -> None:
         import torch.distributed as dist
 
-        self.calls.append((group.name, "sum" if op == dist.ReduceOp.SUM else "max", t.tolist()))
+        seen = [] if t.device.type == "meta" else t.tolist()
+        self.calls.append((group.name, "sum" if op == dist.ReduceOp.SUM else "max", seen))
         remote = torch.full_like(t, group.remote)
         if op == dist.ReduceOp.SUM:
             t.add_(remote)
@@ -554,3 +555,22 @@ def test_dtensor_float64_statistics_stay_float64(sharded: _AllReduce, p: float) 
     out = grad_norms(grads, p)  # type: ignore[arg-type]
     assert out.total.dtype == torch.float64
     assert out.total.item() == (5.0 if p == 2.0 else 4.0)
+
+
+@pytest.mark.parametrize("p", [2.0, INF])
+def test_dtensor_statistics_stay_on_the_gradients_device(sharded: _AllReduce, p: float) -> None:
+    # "meta" stands in for an accelerator: every helper tensor (indices, partial statistics,
+    # NaN counts) is made on the gradients' device, or torch refuses to mix them
+    shard, rep, _ = _placements()
+    ga, gb = _Group("ga", remote=1.0), _Group("gb", remote=2.0)
+    mesh = _Mesh(ga, gb)
+    meta = torch.device("meta")
+    grads = [
+        _FakeDTensor(torch.ones(3, device=meta), (shard, rep), mesh),
+        _FakeDTensor(torch.ones(2, device=meta), (rep, shard), mesh),
+        torch.ones(4, device=meta),
+    ]
+    sharded.calls.clear()
+    out = grad_norms(grads, p)  # type: ignore[arg-type]
+    assert out.total.device == meta and out.total.shape == ()
+    assert [name for name, _, _ in sharded.calls] == ["ga", "gb"]
