@@ -188,13 +188,6 @@ StepListener = Callable[[Measurement, Decision, "StepReport"], None]
 
 
 
-def _facts(d: Diagnosis) -> Diagnosis:
-    """``d`` with only the facts of its likely cause (the ranked causes replace the rest)."""
-    fact = d.likely_cause.split(";")[0]
-    return replace(d, likely_cause=fact if fact.startswith(("the loss itself", "the total"))
-                   else "")
-
-
 @friendly_kwargs
 class GuardCore(Stateful):
     """Gradient guard for one optimizer, usable in any training loop.
@@ -657,8 +650,7 @@ class GuardCore(Stateful):
     def _with_diagnosis(self, parts: list[str], label: str, diagnosis: Diagnosis | None) -> str:
         """``parts`` joined, then the labelled step's facts (the causes follow separately)."""
         if diagnosis is not None and self.causes:
-            parts.append(f"{label}: {_facts(diagnosis).message()}"
-                         .removesuffix(". Likely cause: "))
+            parts.append(f"{label}: {diagnosis.message(ranked=True)}")
         elif diagnosis is not None:
             parts.append(f"{label}: {diagnosis.message()}")
         return "; ".join(parts)
@@ -744,7 +736,8 @@ class GuardCore(Stateful):
         self.first_diagnosis = None if first is None else Diagnosis(
             step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
             origin=first["origin"], likely_cause=first["likely_cause"],
-            weights_finite=first["weights_finite"], first_step=first["first_step"])
+            weights_finite=first["weights_finite"], first_step=first["first_step"],
+            fact=first["fact"])
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
         saved = state_dict.get("diagnosis")  # absent when saved with diagnose=False

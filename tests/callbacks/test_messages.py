@@ -267,7 +267,8 @@ def test_preflight_warning_and_its_switch(preflight: bool, tmp_path: Path) -> No
         # the step-0 evidence is still recorded for a later diagnosis
         doc = guard._cores[0].diagnostician
         assert doc is not None
-        assert doc.step0["init_median"] == pytest.approx(2.8, abs=0.1)
+        assert doc.step0 is not None
+        assert doc.step0.init_median == pytest.approx(2.8, abs=0.1)
 
 
 def test_diagnose_false_builds_no_diagnostician() -> None:

@@ -227,7 +227,8 @@ def test_zero_initialised_logistic_regression_gets_no_lr_warning(scale: float) -
     for cause in doc.diagnose("on_demand"):
         assert "infinite" not in cause.evidence
         assert "~0:" not in cause.remedy
-    assert all(math.isfinite(v) for v in _floats(doc.step0))
+    assert doc.step0 is not None
+    assert all(math.isfinite(v) for v in _floats(doc.step0.to_state()))
 
 
 def _floats(value: Any) -> list[float]:
@@ -444,9 +445,12 @@ def test_the_most_moved_tensor_is_chosen_among_all_parameters() -> None:
     doc = Diagnostician(model, torch.optim.SGD(model.parameters(), lr=20.0))
     doc.preflight(norms, loss=4.0)
     ratios = {n: norms[n] / float(p.detach().norm()) for n, p in model.named_parameters()}
-    worst, worst_r = doc.step0["update_worst"]
+    assert doc.step0 is not None
+    sgd = doc.step0.ratios(adaptive=False)
+    assert sgd is not None
+    worst, worst_r = sgd.worst, sgd.worst_ratio
     assert worst == max(ratios, key=ratios.__getitem__)
-    assert worst_r >= doc.step0["update_ratio"]
+    assert worst_r >= sgd.total
 
 
 def test_a_step0_ratio_is_worded_at_its_own_lr_under_a_schedule() -> None:

@@ -66,7 +66,8 @@ def test_preflight_false_records_the_evidence_but_reports_nothing() -> None:
     assert report.causes is None
     assert guard.summary()["diagnosis"] == []
     assert guard.diagnostician is not None
-    assert guard.diagnostician.step0["init_median"] > 2.0
+    assert guard.diagnostician.step0 is not None
+    assert guard.diagnostician.step0.init_median > 2.0
 
 
 def test_a_spike_that_clipping_contains_is_not_diagnosed() -> None:
