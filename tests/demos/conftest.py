@@ -1,4 +1,4 @@
-"""Fixtures for the demo model / datamodule tests; helpers live in ``_helpers``."""
+"""The demo tests' fixture: quiet Lightning's advice for tiny runs (helpers: ``tests/support``)."""
 
 from __future__ import annotations
 

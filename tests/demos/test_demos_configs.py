@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.trainer import run_config
 
 from lightning_gradguard.demos import (
     AddingProblemDataModule,
@@ -17,8 +18,6 @@ from lightning_gradguard.demos import (
     RegressionDataModule,
     ResidualMLP,
 )
-
-from ._helpers import run_config
 
 MODELS = [DeepMLP, ResidualMLP, AddingProblemRNN]
 IDS = ["mlp", "residual", "lstm"]

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from support.recorders import NonFiniteRecorder
+from support.trainer import make_trainer
 from torch import nn
 
 from lightning_gradguard.demos import (
@@ -25,8 +27,6 @@ from lightning_gradguard.demos import (
     init_weights,
     make_activation,
 )
-
-from ._helpers import NonFiniteRecorder, make_trainer
 
 FEED_FORWARD = [DeepMLP, ResidualMLP]
 
