@@ -1,4 +1,4 @@
-"""Issue 25: every path error of the command line is one line on stderr and exit status 2
+"""Every path error of the command line is one line on stderr and exit status 2
 (no traceback); ``gradguard demo`` without a terminal prints no progress bar, and its bar
 names the run instead of ``v_num=uard``.
 

@@ -1,8 +1,8 @@
-"""A misspelt constructor argument names the public class and the closest argument (issue 25).
+"""A misspelt constructor argument names the public class and the closest argument.
 
-``GradientMonitor(log_every=5)`` raised ``GradientMonitorLogic.__init__() got an unexpected
-keyword argument`` (an internal name, no suggestion), where ``GradGuard`` said "did you
-mean". Checked here for the public classes of the callbacks and ``lightning_gradguard.testing``
+``GradientMonitor(log_every=5)`` must say "did you mean", like ``GradGuard``, not
+``GradientMonitorLogic.__init__() got an unexpected keyword argument`` (an internal name, no
+suggestion). Checked here for the public classes of the callbacks and ``lightning_gradguard.testing``
 and for every class in ``lightning_gradguard.__all__`` and ``lightning_gradguard.core.__all__``.
 """
 

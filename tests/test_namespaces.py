@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from support.modules import tiny_regression_class
+from torch.utils.data import TensorDataset
 
 NAMESPACES = ["lightning.pytorch", "pytorch_lightning"]
 
@@ -24,20 +25,14 @@ def _callbacks(ns: str) -> ModuleType:
 
 
 def _module_cls(pl: ModuleType) -> type:
-    class Tiny(pl.LightningModule):  # type: ignore[name-defined,misc]
+    class Tiny(tiny_regression_class(pl.LightningModule)):  # type: ignore[misc]
         def __init__(self, faults: dict[int, str] | None = None) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                           torch.nn.Linear(8, 1))
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(256, 4, generator=g)
+            super().__init__(lr=0.01, opt="adam",
+                             data=TensorDataset(x, x.sum(1, keepdim=True)))
             self.faults = faults or {}
             self.history: list[tuple[int, list[torch.Tensor], Any]] = []
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            loss = torch.nn.functional.mse_loss(self.net(x), y)
-            self.log("train_loss", loss)
-            return loss
 
         def on_after_backward(self) -> None:
             kind = self.faults.get(self.global_step)
@@ -54,14 +49,6 @@ def _module_cls(pl: ModuleType) -> type:
             self.history.append((self.global_step - 1,
                                  [p.detach().clone() for p in self.parameters()],
                                  copy.deepcopy(opt.state_dict()["state"])))
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.Adam(self.parameters(), lr=0.01)
-
-        def train_dataloader(self) -> DataLoader[Any]:
-            g = torch.Generator().manual_seed(1)
-            x = torch.randn(256, 4, generator=g)
-            return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
 
     return Tiny
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
+from support.modules import TinyRegression
 
 from lightning_gradguard.callbacks import GradGuard, GradientMonitor
 from lightning_gradguard.cli import main
@@ -34,28 +34,6 @@ pytestmark = [
 NAN_STEP = 7
 
 
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                       torch.nn.Linear(8, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(128, 4, generator=g)
-        y = torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
-        return DataLoader(TensorDataset(x, y), batch_size=16)
-
-
 def _fit(logdir: Path, version: str, callbacks: list[Callback], steps: int = 24) -> None:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -64,7 +42,7 @@ def _fit(logdir: Path, version: str, callbacks: list[Callback], steps: int = 24)
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Tiny())
+    trainer.fit(TinyRegression())
 
 
 @pytest.fixture(scope="module")
@@ -427,10 +405,10 @@ def test_diagnosis_is_the_latest_diagnosis_text(tmp_path: Path,
 # ------------------------------------------- GradGuard and GradientMonitor in one Trainer
 def test_guard_and_monitor_in_one_trainer_report_the_guards_counts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Issue 25: the monitor logged under the guard's tags with its own values, so a run
-    whose guard skipped 2 NaN steps was reported with 0 non-finite steps, and
-    ``gradguard/grad_norm`` had two different values at one step. The monitor now writes
-    ``gradmonitor/...``; the report reads the guard's values."""
+    """With GradGuard and GradientMonitor in one Trainer, the monitor writes under its own
+    ``gradmonitor/...`` tags and the report reads the guard's values: a run whose guard
+    skipped 2 NaN steps is reported with 2 non-finite steps, and ``gradguard/grad_norm`` has
+    one value a step (the monitor's values under the guard's tags would give 0 and two)."""
     from tensorboard.backend.event_processing.event_accumulator import (
         SCALARS,
         EventAccumulator,
@@ -446,7 +424,7 @@ def test_guard_and_monitor_in_one_trainer_report_the_guards_counts(
         callbacks=[faults, guard, GradientMonitor()], enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
-    trainer.fit(Tiny())
+    trainer.fit(TinyRegression())
     assert guard.summary()["nonfinite_steps"] == 2
     assert guard.summary()["skipped_steps"] == 2
 
@@ -530,9 +508,9 @@ def _drawn_texts(fig: Any) -> list[Any]:
 
 
 def test_report_text_never_overlaps() -> None:
-    """Issue 25: the caption lines under the panels overlapped ("1 run has no gradguard/
-    tags..." over the diagnosis line). Every text in the figure, both captions present, in
-    one and in several panels: no two window extents intersect."""
+    """The caption lines under the panels ("1 run has no gradguard/ tags...", the diagnosis
+    line) do not overlap: every text in the figure, both captions present, in one and in
+    several panels: no two window extents intersect."""
     import itertools
 
     import matplotlib.pyplot as plt

@@ -8,9 +8,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule
+from support.state import params_of
+from support.trainer import fit
 
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.callbacks._helpers import TinyModule, fit, params_of
 
 STEPS = 6
 FAULT_STEP = 3
