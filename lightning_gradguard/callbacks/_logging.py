@@ -15,7 +15,10 @@ import lightning.pytorch as pl
 
 from lightning_gradguard import _tags
 
-__all__ = ["events_text", "guard_layout", "log_scalars", "should_log", "tensorboard_writers"]
+__all__ = [
+    "events_text", "guard_layout", "guard_metrics", "log_scalars", "should_log",
+    "tensorboard_writers",
+]
 
 
 def should_log(trainer: pl.Trainer, step: int) -> bool:
@@ -67,3 +70,19 @@ def guard_layout() -> dict[str, Any]:
             "LR scale": ["Multiline", [_tags.GUARD_LR_SCALE]],
         }
     }
+
+
+def guard_metrics(report: Any, counters: Any, index: int) -> dict[str, float]:
+    """GradGuard's scalars of one step: the report's norms, threshold and LR scale, the counters.
+
+    Tags of optimizer ``index > 0`` end in ``/optimizer{index}``.
+    """
+    metrics = {
+        _tags.GUARD_GRAD_NORM: report.grad_norm,
+        _tags.GUARD_GRAD_NORM_CLIPPED: report.grad_norm_clipped,
+        _tags.GUARD_CLIP_THRESHOLD: report.threshold,
+        _tags.GUARD_LR_SCALE: report.lr_scale,
+    }
+    metrics.update({_tags.guard_tag(k): float(getattr(counters, k)) for k in _tags.GUARD_COUNTERS})
+    suffix = "" if index == 0 else f"/optimizer{index}"
+    return {k + suffix: v for k, v in metrics.items()}

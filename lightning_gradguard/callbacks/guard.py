@@ -1,9 +1,13 @@
 """``GradGuard``: the Lightning adapter over :class:`~lightning_gradguard.core.GuardCore`.
 
-Hook -> gather grads -> core -> act -> log. All decisions live in the core; this module
-only knows Lightning: where the gradients are ready (``on_before_optimizer_step``: after
-accumulation and GradScaler unscaling, before Lightning's own clipping and the update), how
-to stop a run, where to write a checkpoint, and how to log.
+Hook -> gather -> core -> log. The core decides and acts (its ``apply`` is the only place
+that skips, clips, backs off, snapshots and restores); this module only knows Lightning:
+where the gradients are ready (``on_before_optimizer_step``: after accumulation and
+GradScaler unscaling, before Lightning's own clipping and the update), what to gather for
+the core (the loss, the batch, the other optimizers), and how to log. How a halt ends the
+run (checkpoint, message, stop or raise) is :mod:`._halt`; what the Trainer must not be
+set to (DeepSpeed, LBFGS, ...) is :mod:`._compat`. The guard of each optimizer is
+:attr:`GradGuardLogic.cores`.
 
 Logged scalars (every logger of the Trainer, rank 0, at ``log_every_n_steps`` and at every
 step where an event happens):
@@ -47,7 +51,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
-from lightning_gradguard import _tags
 from lightning_gradguard.callbacks._compat import (
     check_optimizers,
     check_trainer,
@@ -59,6 +62,7 @@ from lightning_gradguard.callbacks._halt import GradGuardHalt, halt
 from lightning_gradguard.callbacks._logging import (
     events_text,
     guard_layout,
+    guard_metrics,
     log_scalars,
     should_log,
     tensorboard_writers,
@@ -451,16 +455,7 @@ class GradGuardLogic:
                  or report.backoff or report.rollback or report.halt)
         if not (event or should_log(trainer, step)):
             return
-        suffix = "" if idx == 0 else f"/optimizer{idx}"
-        c = core.counters
-        metrics = {
-            _tags.GUARD_GRAD_NORM: report.grad_norm,
-            _tags.GUARD_GRAD_NORM_CLIPPED: report.grad_norm_clipped,
-            _tags.GUARD_CLIP_THRESHOLD: report.threshold,
-            _tags.GUARD_LR_SCALE: report.lr_scale,
-        }
-        metrics.update({_tags.guard_tag(k): float(getattr(c, k)) for k in _tags.GUARD_COUNTERS})
-        log_scalars(trainer, {k + suffix: v for k, v in metrics.items()}, step)
+        log_scalars(trainer, guard_metrics(report, core.counters, idx), step)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Show the progress-bar status again in the new epoch."""
