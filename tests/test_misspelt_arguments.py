@@ -2,8 +2,9 @@
 
 ``GradientMonitor(log_every=5)`` must say "did you mean", like ``GradGuard``, not
 ``GradientMonitorLogic.__init__() got an unexpected keyword argument`` (an internal name, no
-suggestion). Checked here for the public classes of the callbacks and ``lightning_gradguard.testing``
-and for every class in ``lightning_gradguard.__all__`` and ``lightning_gradguard.core.__all__``.
+suggestion). Checked here for the public classes of the callbacks and
+``lightning_gradguard.testing`` and for every class in ``lightning_gradguard.__all__`` and
+``lightning_gradguard.core.__all__``.
 """
 
 from __future__ import annotations
