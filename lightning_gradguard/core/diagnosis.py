@@ -72,7 +72,8 @@ from lightning_gradguard.core.causes import (
 )
 from lightning_gradguard.core.evidence import batch_nonfinite
 from lightning_gradguard.core.optim import is_adaptive, learning_rate
-from lightning_gradguard.core.structure import ForwardProbe, ModelStructure, inspect_model
+from lightning_gradguard.core.probe import ForwardProbe
+from lightning_gradguard.core.structure import ModelStructure, inspect_model
 
 __all__ = [
     "CAUSES",

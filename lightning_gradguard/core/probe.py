@@ -1,4 +1,9 @@
-r"""What one forward pass did, read from its autograd graph: skip connections and normalisation.
+r"""The forward probe: what one forward pass did (skip connections, normalisation, scales).
+
+:class:`ForwardProbe` installs one-shot forward hooks that read the first forward pass with
+autograd: each weight layer's input norm and output RMS (the depth profile), then the
+autograd graph that pass built (:func:`read_graph`). The diagnosis starts it when it is built
+and ends it after the first step; nothing of it runs inside the guard's step.
 
 Structure is recognised by what the code computes, wherever it is written and whatever the
 modules are called:
@@ -25,14 +30,25 @@ is reported as ``opaque`` and nothing is concluded from it.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["GraphFacts", "Skip", "read_graph", "sequence_nr"]
+from lightning_gradguard.core._host import to_host
+
+if TYPE_CHECKING:
+    from lightning_gradguard.core.structure import ModelStructure
+
+__all__ = ["WEIGHT_TYPES", "ForwardProbe", "GraphFacts", "Skip", "is_compiled", "read_graph",
+           "sequence_nr"]
+
+#: the modules whose input and output scale the probe records (the depth profile's layers)
+WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 #: fused normalisation kernels, by the prefix of their backward node's name
 _NORM_OPS = ("NativeLayerNormBackward", "NativeBatchNormBackward", "CudnnBatchNormBackward",
@@ -317,3 +333,304 @@ def sequence_nr(node: Any) -> int:
         return int(node._sequence_nr())
     except Exception:  # a node type without a sequence number
         return 0
+
+
+_ELEMENTWISE_HOPS = 3  # nodes walked back from a module's output to its add / its norm
+
+
+def _first_tensor(value: Any, depth: int = 2) -> Tensor | None:
+    """The first tensor in ``value`` (a tensor, or nested tuples/lists/mappings of them)."""
+    if isinstance(value, Tensor):
+        return value
+    if depth == 0:
+        return None
+    items: Any = (value.values() if isinstance(value, Mapping) else
+                  value if isinstance(value, (tuple, list)) else ())
+    for item in items:
+        found = _first_tensor(item, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _skip_with_data_input(out: Tensor, inp: Tensor) -> bool:
+    """``out = inp + f(inp)`` for an input without autograd node (the model's data).
+
+    The add's shortcut operand is then a constant (no node): walking back from the output
+    through a few element-wise nodes reaches an ``AddBackward`` one of whose operands has no
+    node. (Inputs with an autograd node are read from the graph, see
+    :mod:`~lightning_gradguard.core.probe`.)
+    """
+    if inp.requires_grad or out.shape != inp.shape or out.grad_fn is None:
+        return False
+    node: Any = out.grad_fn
+    for _ in range(_ELEMENTWISE_HOPS):
+        if node is None:
+            return False
+        ops = [f for f, _ in node.next_functions]
+        if type(node).__name__.startswith("AddBackward"):
+            return len(ops) == 2 and any(f is None for f in ops) and any(
+                f is not None for f in ops)
+        ops = [f for f in ops if f is not None]
+        if len(ops) != 1:
+            return False
+        node = ops[0]
+    return False
+
+
+def _reaches(node: Any, targets: set[int], hops: int = _ELEMENTWISE_HOPS) -> Any:
+    """The target node met walking back from ``node`` along single-input nodes, or ``None``."""
+    for _ in range(hops + 1):
+        if node is None:
+            return None
+        if id(node) in targets:
+            return node
+        nxt = [f for f, _ in node.next_functions if f is not None
+               and type(f).__name__ != "AccumulateGrad"]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+    return None
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` (or a submodule) runs through ``torch.compile``.
+
+    Example:
+        >>> is_compiled(nn.Linear(2, 2))
+        False
+    """
+    for mod in model.modules():
+        if (type(mod).__name__ == "OptimizedModule" or hasattr(mod, "_orig_mod")
+                or getattr(mod, "_compiled_call_impl", None) is not None
+                or getattr(mod, "_compiler_ctx", None) is not None):
+            return True
+    return False
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+class ForwardProbe:
+    """One-shot forward hooks: residual connections, normalisation, per-layer scales.
+
+    Installed on every submodule; the first forward pass with autograd enabled (forwards
+    under ``torch.no_grad``, such as a validation sanity check, are ignored) is read: for each
+    weight layer the norm of its input and the RMS of its output, and at the end of that pass
+    the autograd graph it built (see :func:`read_graph`): the skip
+    connections wherever their add is written, and the ops that normalise. The hooks remove
+    themselves after that pass (or call :meth:`remove`), so later steps cost nothing.
+
+    No side effects: the hooks only read the tensors they are given (no module is called,
+    no random number drawn, no state changed). A compiled model (``torch.compile``) is not
+    hooked (its graph cannot be read); a hook reached while compiling does nothing.
+
+    Args:
+        model: The module to watch.
+
+    Attributes:
+        residual: Names of the modules holding (or, for an add in the parent's loop, entering)
+            a skip connection; ``None`` while nothing was read.
+        skips: Skip connections found (one per add).
+        norms: Names of the modules whose output is normalised (``"(functional)"`` for a
+            norm outside any module's output path); ``None`` while nothing was read.
+        readable: The graph could be read (``False`` for a compiled model).
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__(); self.f = nn.Linear(4, 4)
+        ...     def forward(self, x: Tensor) -> Tensor:
+        ...         return x + self.f(x)
+        >>> net = nn.Sequential(nn.Linear(4, 4), Block(), nn.ReLU())
+        >>> probe = ForwardProbe(net)
+        >>> _ = net(torch.randn(2, 4))
+        >>> probe.done, probe.residual, probe.forward_order, probe.norms
+        (True, ('1',), ('0', '1.f'), ())
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.residual: tuple[str, ...] | None = None
+        self.norms: tuple[str, ...] | None = None
+        self.skips = 0
+        self.readable = True
+        self.forward_order: tuple[str, ...] = ()
+        self.out_rms: tuple[float, ...] = ()
+        self.in_norm: dict[str, float] = {}
+        self.stream_rms: tuple[float, ...] = ()
+        self.batch_size = 0
+        self.done = False
+        self._data_res: list[str] = []
+        self._calls: list[tuple[str, Any, Any]] = []  # (name, input node, output node)
+        self._streams: dict[int, tuple[Any, Tensor]] = {}
+        self._order: list[str] = []
+        self._rms: list[Tensor] = []
+        self._res_rms: list[Tensor] = []
+        self._in: dict[str, Tensor] = {}
+        self._root = model
+        self._params = [p for p in model.parameters()]
+        self._handles: list[Any] = []
+        self._compiled_region = False
+        self._recurrent: list[str] = []
+        if is_compiled(model):
+            self.readable = False
+            self.done = True
+            return
+        names = {id(m): n for n, m in model.named_modules()}
+        self._recurrent = [n for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+        for mod in model.modules():
+            self._handles.append(mod.register_forward_hook(
+                self._hook_for(names[id(mod)]), with_kwargs=True))
+
+    @property
+    def seen(self) -> bool:
+        """Whether a forward with autograd went through a hooked module."""
+        return bool(self._calls)
+
+    def _hook_for(self, name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if _compiling():
+                # inside a compiled region: do nothing (what this forward built is not read)
+                self._compiled_region = True
+                return
+            if self.done or not torch.is_grad_enabled():
+                return  # e.g. Lightning's sanity-check validation: wait for a training forward
+            inp = _first_tensor(args)
+            self._record(name, mod, inp if inp is not None else _first_tensor(kwargs),
+                         _first_tensor(output))
+            if mod is self._root:
+                self._finish()
+        return hook
+
+    def _record(self, name: str, mod: nn.Module, inp: Tensor | None,
+                out: Tensor | None) -> None:
+        if out is None or not out.is_floating_point():
+            return
+        self._calls.append((name, None if inp is None else inp.grad_fn, out.grad_fn))
+        if inp is None:
+            return
+        if inp.grad_fn is not None and inp.shape == out.shape and id(inp.grad_fn) not in \
+                self._streams:
+            self._streams[id(inp.grad_fn)] = (inp.grad_fn, inp.detach().float().pow(2).mean())
+        if mod is not self._root and _skip_with_data_input(out, inp):
+            self._data_res.append(name)
+        if isinstance(mod, WEIGHT_TYPES):
+            if not self._order:
+                self.batch_size = int(inp.shape[0]) if inp.dim() else 1
+            self._order.append(name)
+            self._rms.append(out.detach().float().pow(2).mean())
+            self._in[name] = inp.detach().float().norm()
+
+    def _module_of(self, node: Any) -> str:
+        """The innermost module whose output is ``node`` (after a few element-wise ops)."""
+        for name, _, out in self._calls:
+            if name and _reaches(out, {id(node)}) is not None:
+                return name
+        return "(functional)"
+
+    def _block_of(self, skip: Any) -> str:
+        """The innermost module whose forward ran the skip's add.
+
+        Else (an add in the root's forward, e.g. its loop over blocks) the outermost module
+        the stream entered.
+        """
+        at = sequence_nr(skip.add)
+        inside = [(sequence_nr(out) - sequence_nr(inp), name) for name, inp, out in self._calls
+                  if name and inp is not None and out is not None
+                  and sequence_nr(inp) < at <= sequence_nr(out)]
+        if inside:
+            return min(inside)[1]
+        entered = [name for name, inp, _ in self._calls if name and inp is skip.stream]
+        return entered[-1] if entered else "(functional)"
+
+    def _recurrent_nodes(self, budget: int = 100_000) -> set[int]:
+        """Ids of the nodes a recurrent module's forward built (from its output to its input)."""
+        out: set[int] = set()
+        for name, inp, node in self._calls:
+            if name not in self._recurrent or node is None:
+                continue
+            todo = [node]
+            while todo and len(out) < budget:
+                n = todo.pop()
+                if n is inp or id(n) in out:
+                    continue
+                out.add(id(n))
+                todo += [f for f, _ in n.next_functions
+                         if f is not None and type(f).__name__ != "AccumulateGrad"]
+        return out
+
+    def _read_graph(self) -> None:
+        facts = read_graph([out for _, _, out in self._calls], self._params)
+        if facts.opaque or self._compiled_region:
+            self.readable = False
+            return
+        residual = list(self._data_res)
+        stream = []
+        skips = 0
+        inside_rnn = self._recurrent_nodes()
+        for skip in facts.skips:
+            if id(skip.add) in inside_rnn:
+                continue  # a gated cell's path through time (nn.GRU), not a skip over depth
+            name = self._block_of(skip)
+            skips += 1
+            if name not in residual:
+                residual.append(name)
+            if id(skip.stream) in self._streams:
+                stream.append(self._streams[id(skip.stream)][1])
+        norms: list[str] = []
+        for node in facts.norms:
+            name = self._module_of(node)
+            if name not in norms:
+                norms.append(name)
+        self.residual = tuple(residual)
+        self.skips = skips + len(self._data_res)
+        self.norms = tuple(norms)
+        self._res_rms = stream
+
+    def _finish(self) -> None:
+        self.done = True
+        self.remove()
+        self._res_rms = []
+        self._read_graph()
+        stats = [*self._rms, *self._res_rms, *(self._in[n] for n in self._in)]
+        values = to_host(torch.stack(stats)) if stats else []
+        k, r = len(self._rms), len(self._res_rms)
+        self.out_rms = tuple(math.sqrt(v) for v in values[:k])
+        self.stream_rms = tuple(math.sqrt(v) for v in values[k:k + r])
+        self.in_norm = dict(zip(self._in, values[k + r:], strict=True))
+        self.forward_order = tuple(self._order)
+        self._rms, self._res_rms, self._in = [], [], {}
+        self._calls, self._streams = [], {}
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def end(self) -> None:
+        """End the probe now: read what the hooks saw (if anything) and remove them."""
+        if not self.done and self.seen:
+            self._finish()
+        self.remove()
+
+    def apply_to(self, structure: ModelStructure) -> None:
+        """Copy what the probe saw into ``structure`` (no-op before the first forward).
+
+        A forward that never went through the root module (e.g. a ``training_step`` that calls
+        a submodule) is finished here: what the hooks saw so far is used.
+        """
+        if not self.done and self.seen:
+            self._finish()
+        if not self.done or not self.readable:
+            return
+        structure.residual = self.residual
+        structure.skips = self.skips
+        structure.probed_norms = self.norms
+        structure.forward_order = self.forward_order
+        structure.out_rms = self.out_rms
+        structure.stream_rms = self.stream_rms
+        structure.in_norm = dict(self.in_norm)
+        structure.batch_size = self.batch_size
