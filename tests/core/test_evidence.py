@@ -327,3 +327,32 @@ def test_sparse_and_nested_tensors_read_their_stored_values() -> None:
 def test_requires_grad_tensor_is_read() -> None:
     t = _nan().requires_grad_()
     assert batch_nonfinite({"x": t}) == [("batch['x']", 1, 3)]
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedSample:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+@dataclasses.dataclass
+class Lazy:
+    x: torch.Tensor
+    cache: torch.Tensor = dataclasses.field(init=False)
+
+
+def test_dataclass_fields_read_without_a_dict_and_unset_fields_skipped() -> None:
+    # a slotted dataclass has no __dict__: only its fields say where the tensors are
+    assert batch_nonfinite(SlottedSample(torch.ones(2), _nan(4, 2))) == [("batch.y", 2, 4)]
+    lazy = Lazy(_nan())  # `cache` never set: no attribute, nothing to read
+    assert batch_nonfinite({"l": lazy}) == [("batch['l'].x", 1, 3)]
+    lazy.cache = _nan(2, 2)
+    assert batch_nonfinite(lazy) == [("batch.x", 1, 3), ("batch.cache", 2, 2)]
+
+
+def test_micro_batches_have_the_full_depth() -> None:
+    deep: object = _nan()
+    for _ in range(6):
+        deep = [deep]
+    assert batch_nonfinite(MicroBatches([deep])) == [("micro-batch 1/1: batch" + "[0]" * 6, 1, 3)]
+    assert batch_nonfinite(MicroBatches([[deep]])) == []
