@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -43,15 +42,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_gradguard.core._friendly import friendly_kwargs
-from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import scale_grads_, skip_step_
 from lightning_gradguard.core.decide import Action, Decision, GuardState, Reason, decide
-from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
+from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician
+from lightning_gradguard.core.explain import Explainer
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter
-from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.notices import Speaker
 from lightning_gradguard.core.optim import group_layout, named_params
@@ -254,16 +252,14 @@ class GuardCore(Stateful):
         self._add_child("loss_trend", self.loss_trend)
         self.snapshot = Snapshot() if s.rollback else None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
-        #: the cause diagnosis (``None`` without ``diagnose`` or without a module): built
-        #: now, it probes the next forward pass
-        self.diagnostician: Diagnostician | None = None
         # sharded parameters (DTensor, FSDP1's FlatParameter) hold only a local shard: the
-        # per-layer evidence would be wrong, so no diagnosis there
+        # per-layer evidence would be wrong, so no cause diagnosis there
         plain = all(type(p) in (torch.nn.Parameter, torch.Tensor) for p in self.params)
-        if s.diagnose and self.module is not None and plain:
-            self.diagnostician = Diagnostician(self.module, optimizer, preflight=s.preflight)
-            self.diagnostician.watch_forward()
-        self._weight_names: list[tuple[str, int]] = []
+        #: the explanations: the first non-finite step, ranked causes (with ``diagnose``
+        #: and a module: the diagnostician, built now, probes the next forward pass), the halt
+        self.explainer = Explainer(
+            Diagnostician(self.module, optimizer, preflight=s.preflight)
+            if s.diagnose and self.module is not None and plain else None)
         #: called after every step with its measurement, decision and report (e.g. a cause
         #: diagnosis that looks at the first steps or the first backoff)
         self.listeners: list[StepListener] = []
@@ -279,15 +275,7 @@ class GuardCore(Stateful):
         self.streaks = Streaks()
         #: steps of the spikes (and cap hits) in the window that count toward a backoff
         self.spike_steps: tuple[int, ...] = ()
-        self.first_nonfinite_step: int | None = None
-        self.first_diagnosis: Diagnosis | None = None
         self.last_report: StepReport | None = None
-        #: the pre-flight evidence has been read (or the first step could not give it)
-        self.preflight_done = False
-        #: the explosion events already diagnosed (each is diagnosed at its first step)
-        self.diagnosed_events: set[str] = set()
-        #: the ranked causes of the last diagnosis (with ``diagnose``), most likely first
-        self.causes: tuple[Cause, ...] = ()
         #: ``counters.steps`` when this run (or resume) started
         self._steps_at_start = 0
         #: the state was loaded from a checkpoint
@@ -391,11 +379,7 @@ class GuardCore(Stateful):
         same transfer.
         """
         s, c = self.settings, self.counters
-        extra: dict[str, Tensor] = {}
-        if self.diagnostician is not None and not self.preflight_done:
-            self._weight_names, weights = self.diagnostician.weight_norm_request()
-            if weights is not None:
-                extra["weight_norms"] = weights
+        extra = self.explainer.requests()
         count = c.steps
         take_snapshot = (self.snapshot is not None and self.module is not None
                          and (count % s.snapshot_every == 1 % s.snapshot_every
@@ -427,12 +411,16 @@ class GuardCore(Stateful):
         """Stage 3: carry out ``d``; the only place that changes gradients, LR or weights."""
         if d.path in ("nonfinite", "amp_overflow"):
             self.restore_lr()
+        explainer, c = self.explainer, self.counters
         host_norms: list[float] | None = None
         diagnosis = None
         if d.diagnose:
-            diagnosis, host_norms = self._diagnose(m, grads)
-        causes, event = (self._diagnose_causes(m, d, grads, host_norms, batch)
-                         if self.diagnostician is not None and not m.empty else (None, None))
+            diagnosis, host_norms = explainer.nonfinite(
+                m, grads, self.names, self.params, self.meter,
+                growth_before=c.growth_events > 0, lr_scale=self.backoff.scale,
+                first_step=c.steps - self._steps_at_start == 1)
+        causes, event = explainer.explain(m, d, grads, host_norms, self._names_with_grad(),
+                                          batch, lr_backoffs=c.lr_backoffs)
         if d.observe:  # a skipped step never enters the statistics, even with a finite norm
             self.policy.observe_value(m.grad_norm, m.threshold)
             if self.settings.growth_patience > 0:
@@ -516,144 +504,57 @@ class GuardCore(Stateful):
         self.counters.rollbacks += 1
         return True
 
-    def _diagnose(self, m: Measurement,
-                  grads: Gradients | None) -> tuple[Diagnosis, list[float] | None]:
-        """Which parameters are non-finite (one more host read: first and last bad step).
-
-        The same read tells whether the weights themselves are finite. The first diagnosis
-        of the run is also kept as :attr:`first_diagnosis`.
-
-        Returns:
-            The diagnosis, and the per-tensor norms read (``None``: none).
-        """
-        per_tensor = grads.per_tensor if grads is not None else None
-        weights = [p.detach() for p in self.params if p.numel()]
-        weights_finite: bool | None = None
-        norms: list[float] | None = None
-        if per_tensor is not None and weights:
-            w_total = self.meter.total(weights, per_tensor.device)
-            values = to_host(torch.cat([per_tensor.float(), w_total.reshape(1).float()]))
-            norms, weights_finite = values[:-1], math.isfinite(values[-1])
-        elif per_tensor is not None:
-            norms = to_host(per_tensor)
-        names = [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
-        diagnosis = diagnose(m.step, names, norms or [], loss=m.loss,
-                             growth_before=self.counters.growth_events > 0,
-                             lr_scale=self.backoff.scale)
-        if weights_finite is not None:
-            diagnosis = replace(diagnosis, weights_finite=weights_finite,
-                                first_step=self.counters.steps - self._steps_at_start == 1)
-        if self.first_nonfinite_step is None:
-            self.first_nonfinite_step = m.step
-            self.first_diagnosis = diagnosis
-        return diagnosis, norms
-
     def _names_with_grad(self) -> list[str]:
         return [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
 
-    def _diagnose_causes(self, m: Measurement, d: Decision, grads: Gradients | None,
-                         norms: list[float] | None,
-                         batch: Any) -> tuple[tuple[Cause, ...] | None, str | None]:
-        """Feed the diagnostician this step's host floats; rank causes on an event.
-
-        No host read on a finite step, except the first (whose pre-flight evidence came with
-        the step's one read) and a first backoff (none: the step-0 evidence and the history
-        are already on the host). A spike alone is not diagnosed: clipping contains it.
-        """
-        doc = self.diagnostician
-        assert doc is not None
-        causes: list[Cause] | None = None
-        event: str | None = None
-        if not self.preflight_done:
-            doc.finish_probe()  # the forward is over: its hooks go, read or not
-            names = self._names_with_grad()
-            self.preflight_done = True
-            host = grads.host if grads is not None else {}
-            per = host.get("per_tensor")
-            if m.finite and per is not None and len(per) == len(names):
-                weights = {n: (v, k) for (n, k), v in
-                           zip(self._weight_names, host.get("weight_norms", []), strict=False)}
-                causes = doc.preflight(dict(zip(names, per, strict=True)), m.loss,
-                                       step=m.step, weight_norms=weights or None)
-                if causes:
-                    doc.causes = [c.to_dict() for c in causes]
-                    event = "preflight"
-        if doc.last_step < m.step:
-            doc.observe(m.step, m.loss, m.grad_norm)
-        c = self.counters
-        if d.halt:
-            event = "halt"
-        elif d.path == "nonfinite" and "nonfinite" not in self.diagnosed_events:
-            event = "nonfinite"
-        elif d.backoff and c.lr_backoffs == 0 and "backoff" not in self.diagnosed_events:
-            event = "backoff"
-        elif event is None:  # a spike alone is not diagnosed: clipping contains it
-            return None, None
-        if event != "preflight":
-            self.diagnosed_events.add(event)
-            names = self._names_with_grad()
-            per_tensor = (dict(zip(names, norms, strict=False)) if norms is not None
-                          and len(norms) == len(names) else None)
-            before = doc.causes
-            causes = doc.diagnose(event, per_tensor, m.loss,  # type: ignore[arg-type]
-                                  batch if event in ("nonfinite", "halt") else None)
-            if not causes and before:
-                # a later event with no evidence does not erase an earlier finding (the
-                # summary and the halt message keep it; this step's report has none)
-                doc.causes = before
-                return (), event
-        self.causes = tuple(causes or ())
-        return self.causes, event
-
     # ------------------------------------------------------------------ reporting
+    # the explanations (see :class:`~lightning_gradguard.core.explain.Explainer`)
+    @property
+    def diagnostician(self) -> Diagnostician | None:
+        """The cause diagnosis (``None`` without ``diagnose`` or without a module)."""
+        return self.explainer.diagnostician
+
+    @property
+    def causes(self) -> tuple[Cause, ...]:
+        """The ranked causes of the last diagnosis (with ``diagnose``), most likely first."""
+        return self.explainer.causes
+
+    @property
+    def preflight_done(self) -> bool:
+        """The pre-flight evidence has been read (or the first step could not give it)."""
+        return self.explainer.preflight_done
+
+    @property
+    def diagnosed_events(self) -> set[str]:
+        """The explosion events already diagnosed (each at its first step)."""
+        return self.explainer.diagnosed_events
+
+    @property
+    def first_nonfinite_step(self) -> int | None:
+        """The step of the run's first non-finite step (``None``: none yet)."""
+        return self.explainer.first_nonfinite_step
+
+    @property
+    def first_diagnosis(self) -> Diagnosis | None:
+        """The :class:`~lightning_gradguard.core.diagnosis.Diagnosis` of that step."""
+        return self.explainer.first_diagnosis
+
     @property
     def halt_message(self) -> str:
         """Why training should stop (empty unless halted): step, parameters, likely causes.
 
         :attr:`halt_facts`, then (with a diagnosis) the ranked causes, most likely first.
         """
-        facts = self.halt_facts
-        if facts and self.causes:
-            return facts + ".\nLikely causes, most likely first:\n" + causes_text(self.causes)
-        return facts
+        return self.explainer.halt_message(self.halt_facts)
 
     @property
     def halt_facts(self) -> str:
         """Why training should stop, without the ranked causes (empty unless halted)."""
-        if not self.counters.halted:
-            return ""
-        end = self.last_report.step if self.last_report else self.counters.steps
-        if self.streaks.amp >= self.settings.amp_halt_after:
-            return self._amp_halt_message(end)
-        c, streaks = self.counters, self.streaks
-        parts = [f"{streaks.nonfinite} consecutive non-finite steps (steps "
-                 f"{streaks.nonfinite_start}..{end}); LR scale already reduced to "
-                 f"{self.backoff.scale:.3g}"]
-        if (streaks.nonfinite == c.nonfinite_steps
-                or self.first_nonfinite_step == streaks.nonfinite_start):
-            parts.append("non-finite at every step since the first one while the skipped "
-                         "steps left the weights untouched: the data or the loss function "
-                         "(log(0), division by zero, corrupt batches) is the likely cause, "
-                         "unless the weights had already diverged")
-        return self._with_diagnosis(parts, "first non-finite step", self.first_diagnosis)
-
-    def _amp_halt_message(self, end: int) -> str:
-        last = self.last_report.diagnosis if self.last_report else None
-        parts = [f"{self.streaks.amp} consecutive steps with finite loss and non-finite "
-                 f"gradients under the GradScaler (steps {self.streaks.amp_start}..{end}); it "
-                 "skipped each one and halved its loss scale each time, so these are not "
-                 "fp16 overflows but gradients that are non-finite at any scale (sqrt or "
-                 "log at 0, division by zero in the backward, NaN reaching only the "
-                 "backward)"]
-        return self._with_diagnosis(parts, "last step", last)
-
-    def _with_diagnosis(self, parts: list[str], label: str, diagnosis: Diagnosis | None) -> str:
-        """``parts`` joined, then the labelled step's facts (the causes follow separately)."""
-        if diagnosis is not None and self.causes:
-            parts.append(f"{label}: {diagnosis.message(ranked=True)}")
-        elif diagnosis is not None:
-            parts.append(f"{label}: {diagnosis.message()}")
-        return "; ".join(parts)
+        last = self.last_report
+        return self.explainer.halt_facts(
+            self.counters, self.streaks, end=last.step if last else self.counters.steps,
+            lr_scale=self.backoff.scale, amp_halt_after=self.settings.amp_halt_after,
+            last_diagnosis=last.diagnosis if last else None)
 
     def summary(self) -> dict[str, Any]:
         """The counters (:class:`GuardCounters`), ``lr_scale`` and ``diagnosis`` as a dict.
@@ -665,17 +566,15 @@ class GuardCore(Stateful):
             >>> sorted(GuardCore([torch.nn.Parameter(torch.ones(1))]).summary())[:4]
             ['amp_overflow_steps', 'clipped_steps', 'diagnosis', 'growth_events']
         """
-        doc = self.diagnostician
         return {**asdict(self.counters), "lr_scale": self.backoff.scale,
-                "diagnosis": doc.to_dicts() if doc is not None else []}
+                "diagnosis": self.explainer.summary()}
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Start over: statistics, LR backoff, update control, counters and streaks."""
         super().reset()
         self.policy.reset()
-        if self.diagnostician is not None:
-            self.diagnostician.reset()
+        self.explainer.reset()
         self._reset_run()
 
     def state_dict(self) -> dict[str, Any]:
@@ -692,16 +591,10 @@ class GuardCore(Stateful):
             "counters": asdict(self.counters),
             "streaks": asdict(self.streaks),
             "spike_steps": list(self.spike_steps),
-            "first_nonfinite_step": self.first_nonfinite_step,
-            "first_diagnosis": asdict(self.first_diagnosis) if self.first_diagnosis else None,
+            **self.explainer.state_dict(),  # first_nonfinite_step, first_diagnosis, diagnosis
         })
         if self.snapshot is not None:
             out["snapshot"] = self.snapshot.state_dict()
-        if self.diagnostician is not None:
-            out["diagnosis"] = {"state": self.diagnostician.state_dict(),
-                                "preflight_done": self.preflight_done,
-                                "events": sorted(self.diagnosed_events),
-                                "causes": [asdict(c) for c in self.causes]}
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -731,21 +624,9 @@ class GuardCore(Stateful):
         counters["reasons"] = dict(counters["reasons"])
         self.counters = GuardCounters(**counters)
         self.spike_steps = tuple(state_dict["spike_steps"])
-        self.first_nonfinite_step = state_dict["first_nonfinite_step"]
-        first = state_dict["first_diagnosis"]
-        self.first_diagnosis = None if first is None else Diagnosis(
-            step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
-            origin=first["origin"], likely_cause=first["likely_cause"],
-            weights_finite=first["weights_finite"], first_step=first["first_step"],
-            fact=first["fact"])
+        self.explainer.load_state_dict(state_dict)
         if self.snapshot is not None and "snapshot" in state_dict:
             self.snapshot.load_state_dict(state_dict["snapshot"])
-        saved = state_dict.get("diagnosis")  # absent when saved with diagnose=False
-        if self.diagnostician is not None and saved is not None:
-            self.diagnostician.load_state_dict(saved["state"])
-            self.preflight_done = bool(saved["preflight_done"])
-            self.diagnosed_events = set(saved["events"])
-            self.causes = tuple(Cause(**c) for c in saved["causes"])
         self._steps_at_start = self.counters.steps
         self.resumed = True
         self.stopped = False
