@@ -356,3 +356,14 @@ def test_micro_batches_have_the_full_depth() -> None:
         deep = [deep]
     assert batch_nonfinite(MicroBatches([deep])) == [("micro-batch 1/1: batch" + "[0]" * 6, 1, 3)]
     assert batch_nonfinite(MicroBatches([[deep]])) == []
+
+
+class _Key:
+    def __repr__(self) -> str:
+        return "k"
+
+
+def test_tensors_under_the_same_path_are_counted_together() -> None:
+    # two keys that print alike give one path: its counts and sizes add up
+    batch = {_Key(): _nan(3, 1), _Key(): _nan(2, 2), "clean": torch.ones(4)}
+    assert batch_nonfinite(batch) == [("batch[k]", 3, 5)]
