@@ -425,3 +425,23 @@ def test_probe_ignores_integer_outputs() -> None:
     # the root's integer output is not recorded; the pass still ends at the root
     assert probe.done and probe.forward_order == ("lin",) and probe.batch_size == 3
     assert probe.residual == () and probe.skips == 0
+
+
+def test_activation_gain_restores_every_rng_a_module_draws_from() -> None:
+    np = pytest.importorskip("numpy")
+
+    class DrawsEverywhere(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            k = 1.0 + random.random() + float(np.random.rand()) + float(torch.rand(()))
+            return x * k
+
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    np_state = np.random.get_state()
+    assert activation_gain(DrawsEverywhere()) is None  # two different answers: stochastic
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and (after[1] == np_state[1]).all() and after[2:] == np_state[2:]
