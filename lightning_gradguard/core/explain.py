@@ -29,7 +29,7 @@ from torch import Tensor
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core.decide import Decision
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
-from lightning_gradguard.core.measure import Gradients, Measurement, Meter
+from lightning_gradguard.core.measure import Gradients, Measurement, Meter, Request
 from lightning_gradguard.core.messages import causes_text
 from lightning_gradguard.core.streaks import Streaks
 
@@ -72,16 +72,18 @@ class Explainer:
         self.causes: tuple[Cause, ...] = ()
 
     # ------------------------------------------------------------------ the step
-    def requests(self) -> dict[str, Tensor]:
-        """Device tensors this step's single host read should carry (the step-0 weights).
+    def requests(self) -> dict[str, Request]:
+        """What this step's single host read should answer: the pre-flight evidence.
 
-        Empty except before the pre-flight evidence is read. The per-tensor gradient norms
-        are read with them (``Gradients.host["per_tensor"]``).
+        Empty except before the pre-flight evidence is read: then the per-tensor gradient
+        norms (``"per_tensor"``) and the weights' norms (``"weight_norms"``).
         """
         if self.diagnostician is None or self.preflight_done:
             return {}
         self._weight_names, weights = self.diagnostician.weight_norm_request()
-        return {} if weights is None else {"weight_norms": weights}
+        if weights is None:
+            return {}
+        return {"per_tensor": _per_tensor, "weight_norms": weights}
 
     def nonfinite(self, m: Measurement, grads: Gradients | None, names: Sequence[str],
                   params: Sequence[torch.nn.Parameter], meter: Meter, *,
@@ -259,6 +261,11 @@ class Explainer:
             self.preflight_done = bool(saved["preflight_done"])
             self.diagnosed_events = set(saved["events"])
             self.causes = tuple(Cause(**c) for c in saved["causes"])
+
+
+def _per_tensor(grads: Gradients, device: torch.device) -> Tensor | None:
+    """The step's per-tensor gradient norms (a request answered with the step's read)."""
+    return grads.per_tensor
 
 
 def _with_grad(names: Sequence[str], params: Sequence[torch.nn.Parameter]) -> list[str]:

@@ -16,13 +16,17 @@ One step is three stages, each findable by name:
 
 1. **measure** (:meth:`GuardCore.measure`, :mod:`~lightning_gradguard.core.measure`): one
    fused read of the total and per-tensor gradient norms, and every other value the step
-   needs (loss, the clip policy's unit-wise total, the weights' norm on snapshot steps and for
-   the update control), gathered by name and read to the host in one transfer;
+   needs (loss, the clip policy's unit-wise total, and what the components ask for by name:
+   the weights' norm on snapshot steps and for the update control, the pre-flight evidence),
+   read to the host in one transfer; it changes no state (a unit-wise policy, AGC, still
+   clips here: its clipped total is part of the read);
 2. **decide** (:func:`~lightning_gradguard.core.decide.decide`): a pure function of that
    measurement and the guard's state; its module docstring is the decision table, one
    function per row;
 3. **apply** (:meth:`GuardCore.apply`): the only place that clips, skips, backs off,
-   snapshots, rolls back and scales the LR; the :class:`StepReport` is built there.
+   snapshots, rolls back, scales the LR and hands the update control its values; the
+   :class:`StepReport` is built there. The explanations (first non-finite step, ranked
+   causes, the halt) come from :class:`~lightning_gradguard.core.explain.Explainer`.
 
 The optimizer-specific update control (the plain-SGD update cap of ``max_update_ratio``)
 lives in :mod:`~lightning_gradguard.core.update_cap`, chosen once from the optimizer.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -49,7 +54,7 @@ from lightning_gradguard.core.decide import Action, Decision, GuardState, Reason
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician
 from lightning_gradguard.core.explain import Explainer
 from lightning_gradguard.core.growth import GrowthDetector
-from lightning_gradguard.core.measure import Gradients, Measurement, Meter
+from lightning_gradguard.core.measure import Gradients, Measurement, Meter, Request
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.notices import Speaker
 from lightning_gradguard.core.optim import group_layout, named_params
@@ -59,7 +64,7 @@ from lightning_gradguard.core.report import GuardCounters, StepListener, StepRep
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.streaks import Streaks
-from lightning_gradguard.core.update_cap import UpdateControl, UpdateLimit, make_update_control
+from lightning_gradguard.core.update_cap import UpdateControl, make_update_control
 
 __all__ = ["STATE_VERSION", "Action", "GuardCore", "GuardCounters", "GuardSettings", "Reason",
            "StepListener", "StepReport"]
@@ -254,31 +259,43 @@ class GuardCore(Stateful):
                 step: int | None = None) -> tuple[Measurement, Gradients | None]:
         """Stage 1: the step's :class:`~lightning_gradguard.core.measure.Measurement`.
 
-        One host read. Counts the step as already started (:meth:`step` counts it first).
-        A unit-wise clip policy clips here (its clipped total is part of the read), and the
-        update control takes the weight norm read for it. With ``diagnose``, the first step
-        also reads the per-tensor gradient and weight norms (the pre-flight evidence) in the
-        same transfer.
+        One host read, which also answers what the components ask for by name: the weights'
+        norm (the update control's schedule, and whether they are finite on a rollback
+        snapshot step) and, with ``diagnose``, the pre-flight evidence at the first step.
+        The update control's limit is previewed from it (the apply stage hands the values
+        over). A unit-wise clip policy clips here (its clipped total is part of the read).
+        Counts the step as already started (:meth:`step` counts it first).
         """
         s, c = self.settings, self.counters
-        extra = self.explainer.requests()
         count = c.steps
-        take_snapshot = (self.snapshot is not None and self.module is not None
-                         and (count % s.snapshot_every == 1 % s.snapshot_every
-                              or self._snapshot_due))
+        requests: dict[str, Request] = dict(self.explainer.requests())
+        if (self.snapshot is not None and self.module is not None
+                and (count % s.snapshot_every == 1 % s.snapshot_every or self._snapshot_due)):
+            requests["params_norm"] = self._params_norm
         # counted in finite steps, so that a skipped step leaves no trace in the schedule
-        finite_steps = count - c.nonfinite_steps - c.amp_overflow_steps
-        return self.meter.measure(
-            count if step is None else step, loss, self.policy, self.names,
-            amp_overflow=amp_overflow, weights_of=self.module if take_snapshot else None,
-            weight_norm=self.update_control.wants_weight_norm(finite_steps), limit=self._limit,
-            extra=extra, read_per_tensor=bool(extra))
+        if self.update_control.wants_weight_norm(count - c.nonfinite_steps
+                                                 - c.amp_overflow_steps):
+            requests["weight_norm"] = self._weight_total
+        m, grads = self.meter.measure(count if step is None else step, loss, self.policy,
+                                      requests, names=self.names, amp_overflow=amp_overflow)
+        if grads is None:
+            return m, grads
+        params, weights = grads.host.get("params_norm"), grads.host.get("weight_norm")
+        return m._replace(
+            params_finite=None if params is None else math.isfinite(params[0]),
+            limit=self.update_control.preview(None if weights is None else weights[0],
+                                              m.grad_norm, self.lr_scale)), grads
 
-    def _limit(self, host: Mapping[str, float]) -> UpdateLimit:
-        if "weight_norm" in host:
-            self.update_control.observe_weight_norm(host["weight_norm"])
-        self.update_control.observe_grad_norm(host["grad_norm"], self.lr_scale)
-        return self.update_control.limit(self.lr_scale)
+    def _params_norm(self, grads: Gradients, device: torch.device) -> Tensor:
+        """The module's weights, reduced like the gradients (every rank agrees on "finite")."""
+        assert self.module is not None
+        return self.meter.total([p.detach() for p in self.module.parameters()], device)
+
+    def _weight_total(self, grads: Gradients, device: torch.device) -> Tensor:
+        """The watched weights' norm, in the norm of detection (for the update control)."""
+        meter = self.meter
+        return meter.total([p.detach() for p in self.params], device,
+                           norm_type=meter.norm_type, groups=meter.groups)
 
     def state(self, measurement: Measurement) -> GuardState:
         """The guard's state as :func:`~lightning_gradguard.core.decide.decide` sees it."""
@@ -291,6 +308,10 @@ class GuardCore(Stateful):
     def apply(self, m: Measurement, d: Decision, grads: Gradients | None,
               snapshot_extra: Sequence[Optimizer] = (), *, batch: Any = None) -> StepReport:
         """Stage 3: carry out ``d``; the only place that changes gradients, LR or weights."""
+        if grads is not None:  # the update control takes the values its limit was previewed on
+            weights = grads.host.get("weight_norm")
+            self.update_control.take(None if weights is None else weights[0], m.grad_norm,
+                                     self.lr_scale)
         if d.path in ("nonfinite", "amp_overflow"):
             self.restore_lr()
         explainer, c = self.explainer, self.counters

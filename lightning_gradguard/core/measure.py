@@ -4,6 +4,11 @@
 :func:`~lightning_gradguard.core._host.to_host` call; :class:`Meter` builds the step's
 :class:`Measurement` (named host floats, frozen) and keeps the gradients in hand
 (:class:`Gradients`) for the apply stage. Nothing here decides anything.
+
+Whatever else a component needs from the step (the weights' norm for the update control or a
+rollback snapshot, the per-tensor norms for a diagnosis) it asks for by name: a
+:data:`Request` in ``Meter.measure(requests=...)``, answered in ``Gradients.host`` by the same
+host transfer.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_dev
 from lightning_gradguard.core.policies import ClipPolicy
 from lightning_gradguard.core.update_cap import NO_LIMIT, UpdateLimit
 
-__all__ = ["Gradients", "HostValues", "Measurement", "Meter"]
+__all__ = ["Gradients", "HostValues", "Measurement", "Meter", "Request"]
 
 _PLAIN = (torch.nn.Parameter, torch.Tensor)
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
@@ -112,9 +117,9 @@ class Measurement(NamedTuple):
             the policy is not unit-wise).
         loss: The step's loss (``None`` if not given).
         params_finite: Whether the weights are finite (``None``: not measured this step;
-            they are measured on rollback-snapshot steps).
-        limit: The optimizer's update limit for this step
-            (:mod:`~lightning_gradguard.core.update_cap`).
+            the guard asks for them on rollback-snapshot steps, request ``"params_norm"``).
+        limit: The optimizer's update limit for this step, previewed by the guard from the
+            values read (:mod:`~lightning_gradguard.core.update_cap`).
         amp_overflow: The caller's GradScaler skips the step itself if it is non-finite.
         unitwise: The clip policy clips per unit (``clipped_norm`` may be below
             ``grad_norm``).
@@ -146,14 +151,19 @@ class Gradients:
         grads: The gradients that exist, in parameter order.
         groups: Their ``(device, dtype)`` grouping when known (dense, every parameter has one).
         per_tensor: Per-tensor norms (for a diagnosis), on the device.
-        host: Vectors read with the step's measurement when asked (``extra`` of
-            :meth:`Meter.measure`; ``"per_tensor"``: the per-tensor norms), as host floats.
+        host: The answers to the step's named requests (``requests`` of
+            :meth:`Meter.measure`), read with the measurement, as host floats (flattened).
     """
 
     grads: list[Tensor]
     groups: Groups | None
     per_tensor: Tensor | None
     host: dict[str, list[float]] = field(default_factory=dict)
+
+
+#: A value asked of the step's single host read, by name: a device tensor, or a function of the
+#: gradients in hand and their device that gives one (``None``: nothing to read)
+Request = Tensor | Callable[[Gradients, torch.device], Tensor | None]
 
 
 class Meter:
@@ -212,11 +222,8 @@ class Meter:
         return to_host(self.total(wide, device, norm_type=self.norm_type).reshape(1))[0]
 
     def measure(self, step: int, loss: Tensor | float | None, policy: ClipPolicy,
-                names: Sequence[str], *, amp_overflow: bool,
-                weights_of: torch.nn.Module | None, weight_norm: bool,
-                limit: Callable[[dict[str, float]], UpdateLimit],
-                extra: Mapping[str, Tensor] | None = None, read_per_tensor: bool = False,
-                ) -> tuple[Measurement, Gradients | None]:
+                requests: Mapping[str, Request] | None = None, *, names: Sequence[str] = (),
+                amp_overflow: bool = False) -> tuple[Measurement, Gradients | None]:
         """One step's :class:`Measurement` (one host read) and the gradients in hand.
 
         Args:
@@ -224,15 +231,10 @@ class Meter:
             loss: The step's loss.
             policy: The clip policy: its threshold (before this step) is read, and a unit-wise
                 policy clips here, before the read (its clipped total is part of it).
+            requests: Further values to read in the same transfer, by name (see
+                :data:`Request`), answered in ``Gradients.host``.
             names: The parameters' names (for the unit-wise policy).
             amp_overflow: Passed through to the measurement.
-            weights_of: Measure whether this module's weights are finite (snapshot steps).
-            weight_norm: Measure the watched weights' norm (for the update control).
-            limit: Called with the values read; returns the step's update limit.
-            extra: Further device tensors to read in the same transfer (e.g. the step-0
-                evidence of a diagnosis), returned in ``Gradients.host``.
-            read_per_tensor: Also read the per-tensor gradient norms in the same transfer
-                (``Gradients.host["per_tensor"]``).
         """
         found = self.gradients()
         if found is None:
@@ -247,18 +249,10 @@ class Meter:
                                                   reducer=self.reducer).total)
         if isinstance(loss, Tensor):
             values.add("loss", _scalar_loss(loss))
-        if weights_of is not None:
-            # reduced like the gradients: every rank must agree on "the weights are finite"
-            values.add("params_norm", self.total([p.detach() for p in weights_of.parameters()],
-                                                 total.device))
-        if weight_norm:
-            values.add("weight_norm", self.total([p.detach() for p in self.params],
-                                                 total.device, norm_type=self.norm_type,
-                                                 groups=self.groups))
-        if read_per_tensor and grads.per_tensor is not None:
-            values.add_vector("per_tensor", grads.per_tensor)
-        for name, tensor in (extra or {}).items():
-            values.add_vector(name, tensor)
+        for name, request in (requests or {}).items():
+            tensor = request if isinstance(request, Tensor) else request(grads, total.device)
+            if tensor is not None:
+                values.add_vector(name, tensor)
         host = values.read()  # the one host synchronisation of the step
         grads.host = values.vectors
         norm = host["grad_norm"]
@@ -267,10 +261,8 @@ class Meter:
             norm = self._exact_norm(grads.grads, total.device)
         loss_v = host.get("loss", None if loss is None or isinstance(loss, Tensor)
                           else float(loss))
-        params_finite = (math.isfinite(host["params_norm"]) if "params_norm" in host else None)
         measurement = Measurement(
             step=step, grad_norm=norm, threshold=policy.threshold_value(),
             clipped_norm=host.get("clipped_norm", norm), loss=loss_v,
-            params_finite=params_finite, limit=limit(host), amp_overflow=amp_overflow,
-            unitwise=policy.unitwise)
+            amp_overflow=amp_overflow, unitwise=policy.unitwise)
         return measurement, grads

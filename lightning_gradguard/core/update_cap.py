@@ -83,9 +83,11 @@ NO_LIMIT = UpdateLimit()
 class UpdateControl(Stateful):
     """Base class: no cap (see :class:`NoUpdateControl`). Subclasses override the hooks.
 
-    The guard calls :meth:`wants_weight_norm` when it builds the step's measurement (the
-    weight norm is then read in the step's single host transfer), :meth:`observe_weight_norm`
-    with the value read, and :meth:`limit` for the step's :class:`UpdateLimit`.
+    The guard asks :meth:`wants_weight_norm` when it builds the step's measurement (the
+    weight norm is then read in the step's single host transfer); :meth:`preview` gives the
+    step's :class:`UpdateLimit` from the values read without changing anything (the decision
+    needs it), and the apply stage hands them over with :meth:`take`
+    (:meth:`observe_weight_norm`, then :meth:`observe_grad_norm`).
     """
 
     def wants_weight_norm(self, finite_steps: int) -> bool:
@@ -101,6 +103,23 @@ class UpdateControl(Stateful):
     def limit(self, lr_scale: float) -> UpdateLimit:
         """This step's limit, under the LR backoff scale ``lr_scale``."""
         return NO_LIMIT
+
+    def preview(self, weight_norm: float | None, grad_norm: float,
+                lr_scale: float) -> UpdateLimit:
+        """The limit a step with these values gets, as if :meth:`take` had them: no change.
+
+        Args:
+            weight_norm: The weight norm read at this step (``None``: not measured).
+            grad_norm: The step's raw total gradient norm.
+            lr_scale: The LR backoff scale.
+        """
+        return NO_LIMIT
+
+    def take(self, weight_norm: float | None, grad_norm: float, lr_scale: float) -> None:
+        """Take a step's values (the apply stage): the weight norm, then the gradient norm."""
+        if weight_norm is not None:
+            self.observe_weight_norm(weight_norm)
+        self.observe_grad_norm(grad_norm, lr_scale)
 
 
 @friendly_kwargs
@@ -185,14 +204,20 @@ class SGDUpdateCap(UpdateControl):
         """
         if not (math.isfinite(value) and value > 0.0):
             return
-        last, self.last_grad_norm = self.last_grad_norm, value
+        self.armed = self._arms(value, lr_scale, self.weight_norm)
+        self.last_grad_norm = value
+
+    def _arms(self, value: float, lr_scale: float, weight_norm: float | None) -> bool:
+        """Whether the cap is armed after taking the raw norm ``value`` (at ``weight_norm``)."""
+        if not (math.isfinite(value) and value > 0.0):
+            return self.armed
+        last = self.last_grad_norm
         if self.armed or (last is not None and value < self.arm_growth * last):
-            return
+            return self.armed
         # the first step (no history) or a step that grew ``arm_growth``-fold: armed if over
-        lr = self.lr(lr_scale)
-        if lr is not None and self.weight_norm is not None \
-                and lr * value > self.max_ratio * self.weight_norm:
-            self.armed = True
+        lr = self._lr(lr_scale, weight_norm)
+        return lr is not None and weight_norm is not None \
+            and lr * value > self.max_ratio * weight_norm
 
     def lr(self, lr_scale: float) -> float | None:
         """The update's LR: the optimizer's (:func:`.optim.learning_rate`) times ``lr_scale``.
@@ -200,7 +225,10 @@ class SGDUpdateCap(UpdateControl):
         ``None`` when there is no cap: no weight norm yet, a non-finite or negative LR, or a
         tensor LR on an accelerator (reading it would add a host synchronisation every step).
         """
-        if self.weight_norm is None:
+        return self._lr(lr_scale, self.weight_norm)
+
+    def _lr(self, lr_scale: float, weight_norm: float | None) -> float | None:
+        if weight_norm is None:
             return None
         lr = learning_rate(self.optimizer)
         if lr is None:
@@ -210,15 +238,33 @@ class SGDUpdateCap(UpdateControl):
 
     def limit(self, lr_scale: float) -> UpdateLimit:
         """The cap ``max_ratio * ||w|| / lr`` (``inf`` until armed); an LR of 0 moves nothing."""
-        lr = self.lr(lr_scale)
+        return self._limit(lr_scale, self.weight_norm, self.armed)
+
+    def _limit(self, lr_scale: float, weight_norm: float | None, armed: bool) -> UpdateLimit:
+        lr = self._lr(lr_scale, weight_norm)
         if lr is None:
             return NO_LIMIT
-        if lr == 0.0 or self.weight_norm is None:
+        if lr == 0.0 or weight_norm is None:
             return UpdateLimit(cap=_INF, far=self.far)
-        scale = self.max_ratio * self.weight_norm / lr
-        if self.armed:
+        scale = self.max_ratio * weight_norm / lr
+        if armed:
             return UpdateLimit(cap=scale, far=self.far)
         return UpdateLimit(cap=_INF, far=self.far, scale=scale)
+
+    def preview(self, weight_norm: float | None, grad_norm: float,
+                lr_scale: float) -> UpdateLimit:
+        """The limit after :meth:`take` of these values, computed without taking them.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(100))
+            >>> cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
+            >>> cap.preview(10.0, 3.0, lr_scale=1.0), cap.armed, cap.weight_norm
+            (UpdateLimit(cap=1.0, far=10.0, scale=None), False, None)
+        """
+        wn = self.weight_norm
+        if weight_norm is not None:
+            wn = weight_norm if math.isfinite(weight_norm) and weight_norm > 0.0 else None
+        return self._limit(lr_scale, wn, self._arms(grad_norm, lr_scale, wn))
 
 
 def make_update_control(optimizer: Optimizer | None, max_update_ratio: float | None,

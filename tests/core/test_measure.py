@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from lightning_gradguard.core._host import host_reads, reset_host_reads
-from lightning_gradguard.core.measure import HostValues, Measurement, Meter
+from lightning_gradguard.core.measure import Gradients, HostValues, Measurement, Meter, Request
 from lightning_gradguard.core.policies import AdaptiveGradClip, FixedNormClip, NoClip
-from lightning_gradguard.core.update_cap import UpdateLimit
 
 
-def _limit(seen: dict[str, float]) -> UpdateLimit:
-    return UpdateLimit(cap=123.0, far=None)
+def _weights(meter: Meter, module: torch.nn.Module | None = None) -> Request:
+    """A request for the weights' norm (the meter's, or ``module``'s in the 2-norm)."""
+    def request(grads: Gradients, device: torch.device) -> torch.Tensor:
+        if module is not None:
+            return meter.total([p.detach() for p in module.parameters()], device)
+        return meter.total([p.detach() for p in meter.params], device,
+                           norm_type=meter.norm_type, groups=meter.groups)
+    return request
 
 
 def test_host_values_are_read_by_name_in_one_transfer() -> None:
@@ -46,23 +51,21 @@ def test_meter_reads_every_named_value_once() -> None:
     module = torch.nn.Module()
     module.register_parameter("a", params[0])
     module.register_parameter("b", params[1])
-    seen: dict[str, float] = {}
-
-    def limit(host: dict[str, float]) -> UpdateLimit:
-        seen.update(host)
-        return UpdateLimit(cap=7.0, far=10.0)
-
+    meter = Meter(params, 2.0)
     reset_host_reads()
-    m, grads = Meter(params, 2.0).measure(
-        4, torch.tensor(0.25), FixedNormClip(1.0), ["a", "b"], amp_overflow=True,
-        weights_of=module, weight_norm=True, limit=limit)
+    m, grads = meter.measure(
+        4, torch.tensor(0.25), FixedNormClip(1.0),
+        {"params_norm": _weights(meter, module), "weight_norm": _weights(meter)},
+        names=["a", "b"], amp_overflow=True)
     assert host_reads() == 1
-    assert set(seen) == {"grad_norm", "loss", "params_norm", "weight_norm"}
-    assert seen["weight_norm"] == pytest.approx(math.sqrt(13.0))
-    assert m == Measurement(step=4, grad_norm=pytest.approx(5.0), threshold=1.0,
-                            clipped_norm=pytest.approx(5.0), loss=0.25, params_finite=True,
-                            limit=UpdateLimit(cap=7.0, far=10.0), amp_overflow=True)
     assert grads is not None
+    assert set(grads.host) == {"params_norm", "weight_norm"}
+    assert grads.host["weight_norm"] == [pytest.approx(math.sqrt(13.0))]
+    assert grads.host["params_norm"] == [pytest.approx(math.sqrt(13.0))]
+    # the meter measures: the limit and whether the weights are finite are the guard's
+    # reading of these answers (GuardCore.measure)
+    assert m == Measurement(step=4, grad_norm=pytest.approx(5.0), threshold=1.0,
+                            clipped_norm=pytest.approx(5.0), loss=0.25, amp_overflow=True)
     assert len(grads.grads) == 2
     assert grads.per_tensor is not None
     assert grads.per_tensor.tolist() == pytest.approx([3.0, 4.0])
@@ -70,15 +73,11 @@ def test_meter_reads_every_named_value_once() -> None:
 
 @pytest.mark.parametrize(("loss", "expected"), [(None, None), (1.5, 1.5)])
 def test_a_host_loss_is_not_transferred(loss: float | None, expected: float | None) -> None:
-    seen: dict[str, float] = {}
-
-    def limit(host: dict[str, float]) -> UpdateLimit:
-        seen.update(host)
-        return UpdateLimit()
-
-    m, _ = Meter(_params(), 2.0).measure(1, loss, NoClip(), ["a", "b"], amp_overflow=False,
-                                         weights_of=None, weight_norm=False, limit=limit)
-    assert set(seen) == {"grad_norm"}
+    reset_host_reads()
+    m, grads = Meter(_params(), 2.0).measure(1, loss, NoClip(), names=["a", "b"])
+    assert host_reads() == 1  # the gradient norm only
+    assert grads is not None
+    assert grads.host == {}
     assert m.loss == expected
     assert m.params_finite is None
     assert m.finite
@@ -91,18 +90,18 @@ def test_non_finite_weights_are_measured_on_request() -> None:
     params = list(module.parameters())
     for p in params:
         p.grad = torch.ones_like(p)
-    m, _ = Meter(params, 2.0).measure(1, None, NoClip(), ["w", "b"], amp_overflow=False,
-                                      weights_of=module, weight_norm=False, limit=_limit)
-    assert m.params_finite is False
+    meter = Meter(params, 2.0)
+    m, grads = meter.measure(1, None, NoClip(), {"params_norm": _weights(meter, module)},
+                             names=["w", "b"])
+    assert grads is not None
+    assert grads.host["params_norm"] == [math.inf]
     assert m.finite  # the gradients are
 
 
 def test_unitwise_policy_clips_during_the_measurement() -> None:
     w = torch.nn.Parameter(torch.ones(1, 4))  # unit norm 2
     w.grad = torch.full((1, 4), 10.0)  # unit norm 20
-    m, _ = Meter([w], 2.0).measure(1, None, AdaptiveGradClip(clipping=0.1), ["w"],
-                                   amp_overflow=False, weights_of=None, weight_norm=False,
-                                   limit=_limit)
+    m, _ = Meter([w], 2.0).measure(1, None, AdaptiveGradClip(clipping=0.1), names=["w"])
     assert m.unitwise
     assert m.grad_norm == pytest.approx(20.0)
     assert m.clipped_norm == pytest.approx(0.2, rel=1e-3)
@@ -111,10 +110,10 @@ def test_unitwise_policy_clips_during_the_measurement() -> None:
 
 def test_no_gradients_no_host_read() -> None:
     w = torch.nn.Parameter(torch.ones(2))
+    meter = Meter([w], 2.0)
     reset_host_reads()
-    m, grads = Meter([w], 2.0).measure(3, torch.tensor(1.0), NoClip(), ["w"],
-                                       amp_overflow=False, weights_of=None, weight_norm=True,
-                                       limit=_limit)
+    m, grads = meter.measure(3, torch.tensor(1.0), NoClip(), {"weight_norm": _weights(meter)},
+                             names=["w"])
     assert host_reads() == 0
     assert grads is None
     assert m == Measurement(step=3, grad_norm=0.0, threshold=math.inf, clipped_norm=0.0,
@@ -125,8 +124,7 @@ def test_non_finite_measurement() -> None:
     params = _params()
     assert params[1].grad is not None
     params[1].grad[0] = math.nan
-    m, _ = Meter(params, 2.0).measure(1, None, NoClip(), ["a", "b"], amp_overflow=False,
-                                      weights_of=None, weight_norm=False, limit=_limit)
+    m, _ = Meter(params, 2.0).measure(1, None, NoClip(), names=["a", "b"])
     assert math.isnan(m.grad_norm)
     assert not m.finite
     assert not Measurement(step=1, grad_norm=1.0, threshold=1.0, clipped_norm=1.0,
@@ -182,18 +180,20 @@ def test_host_values_convert_shape_dtype_and_autograd() -> None:
     assert values.vectors == {}
 
 
-def _measure(params: list[torch.nn.Parameter], norm_type: float = 2.0, **kw: object):  # type: ignore[no-untyped-def]
-    seen: dict[str, float] = {}
-
-    def limit(host: dict[str, float]) -> UpdateLimit:
-        seen.update(host)
-        return UpdateLimit()
-
-    args = dict(loss=None, policy=NoClip(), names=["a", "b"], amp_overflow=False,
-                weights_of=None, weight_norm=False, limit=limit)
+def _measure(params: list[torch.nn.Parameter], norm_type: float = 2.0,  # type: ignore[no-untyped-def]
+             *, weight_norm: bool = False, read_per_tensor: bool = False,
+             extra: dict[str, torch.Tensor] | None = None, **kw: object):
+    meter = Meter(params, norm_type)
+    requests: dict[str, Request] = {}
+    if weight_norm:
+        requests["weight_norm"] = _weights(meter)
+    if read_per_tensor:
+        requests["per_tensor"] = lambda grads, device: grads.per_tensor
+    requests.update(extra or {})
+    args: dict[str, object] = dict(loss=None, policy=NoClip(), names=["a", "b"])
     args.update(kw)
-    m, grads = Meter(params, norm_type).measure(1, **args)  # type: ignore[arg-type]
-    return m, grads, seen
+    m, grads = meter.measure(1, requests=requests, **args)  # type: ignore[arg-type]
+    return m, grads, {k: v[0] for k, v in (grads.host if grads else {}).items() if len(v) == 1}
 
 
 @pytest.mark.parametrize(("loss", "expected"), [
@@ -214,14 +214,16 @@ def test_weight_norm_in_the_meters_norm_type_and_per_tensor_read() -> None:
                               extra={"e": torch.tensor([[5.0, 6.0]])})
     # L1 norms: weights 4 + 9, gradients 6 + 12
     assert seen["weight_norm"] == 13.0
-    assert m.grad_norm == pytest.approx(18.0) and m.clipped_norm == m.grad_norm
+    assert m.grad_norm == pytest.approx(18.0)
+    assert m.clipped_norm == m.grad_norm
     assert grads is not None
-    assert list(grads.host) == ["per_tensor", "e"]
+    assert list(grads.host) == ["weight_norm", "per_tensor", "e"]
     assert grads.host["per_tensor"] == pytest.approx([6.0, 12.0])
     assert grads.host["e"] == [5.0, 6.0]
     _, grads2, seen2 = _measure(_params(), 1.0)
-    assert set(seen2) == {"grad_norm"}
-    assert grads2 is not None and grads2.host == {}
+    assert seen2 == {}
+    assert grads2 is not None
+    assert grads2.host == {}
 
 
 def test_threshold_is_the_policys_before_the_step() -> None:
@@ -269,7 +271,8 @@ def test_gradients_reuse_the_grouping_only_when_every_parameter_has_one() -> Non
     params[0].grad = None
     found = meter.gradients()
     assert found is not None
-    assert found[0].groups is None and found[1].item() == pytest.approx(4.0)
+    assert found[0].groups is None
+    assert found[1].item() == pytest.approx(4.0)
     assert meter.groups is not None  # still known for the next step
 
 
@@ -282,7 +285,8 @@ def test_a_sparse_gradient_switches_to_the_general_path_for_good() -> None:
     assert meter.groups is not None
     found = meter.gradients()
     assert found is not None
-    assert found[0].groups is None and meter.groups is None
+    assert found[0].groups is None
+    assert meter.groups is None
     # 4 ones in the sparse gradient, 3 twos
     assert found[1].item() == pytest.approx(math.sqrt(4 + 12))
     assert found[0].per_tensor is not None
