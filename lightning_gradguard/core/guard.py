@@ -37,10 +37,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -54,6 +53,12 @@ from lightning_gradguard.core.decide import Action, Decision, GuardState, Reason
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician
 from lightning_gradguard.core.explain import Explainer
 from lightning_gradguard.core.growth import GrowthDetector
+from lightning_gradguard.core.guard_state import (
+    STATE_VERSION,
+    check_version,
+    load_counts,
+    load_policy,
+)
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter, Request
 from lightning_gradguard.core.norms import NormReducer
 from lightning_gradguard.core.notices import Speaker
@@ -69,8 +74,21 @@ from lightning_gradguard.core.update_cap import UpdateControl, make_update_contr
 __all__ = ["STATE_VERSION", "Action", "GuardCore", "GuardCounters", "GuardSettings", "Reason",
            "StepListener", "StepReport"]
 
-#: the layout of :meth:`GuardCore.state_dict` (``"version"``; another is refused on load)
-STATE_VERSION = 1
+
+
+T = TypeVar("T")
+
+
+class _Explained(Generic[T]):
+    """A read-only attribute of the guard, answered by its explainer."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, guard: Any, owner: type | None = None) -> T:
+        if guard is None:  # the class itself (documentation tools)
+            return self  # type: ignore[return-value]
+        return getattr(guard.explainer, self.name)  # type: ignore[no-any-return]
 
 
 @friendly_kwargs
@@ -411,36 +429,16 @@ class GuardCore(Stateful):
         return [n for n, p in zip(self.names, self.params, strict=True) if p.grad is not None]
 
     # ------------------------------------------------------------------ reporting
-    # the explanations (see :class:`~lightning_gradguard.core.explain.Explainer`)
-    @property
-    def diagnostician(self) -> Diagnostician | None:
-        """The cause diagnosis (``None`` without ``diagnose`` or without a module)."""
-        return self.explainer.diagnostician
-
-    @property
-    def causes(self) -> tuple[Cause, ...]:
-        """The ranked causes of the last diagnosis (with ``diagnose``), most likely first."""
-        return self.explainer.causes
-
-    @property
-    def preflight_done(self) -> bool:
-        """The pre-flight evidence has been read (or the first step could not give it)."""
-        return self.explainer.preflight_done
-
-    @property
-    def diagnosed_events(self) -> set[str]:
-        """The explosion events already diagnosed (each at its first step)."""
-        return self.explainer.diagnosed_events
-
-    @property
-    def first_nonfinite_step(self) -> int | None:
-        """The step of the run's first non-finite step (``None``: none yet)."""
-        return self.explainer.first_nonfinite_step
-
-    @property
-    def first_diagnosis(self) -> Diagnosis | None:
-        """The :class:`~lightning_gradguard.core.diagnosis.Diagnosis` of that step."""
-        return self.explainer.first_diagnosis
+    # answered by the explainer (see :class:`~lightning_gradguard.core.explain.Explainer`):
+    # the diagnostician (``None`` without ``diagnose`` or a module), the ranked causes of the
+    # last diagnosis, whether the pre-flight evidence was read, the events diagnosed, and
+    # the run's first non-finite step and its diagnosis
+    diagnostician: _Explained[Diagnostician | None] = _Explained()
+    causes: _Explained[tuple[Cause, ...]] = _Explained()
+    preflight_done: _Explained[bool] = _Explained()
+    diagnosed_events: _Explained[set[str]] = _Explained()
+    first_nonfinite_step: _Explained[int | None] = _Explained()
+    first_diagnosis: _Explained[Diagnosis | None] = _Explained()
 
     @property
     def halt_message(self) -> str:
@@ -511,21 +509,10 @@ class GuardCore(Stateful):
             ValueError: The state is of another layout (its ``"version"`` is not
                 :data:`STATE_VERSION`).
         """
-        version = state_dict.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(
-                f"GuardCore state has version {version!r}, this lightning_gradguard reads "
-                f"version {STATE_VERSION}: it was saved by another release; resume without "
-                "the guard's state (drop it from the checkpoint) to start its statistics afresh")
-        self._load_policy(state_dict)
+        check_version(state_dict)
+        load_policy(self.policy, state_dict)
         super().load_state_dict(state_dict)  # backoff, growth, update_control, loss_trend
-        counters = dict(state_dict["counters"])
-        # a state saved at a halt resumes as a fresh attempt
-        streaks = dict(state_dict["streaks"], clipped=tuple(state_dict["streaks"]["clipped"]))
-        self.streaks = Streaks() if counters["halted"] else Streaks(**streaks)
-        counters["halted"] = False
-        counters["reasons"] = dict(counters["reasons"])
-        self.counters = GuardCounters(**counters)
+        self.counters, self.streaks = load_counts(state_dict)
         self.spike_steps = tuple(state_dict["spike_steps"])
         self.explainer.load_state_dict(state_dict)
         if self.snapshot is not None and "snapshot" in state_dict:
@@ -533,18 +520,6 @@ class GuardCore(Stateful):
         self._steps_at_start = self.counters.steps
         self.resumed = True
         self.stopped = False
-
-    def _load_policy(self, state_dict: Mapping[str, Any]) -> None:
-        saved_type = state_dict.get("policy_type", type(self.policy).__name__)
-        if saved_type == type(self.policy).__name__:
-            self.policy.load_state_dict(state_dict["policy"])
-            return
-        warnings.warn(
-            f"GradGuard state was saved with clip policy {saved_type} but this guard uses "
-            f"{type(self.policy).__name__}: its statistics start fresh; counters, LR "
-            "backoff and growth state are restored",
-            stacklevel=3,
-        )
 
     def close(self) -> None:
         """Restore learning rates and remove optimizer hooks."""
