@@ -1,4 +1,4 @@
-"""Item 5: GradScaler on CPU (fp16), fused optimizers, bf16."""
+"""GradScaler on CPU (fp16), fused optimizers, bf16."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from support.modules import TinyModule
+from support.recorders import StateAround
+from support.state import all_finite, assert_state_equal, state_tensors
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import StateAround, TinyModule, all_finite, assert_state_equal, fit
 
 
 def _fp16(init_scale: float = 2.0**16) -> MixedPrecision:
@@ -53,6 +55,7 @@ def test_real_nan_loss_under_scaler_is_nonfinite(opt: str) -> None:
     for a, b in zip(around.before[0], around.after[0], strict=True):
         assert torch.equal(a, b)
     assert_state_equal(around.before[1]["state"], around.after[1]["state"])
+    assert all(bool(torch.isfinite(t).all()) for t in state_tensors(around.after[1]["state"]))
     assert all_finite(module)
 
 

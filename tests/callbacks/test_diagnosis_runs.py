@@ -1,4 +1,4 @@
-"""The GradGuard callback's diagnosis on real fits (issue 24): every micro-batch and every batch
+"""The GradGuard callback's diagnosis on real fits: every micro-batch and every batch
 type read for NaN/Inf, a non-finite step with a sparse or nested batch skipped without a crash,
 the end-of-fit line naming a cause only when the run needed help, compiled modules."""
 
@@ -13,13 +13,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from support.trainer import make_trainer
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.core import FixedNormClip
-
-from ._helpers import make_trainer
 
 
 @dataclasses.dataclass
@@ -137,7 +136,7 @@ def test_compiled_modules_work_under_the_guard(how: str) -> None:
     assert s["steps"] == 4
     assert s["nonfinite_steps"] == 0
     assert all(not m._forward_hooks for m in module.modules())
-    doc = guard._cores[0].diagnostician
+    doc = guard.cores[0].diagnostician
     assert doc is not None
     # what a compiled forward computes cannot be read: unknown (no structural cause), never
     # "no skip connection, no normalisation"
@@ -164,6 +163,6 @@ def test_the_loss_under_a_gradscaler_is_the_users_not_the_scaled_one() -> None:
     report = guard.last_reports[0]
     assert report.loss is not None
     assert report.loss == pytest.approx(module.last_loss, rel=1e-3)
-    doc = guard._cores[0].diagnostician
+    doc = guard.cores[0].diagnostician
     assert doc is not None
     assert max(doc.losses) < 100  # 65536x the loss before

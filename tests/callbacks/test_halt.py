@@ -1,4 +1,4 @@
-"""Item 4: persistent NaN -> clean halt, last-good checkpoint, resumable."""
+"""Persistent NaN -> clean halt, last-good checkpoint, resumable."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule, TwoNetManual
+from support.state import all_finite, params_of
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardHalt
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import TinyModule, TwoNetManual, all_finite, fit, params_of
 
 K, HALT_AFTER, MAX_STEPS = 10, 5, 60
 CKPT_NAME = "gradguard_last_good.ckpt"

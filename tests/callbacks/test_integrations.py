@@ -7,11 +7,12 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from support.modules import TinyModule
+from support.state import all_finite, params_of
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import TinyModule, all_finite, fit, params_of
 
 
 class DeepSpeedStrategy(SingleDeviceStrategy):

@@ -1,4 +1,4 @@
-"""Issue 14: an isolated bad batch costs one skipped step, not hundreds of steps at a lower LR.
+"""An isolated bad batch costs one skipped step, not hundreds of steps at a lower LR.
 
 A healthy run (Adam and plain SGD, each at a comfortable LR) gets one NaN batch, one Inf
 batch or one x1e6 batch (:class:`~lightning_gradguard.testing.FaultInjector`). The guard
@@ -6,9 +6,6 @@ must keep the LR untouched (``lr_scale`` exactly 1.0 at every step, no backoff) 
 within 0.5 % of the same guarded run without the fault. Two non-finite steps within
 ``nonfinite_window`` are no longer isolated: the second backs the LR off, by exactly
 ``backoff_factor``.
-
-(Before ``nonfinite_window`` existed, every non-finite step halved the LR: these tests fail
-on that code.)
 """
 
 from __future__ import annotations
@@ -19,11 +16,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule
+from support.recorders import Recorder
+from support.state import all_finite
+from support.trainer import fit
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import Recorder, TinyModule, all_finite, fit
 
 STEPS = 600
 AT = 60  # the fault's global_step (after the statistics' warmup)

@@ -1,4 +1,4 @@
-"""Item 8: logged tags, events between logging intervals, TensorBoard."""
+"""Logged tags, events between logging intervals, TensorBoard."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from support.modules import TinyModule, TwoNetManual
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import TinyModule, TwoNetManual, fit
 
 DESIGN_TAGS = {
     "gradguard/grad_norm", "gradguard/grad_norm_clipped", "gradguard/clip_threshold",
@@ -136,11 +136,11 @@ def test_progress_bar_lr_scale_is_the_smallest_of_the_optimizers() -> None:
     guard = GradGuard(nonfinite_window=0)
     fit(TwoNetManual(), 12, [FaultInjector([Fault(7, params="disc.*")]), guard, seen],
         enable_progress_bar=True)
-    assert [c.backoff.scale < 1.0 for c in guard._cores.values()] == [False, True]
+    assert [c.backoff.scale < 1.0 for c in guard.cores.values()] == [False, True]
     assert "gg_lr" not in seen.seen[2]
     assert seen.seen[3]["gg_skip"] == 1.0
     assert seen.seen[3]["gg_lr"] == 0.5
-    assert seen.seen[-1]["gg_lr"] == round(guard._cores[1].backoff.scale, 2) < 1.0
+    assert seen.seen[-1]["gg_lr"] == round(guard.cores[1].backoff.scale, 2) < 1.0
 
 
 def test_progress_bar_opt_out() -> None:

@@ -1,4 +1,4 @@
-"""Item 2: the LR the update used during backoff, and exact schedules after recovery."""
+"""The LR the update used during backoff, and exact schedules after recovery."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule, TwoNetManual
+from support.recorders import Recorder
+from support.state import all_finite, params_of
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.core.guard import StepReport
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import Recorder, TinyModule, TwoNetManual, all_finite, fit, params_of
 
 SCHEDULERS = ["lambda", "onecycle", "step", "cosine", "plateau"]
 K = 8  # the NaN step

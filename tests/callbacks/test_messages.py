@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from support.modules import TinyModule
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard, GradGuardWarning
 from lightning_gradguard.callbacks._messages import install_format
@@ -20,8 +22,6 @@ from lightning_gradguard.core import CAUSES, FixedNormClip
 from lightning_gradguard.demos import DeepMLP, ResidualMLP
 from lightning_gradguard.report import load_run
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import TinyModule, fit
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*")
 
@@ -265,7 +265,7 @@ def test_preflight_warning_and_its_switch(preflight: bool, tmp_path: Path) -> No
         assert report.causes is None
         assert guard.summary()["diagnosis"] == []
         # the step-0 evidence is still recorded for a later diagnosis
-        doc = guard._cores[0].diagnostician
+        doc = guard.cores[0].diagnostician
         assert doc is not None
         assert doc.step0 is not None
         assert doc.step0.init_median == pytest.approx(2.8, abs=0.1)
@@ -274,5 +274,5 @@ def test_preflight_warning_and_its_switch(preflight: bool, tmp_path: Path) -> No
 def test_diagnose_false_builds_no_diagnostician() -> None:
     guard = GradGuard(diagnose=False)
     fit(TinyModule(), 2, [guard])
-    assert guard._cores[0].diagnostician is None
+    assert guard.cores[0].diagnostician is None
     assert guard.summary()["diagnosis"] == []

@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
+from support.modules import TinyRegression
 from tensorboard.backend.event_processing.event_accumulator import (
     HISTOGRAMS,
     SCALARS,
     EventAccumulator,
 )
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.callbacks import GradientMonitor
 from lightning_gradguard.core._host import host_reads, reset_host_reads
@@ -33,28 +33,10 @@ LOGGED = (0, 5, 10)
 
 
 # --------------------------------------------------------------------------- tiny models
-class Tiny(pl.LightningModule):
-    def __init__(self, depth: int = 2) -> None:
-        super().__init__()
-        layers: list[torch.nn.Module] = [torch.nn.Linear(4, 8)]
-        for _ in range(depth - 2):
-            layers += [torch.nn.Tanh(), torch.nn.Linear(8, 8)]
-        layers += [torch.nn.Tanh(), torch.nn.Linear(8, 1)]
-        self.net = torch.nn.Sequential(*layers)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(128, 4, generator=g)
-        y = torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
-        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
-                          generator=torch.Generator().manual_seed(1))
+def tiny(depth: int = 2) -> pl.LightningModule:
+    """``make_net(depth)`` from the global RNG, SGD with momentum (LR 0.1) on 128 noiseless
+    samples, shuffled by a generator seeded with 1."""
+    return TinyRegression(opt="sgdm", depth=depth, log_loss=False, seed=None, shuffle_seed=1)
 
 
 class RecordingLogger(Logger):
@@ -158,9 +140,9 @@ class ZeroNonFinite(Callback):
 
 
 def _fit(callbacks: list[Callback], logger: Any = False, depth: int = 2,
-         steps: int = STEPS) -> tuple[pl.Trainer, Tiny]:
+         steps: int = STEPS) -> tuple[pl.Trainer, pl.LightningModule]:
     pl.seed_everything(0, verbose=False)
-    model = Tiny(depth)
+    model = tiny(depth)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps, log_every_n_steps=EVERY, logger=logger,
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
@@ -309,7 +291,7 @@ def test_logged_norms_follow_norm_type(norm_type: float) -> None:
         flat = torch.cat([g.reshape(-1).double() for g in grads])
         return float(torch.linalg.vector_norm(flat, norm_type))
 
-    names = [n for n, p in Tiny().named_parameters()]  # the order of ``before.grads``
+    names = [n for n, p in tiny().named_parameters()]  # the order of ``before.grads``
     for step, m in logged.items():
         grads = before.grads[step]
         total = norm(grads)

@@ -13,14 +13,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from support.modules import TwoNetManual
+from support.trainer import fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.core import NoClip
-
-from ._helpers import TwoNetManual, fit
 
 N = 100
 
@@ -114,12 +114,12 @@ def test_two_nan_steps_of_one_optimizer_are_judged_in_its_own_steps(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(module, 80 if with_generator else 40, [guard])
-    disc = guard._cores[1]
+    disc = guard.cores[1]
     assert module.disc_steps == 40
     assert disc.counters.nonfinite_steps == 2
     assert disc.counters.lr_backoffs == 1
     assert disc.counters.reasons == {"nonfinite_repeat": 1}
     if with_generator:
-        gen = guard._cores[0]
+        gen = guard.cores[0]
         assert (gen.counters.steps, gen.counters.lr_backoffs) == (40, 0)
         assert gen.backoff.scale == 1.0

@@ -1,4 +1,4 @@
-"""Item 3: checkpoint at step 40, resume to 80 == an uninterrupted 80-step run."""
+"""Checkpoint at step 40, resume to 80 == an uninterrupted 80-step run."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from support.modules import TinyModule
+from support.recorders import Recorder
+from support.state import all_finite, assert_state_close
+from support.trainer import fit, make_trainer
 
 from lightning_gradguard import FixedNormClip, PercentileClip, ZScoreClip
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import (
-    Recorder,
-    TinyModule,
-    all_finite,
-    assert_state_close,
-    fit,
-    make_trainer,
-)
 
 SPLIT, TOTAL = 40, 80
 # NaN before and after the split, x1e6 before it; NaN at 38 leaves the LR scale < 1 at 40

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
+from support.modules import TinyRegression
 from tensorboard.backend.event_processing.event_accumulator import (
     SCALARS,
     TENSORS,
@@ -30,7 +31,6 @@ from tensorboard.backend.event_processing.event_accumulator import (
 )
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.core.guard import Action, StepReport
@@ -65,29 +65,6 @@ NAN_STEP = 7      # between logging intervals (0, 5, 10)
 SPIKE_STEP = 9    # x1e3 on the gradients once the threshold is known
 LOGGED = {0, 5, 10}
 EXPECTED_STEPS = LOGGED | {NAN_STEP, SPIKE_STEP}
-
-
-# --------------------------------------------------------------------------- tiny model
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
-                                       torch.nn.Linear(8, 1))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=LR)
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(128, 4, generator=g)
-        y = torch.tanh(x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
-        return DataLoader(TensorDataset(x, y), batch_size=16)
 
 
 class NormBefore(Callback):
@@ -157,7 +134,7 @@ def _fit(logger: Any, callbacks: list[Callback], steps: int = STEPS) -> pl.Train
         callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Tiny())
+    trainer.fit(TinyRegression(lr=LR, seed=None))
     return trainer
 
 
@@ -492,7 +469,7 @@ def test_no_logger(tmp_path: Path) -> None:
         enable_model_summary=False, default_root_dir=str(tmp_path),
     )
     pl.seed_everything(0, verbose=False)
-    trainer.fit(Tiny())
+    trainer.fit(TinyRegression(lr=LR, seed=None))
     assert trainer.global_step == STEPS
     s = guard.summary()
     assert (s["skipped_steps"], s["spikes"]) == (1, 1)

@@ -1,4 +1,4 @@
-"""The callback is a thin adapter (issue 25): the per-optimizer guards behind a public,
+"""The callback is a thin adapter: the per-optimizer guards behind a public,
 read-only view; halt handling and Trainer checks in their own modules; no gradient work
 in the callback itself."""
 
@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support.modules import TinyModule, TwoNetManual
+from support.trainer import fit
 
 import lightning_gradguard.callbacks as callbacks_pkg
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.callbacks._halt import checkpoint_path, min_keeps_running
 from lightning_gradguard.core.guard import GuardCore
-
-from ._helpers import TinyModule, TwoNetManual, fit
 
 CALLBACKS = Path(callbacks_pkg.__file__).parent
 

@@ -8,11 +8,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from support.modules import TinyModule
+from support.recorders import Recorder
+from support.state import all_finite, params_of
+from support.trainer import fit
 
 from lightning_gradguard.callbacks import GradGuard
 from lightning_gradguard.testing import Fault, FaultInjector
-
-from ._helpers import Recorder, TinyModule, all_finite, fit, params_of
 
 
 def test_accumulation_guard_acts_once_per_optimizer_step() -> None:

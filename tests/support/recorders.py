@@ -39,8 +39,8 @@ class Recorder(Callback):
         step = trainer.global_step - 1
         opt = trainer.optimizers[0]
         self.sched_lr[step] = [float(g["lr"]) for g in opt.param_groups]
-        if self.guard is not None and self.guard._cores:
-            self.threshold[step] = float(self.guard._cores[0].policy.threshold())
+        if self.guard is not None and self.guard.cores:
+            self.threshold[step] = float(self.guard.cores[0].policy.threshold())
 
 
 class StateAround(Callback):
