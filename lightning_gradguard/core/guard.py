@@ -66,6 +66,7 @@ from lightning_gradguard.core.optim import group_layout, named_params
 from lightning_gradguard.core.policies import ClipPolicy
 from lightning_gradguard.core.progress import LossTrend
 from lightning_gradguard.core.report import GuardCounters, StepListener, StepReport
+from lightning_gradguard.core.rollback import LastGood
 from lightning_gradguard.core.settings import GuardSettings
 from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.streaks import Streaks
@@ -141,7 +142,6 @@ class GuardCore(Stateful):
         self.optimizer = optimizer
         self.names, self.params = named_params(model, optimizer)
         self._layout = group_layout(optimizer)
-        self._snapshot_due = False
         self.reducer = reducer
         self.meter = Meter(self.params, s.norm_type, reducer)
         self.policy: ClipPolicy = copy.deepcopy(s.policy)
@@ -155,7 +155,8 @@ class GuardCore(Stateful):
         #: the loss trend: a run whose loss keeps falling is not backed off for spikes
         self.loss_trend = LossTrend()
         self._add_child("loss_trend", self.loss_trend)
-        self.snapshot = Snapshot() if s.rollback else None
+        #: the last-good snapshot and its schedule (``None`` without ``rollback``)
+        self.last_good = LastGood(self.module, s.snapshot_every) if s.rollback else None
         self._lr = LRScaler(optimizer) if optimizer is not None else None
         # sharded parameters (DTensor, FSDP1's FlatParameter) hold only a local shard: the
         # per-layer evidence would be wrong, so no cause diagnosis there
@@ -268,9 +269,8 @@ class GuardCore(Stateful):
                        else list(zip(self.names, self.params, strict=True)))
         self.names, self.params = named_params(source, self.optimizer)
         self.meter = Meter(self.params, self.settings.norm_type, self.reducer)
-        if self.snapshot is not None:
-            self.snapshot.clear()
-            self._snapshot_due = True
+        if self.last_good is not None:
+            self.last_good.clear()
         return True
 
     def measure(self, loss: Tensor | float | None = None, *, amp_overflow: bool = False,
@@ -284,12 +284,11 @@ class GuardCore(Stateful):
         over). A unit-wise clip policy clips here (its clipped total is part of the read).
         Counts the step as already started (:meth:`step` counts it first).
         """
-        s, c = self.settings, self.counters
+        c = self.counters
         count = c.steps
         requests: dict[str, Request] = dict(self.explainer.requests())
-        if (self.snapshot is not None and self.module is not None
-                and (count % s.snapshot_every == 1 % s.snapshot_every or self._snapshot_due)):
-            requests["params_norm"] = self._params_norm
+        if self.last_good is not None and self.last_good.wanted(count):
+            requests["params_norm"] = self.last_good.request(self.meter)
         # counted in finite steps, so that a skipped step leaves no trace in the schedule
         if self.update_control.wants_weight_norm(count - c.nonfinite_steps
                                                  - c.amp_overflow_steps):
@@ -303,11 +302,6 @@ class GuardCore(Stateful):
             params_finite=None if params is None else math.isfinite(params[0]),
             limit=self.update_control.preview(None if weights is None else weights[0],
                                               m.grad_norm, self.lr_scale)), grads
-
-    def _params_norm(self, grads: Gradients, device: torch.device) -> Tensor:
-        """The module's weights, reduced like the gradients (every rank agrees on "finite")."""
-        assert self.module is not None
-        return self.meter.total([p.detach() for p in self.module.parameters()], device)
 
     def _weight_total(self, grads: Gradients, device: torch.device) -> Tensor:
         """The watched weights' norm, in the norm of detection (for the update control)."""
@@ -357,9 +351,8 @@ class GuardCore(Stateful):
         if d.backoff:
             self.backoff.backoff()
         rolled_back = d.rollback and self.restore_snapshot(snapshot_extra)
-        if d.snapshot and self.snapshot is not None and self.module is not None:
-            self.snapshot.capture(self.module, self._optimizers(snapshot_extra), m.step)
-            self._snapshot_due = False
+        if d.snapshot and self.last_good is not None:
+            self.last_good.capture(self._optimizers(snapshot_extra), m.step)
         lr_scale = self.backoff.scale
         if d.path == "finite":
             lr_scale = self._apply_lr()
@@ -403,6 +396,11 @@ class GuardCore(Stateful):
             self._lr.restore()
 
     @property
+    def snapshot(self) -> Snapshot | None:
+        """The last-good snapshot (``None`` without ``rollback``)."""
+        return self.last_good.snapshot if self.last_good is not None else None
+
+    @property
     def _weight_norm(self) -> float | None:
         """The update control's last weight-norm measurement (``None``: none usable)."""
         return getattr(self.update_control, "weight_norm", None)
@@ -419,9 +417,8 @@ class GuardCore(Stateful):
         Returns:
             Whether a snapshot was restored (counted in ``rollbacks``).
         """
-        if self.snapshot is None or not self.snapshot.available or self.module is None:
+        if self.last_good is None or not self.last_good.restore(self._optimizers(snapshot_extra)):
             return False
-        self.snapshot.restore(self.module, self._optimizers(snapshot_extra))
         self.counters.rollbacks += 1
         return True
 
