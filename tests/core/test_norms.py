@@ -574,3 +574,13 @@ def test_dtensor_statistics_stay_on_the_gradients_device(sharded: _AllReduce, p:
     out = grad_norms(grads, p)  # type: ignore[arg-type]
     assert out.total.device == meta and out.total.shape == ()
     assert [name for name, _, _ in sharded.calls] == ["ga", "gb"]
+
+
+def test_no_grads_on_the_cpu_by_default_whatever_the_default_device() -> None:
+    torch.set_default_device("meta")
+    try:
+        out = grad_norms([])
+    finally:
+        torch.set_default_device(None)
+    assert out.total.device.type == "cpu" and out.total.item() == 0.0
+    assert out.per_tensor is not None and out.per_tensor.device.type == "cpu"
