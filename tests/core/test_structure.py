@@ -445,3 +445,15 @@ def test_activation_gain_restores_every_rng_a_module_draws_from() -> None:
     assert random.getstate() == py_state
     after = np.random.get_state()
     assert after[0] == np_state[0] and (after[1] == np_state[1]).all() and after[2:] == np_state[2:]
+
+
+def test_activation_probed_with_float32_input_like_a_float32_model() -> None:
+    class Float32Only(nn.Module):  # e.g. a fused kernel with a float32 signature
+        def forward(self, x: Tensor) -> Tensor:
+            if x.dtype != torch.float32:
+                raise TypeError(f"expected float32, got {x.dtype}")
+            return torch.relu(x)
+
+    relu = activation_gain(nn.ReLU())
+    assert relu is not None
+    assert activation_gain(Float32Only()) == relu
