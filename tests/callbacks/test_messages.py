@@ -1,5 +1,6 @@
 """What the user sees: the diagnosis (summary, warnings, TensorBoard text), the end-of-fit
-line, backoff notices, ``verbose``/``preflight`` switches, and the unknown-argument error."""
+line, backoff notices and the ``verbose``/``preflight`` switches (argument errors are in
+``test_validation.py``)."""
 
 from __future__ import annotations
 
@@ -157,18 +158,6 @@ def test_formatwarning_shows_only_the_message_for_gradguard_warnings() -> None:
         assert warnings.formatwarning("y", GradGuardWarning, "/a/b.py", 3) == "y\n"
     finally:
         warnings.formatwarning = saved
-
-
-# ----------------------------------------------------------------- unknown argument
-def test_unknown_argument_names_gradguard_and_the_closest_argument() -> None:
-    with pytest.raises(TypeError, match=r"^GradGuard got unexpected keyword argument\(s\) "
-                                        r"'clip_val' \(did you mean 'clip'\?\); its arguments "
-                                        r"are: clip, norm_type, "):
-        GradGuard(clip_val=1.0)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match=r"'halt_afterr' \(did you mean 'halt_after'\?\)"):
-        GradGuard(halt_afterr=3)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match=r"^GradGuard: too many positional arguments"):
-        GradGuard(*range(40))
 
 
 # ----------------------------------------------------------------- the diagnosis

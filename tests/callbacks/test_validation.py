@@ -1,4 +1,11 @@
-"""Item 9: every GradGuard argument rejects bad values, naming the argument and the value."""
+"""The callbacks' argument validation: a bad GradGuard argument (out of range or of the wrong
+type) raises an error that names the argument and shows the value; an unknown or misspelt
+argument names GradGuard and the closest argument; good values are accepted.
+
+``tests/reliability/test_bad_input.py`` holds one bad value or more for every argument of
+every public constructor (GradGuard included) and checks that its table covers them all; the
+table here adds the values it does not try (ints for floats, bools for ints, None, ...).
+"""
 
 from __future__ import annotations
 
@@ -8,68 +15,43 @@ from typing import Any
 
 import pytest
 
-from lightning_gradguard import ZScoreClip
 from lightning_gradguard.callbacks import GradGuard
 
 NAN = float("nan")
 INF = float("inf")
 
+# (argument, bad value, exception); more in tests/reliability/test_bad_input.py
 BAD: list[tuple[str, Any, type[Exception]]] = [
-    ("clip", "zscore", TypeError),
-    ("clip", ZScoreClip, TypeError),  # the class, not an instance
     ("clip", 3.0, TypeError),
     ("norm_type", 0, ValueError),
-    ("norm_type", -2.0, ValueError),
-    ("norm_type", NAN, ValueError),
-    ("norm_type", "2", TypeError),
     ("norm_type", True, TypeError),
-    ("skip_nonfinite", 1, TypeError),
     ("skip_nonfinite", "yes", TypeError),
     ("lr_backoff", None, TypeError),
     ("lr_backoff", 0, TypeError),
-    ("backoff_factor", 0.0, ValueError),
-    ("backoff_factor", 1.0, ValueError),
     ("backoff_factor", 1.5, ValueError),
     ("backoff_factor", -0.5, ValueError),
     ("backoff_factor", NAN, ValueError),
     ("backoff_factor", "0.5", TypeError),
-    ("recovery_steps", 0, ValueError),
     ("recovery_steps", -3, ValueError),
     ("recovery_steps", 2.5, TypeError),
     ("recovery_steps", True, TypeError),
-    ("min_lr_scale", 0.0, ValueError),
     ("min_lr_scale", 1.5, ValueError),
     ("min_lr_scale", INF, ValueError),
     ("min_lr_scale", None, TypeError),
-    ("spike_patience", -1, ValueError),
     ("spike_patience", 2.0, TypeError),
-    ("spike_window", 0, ValueError),
     ("spike_window", "50", TypeError),
-    ("growth_patience", -1, ValueError),
     ("growth_patience", None, TypeError),
-    ("growth_min_rise", -0.1, ValueError),
     ("growth_min_rise", NAN, ValueError),
-    ("growth_min_rise", INF, ValueError),
     ("growth_min_rise", "0.05", TypeError),
-    ("rollback", "no", TypeError),
     ("rollback", 1, TypeError),
-    ("snapshot_every", 0, ValueError),
     ("snapshot_every", 1.0, TypeError),
-    ("rollback_after", 0, ValueError),
     ("rollback_after", None, TypeError),
-    ("halt_after", -1, ValueError),
     ("halt_after", 25.0, TypeError),
-    ("amp_halt_after", 0, ValueError),
-    ("amp_halt_after", 40.0, TypeError),
-    ("nonfinite_window", -1, ValueError),
-    ("nonfinite_window", 50.0, TypeError),
     ("diagnose", 1, TypeError),
     ("preflight", "yes", TypeError),
     ("verbose", None, TypeError),
     ("max_update_ratio", -0.1, ValueError),
     ("max_update_ratio", NAN, ValueError),
-    ("max_update_ratio", "0.1", TypeError),
-    ("on_halt", "explode", ValueError),
     ("on_halt", None, ValueError),
     ("on_halt", "STOP", ValueError),
     ("checkpoint_dir", 123, TypeError),
@@ -97,13 +79,6 @@ def test_bad_argument_raises_naming_argument_and_value(arg: str, value: Any,
     assert _value_repr(value) in msg
 
 
-def test_every_argument_is_covered() -> None:
-    import inspect
-
-    params = set(inspect.signature(GradGuard.__init__).parameters) - {"self"}
-    assert params == {a for a, _, _ in BAD}
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -117,3 +92,14 @@ def test_every_argument_is_covered() -> None:
 def test_good_arguments_accepted(kwargs: dict[str, Any]) -> None:
     guard = GradGuard(**kwargs)
     assert guard.summary()["steps"] == 0
+
+
+def test_unknown_argument_names_gradguard_and_the_closest_argument() -> None:
+    with pytest.raises(TypeError, match=r"^GradGuard got unexpected keyword argument\(s\) "
+                                        r"'clip_val' \(did you mean 'clip'\?\); its arguments "
+                                        r"are: clip, norm_type, "):
+        GradGuard(clip_val=1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"'halt_afterr' \(did you mean 'halt_after'\?\)"):
+        GradGuard(halt_afterr=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"^GradGuard: too many positional arguments"):
+        GradGuard(*range(40))
