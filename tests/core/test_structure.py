@@ -257,6 +257,7 @@ class _NoCopy(nn.Module):
 
 @pytest.mark.parametrize("module", [
     _Noisy(), _Shape(), _NoGrad(), _Tuple(), _Fails(), _Inf(), _NoCopy(), nn.Linear(1, 1),
+    nn.PReLU(),  # element-wise, but learnable: a module with parameters is not probed
     nn.Identity(), nn.Dropout(0.0), nn.Softmax(dim=0), nn.Flatten(0),
 ])
 def test_not_activations(module: nn.Module) -> None:
