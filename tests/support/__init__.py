@@ -12,8 +12,8 @@ resolves under ``python -m pytest`` and would load a second copy of every module
   ``TwoNetManual`` (two optimizers, manual optimization), ``NaNFrom`` (a loss that turns NaN),
   ``make_net``, ``make_data``, ``build_optimizer``, ``build_scheduler``.
 - :mod:`support.trainer`: ``make_trainer``, ``fit``, ``precision_kwargs``, ``run_config``.
-- :mod:`support.state`: ``params_of``, ``all_finite``, ``opt_tensors``, ``state_tensors``,
-  ``policy_state``, ``assert_state_equal`` (bit-identical, NaN equals NaN at the same place),
+- :mod:`support.state`: ``params_of``, ``all_finite``, ``opt_tensors``, ``policy_state``,
+  ``assert_state_equal`` (bit-identical, NaN equals NaN at the same place),
   ``assert_state_close``.
 - :mod:`support.recorders`: callbacks that record what a run did -- ``Recorder``,
   ``StateAround``, ``ClearGradsAt``, ``NonFiniteRecorder``.

@@ -26,17 +26,6 @@ def opt_tensors(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return copy.deepcopy(opt.state_dict())
 
 
-def state_tensors(state: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested state (dicts, lists, tuples), depth first, in order."""
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in state_tensors(v)]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in state_tensors(v)]
-    return []
-
-
 def policy_state(guard: Any, idx: int = 0) -> dict[str, Any]:
     """``GuardCore.state_dict()`` of a ``GradGuard``'s ``idx``-th optimizer."""
     return guard.cores[idx].state_dict()  # type: ignore[no-any-return]
