@@ -458,3 +458,27 @@ def test_activation_probed_with_float32_input_like_a_float32_model() -> None:
     relu = activation_gain(nn.ReLU())
     assert relu is not None
     assert activation_gain(Float32Only()) == relu
+
+
+def test_a_module_that_fails_is_called_once_and_one_that_fails_later_is_no_activation() -> None:
+    class FailsFirst(nn.Module):
+        calls = 0  # on the class: activation_gain calls a copy
+
+        def forward(self, x: Tensor) -> Tensor:
+            type(self).calls += 1
+            raise RuntimeError("not an activation")
+
+    assert activation_gain(FailsFirst()) is None
+    assert FailsFirst.calls == 1
+
+    class FailsSecond(nn.Module):
+        calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            type(self).calls += 1
+            if type(self).calls == 2:
+                raise RuntimeError("state exhausted")
+            return torch.relu(x)
+
+    assert activation_gain(FailsSecond()) is None
+    assert FailsSecond.calls == 2
