@@ -110,6 +110,8 @@ class Diagnosis:
             non-finite, or a total norm that overflowed from finite gradients); ``""`` when it
             shows nothing of its own. Stated alone where ranked causes follow
             (``message(ranked=True)``).
+        finding: The same as data: ``"loss_nonfinite"``, ``"norm_overflow"``, ``"growth"``
+            (the norm grew step over step before) or ``""``.
     """
 
     step: int
@@ -119,6 +121,7 @@ class Diagnosis:
     weights_finite: bool | None = None
     first_step: bool = False
     fact: str = ""
+    finding: str = ""
 
     def message(self, limit: int = 8, *, ranked: bool = False) -> str:
         """Human-readable summary (at most ``limit`` parameter names).
@@ -171,27 +174,29 @@ def diagnose(
 
     Example:
         >>> d = diagnose(3, ["l1.weight", "l2.weight"], [float("nan"), 1.0], loss=float("nan"))
-        >>> d.origin, d.fact
-        ('l1.weight', 'the loss itself is non-finite (nan)')
+        >>> d.origin, d.fact, d.finding
+        ('l1.weight', 'the loss itself is non-finite (nan)', 'loss_nonfinite')
     """
     bad = tuple(n for n, v in zip(names, per_tensor_norms, strict=False) if not math.isfinite(v))
     origin = bad[-1] if bad else None
-    fact = ""
+    fact = finding = ""
     if loss is not None and not math.isfinite(loss):
-        fact = f"the loss itself is non-finite ({loss})"
+        fact, finding = f"the loss itself is non-finite ({loss})", "loss_nonfinite"
         cause = f"{fact}; " + _USUAL_CAUSES
     elif growth_before:
+        finding = "growth"
         cause = ("the gradient norm was growing step over step before this (an explosion): "
                  "the learning rate is most likely too high; " + _USUAL_CAUSES)
     elif not bad:
         fact = "the total norm overflowed although every gradient is finite"
+        finding = "norm_overflow"
         cause = f"{fact}; " + _USUAL_CAUSES
     else:
         cause = _USUAL_CAUSES
     if lr_scale < 1.0:
         cause += f" (the guard had already reduced the LR to {lr_scale:.3g}x)"
     return Diagnosis(step=step, nonfinite_params=bad, origin=origin, likely_cause=cause,
-                     fact=fact)
+                     fact=fact, finding=finding)
 
 
 Event = Literal["preflight", "spike", "backoff", "nonfinite", "halt", "on_demand"]

@@ -254,7 +254,7 @@ class Explainer:
             step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
             origin=first["origin"], likely_cause=first["likely_cause"],
             weights_finite=first["weights_finite"], first_step=first["first_step"],
-            fact=first["fact"])
+            fact=first["fact"], finding=first["finding"])
         saved = state_dict.get("diagnosis")  # absent when saved with diagnose=False
         if self.diagnostician is not None and saved is not None:
             self.diagnostician.load_state_dict(saved["state"])

@@ -204,7 +204,7 @@ def nonfinite_message(d: Diagnosis, causes: Sequence[Cause], *, resumed: bool = 
                  "GradGuard(rollback=True) to keep a last-good snapshot.")
     elif top == "data_nonfinite":
         head = "the batch of this step holds NaN/Inf (corrupt data); the step was skipped."
-    elif d.likely_cause.startswith("the loss itself"):
+    elif d.finding == "loss_nonfinite":
         head = "the loss is non-finite; the step was skipped (weights untouched)."
     elif top == "loss_nonfinite":
         head = ("the loss is finite but its gradients are not (a log/sqrt/division at 0 in "

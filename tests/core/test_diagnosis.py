@@ -36,6 +36,25 @@ def test_cause_priority() -> None:
     assert plain.likely_cause.startswith("one of the usual ones")
 
 
+def test_the_finding_is_data_and_the_ranked_message_states_only_the_fact() -> None:
+    loss_nan = diagnose(1, NAMES, [NAN, 1, 1, 1], loss=NAN, growth_before=True, lr_scale=0.5)
+    assert (loss_nan.finding, loss_nan.fact) == ("loss_nonfinite",
+                                                 "the loss itself is non-finite (nan)")
+    assert loss_nan.message(ranked=True).endswith(
+        "(closest to the output). Likely cause: the loss itself is non-finite (nan)")
+    overflow = diagnose(1, NAMES, [1.0, 2.0, 3.0, 4.0])
+    assert (overflow.finding, overflow.fact) == (
+        "norm_overflow", "the total norm overflowed although every gradient is finite")
+    growth = diagnose(1, NAMES, [NAN, 1, 1, 1], loss=0.5, growth_before=True)
+    assert (growth.finding, growth.fact) == ("growth", "")
+    plain = diagnose(1, NAMES, [NAN, 1, 1, 1])
+    assert (plain.finding, plain.fact) == ("", "")
+    # ranked causes follow: no generic list, no empty "Likely cause:"
+    assert plain.message(ranked=True).endswith("most likely origin: embed.weight (closest to "
+                                               "the output)")
+    assert plain.message().endswith("Likely cause: " + plain.likely_cause)
+
+
 def test_lr_scale_note() -> None:
     d = diagnose(1, NAMES, [NAN, 1, 1, 1], lr_scale=0.25)
     assert d.likely_cause.endswith("(the guard had already reduced the LR to 0.25x)")
