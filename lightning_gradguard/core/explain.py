@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from lightning_gradguard.core.streaks import Streaks
 if TYPE_CHECKING:
     from lightning_gradguard.core.guard import GuardCounters
 
-__all__ = ["Explainer"]
+__all__ = ["Explained", "Explainer"]
 
 
 class Explainer:
@@ -261,6 +261,21 @@ class Explainer:
             self.preflight_done = bool(saved["preflight_done"])
             self.diagnosed_events = set(saved["events"])
             self.causes = tuple(Cause(**c) for c in saved["causes"])
+
+
+T = TypeVar("T")
+
+
+class Explained(Generic[T]):
+    """A read-only attribute of a guard, answered by its explainer (same name)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, guard: Any, owner: type | None = None) -> T:
+        if guard is None:  # the class itself (documentation tools)
+            return self  # type: ignore[return-value]
+        return getattr(guard.explainer, self.name)  # type: ignore[no-any-return]
 
 
 def _per_tensor(grads: Gradients, device: torch.device) -> Tensor | None:

@@ -39,7 +39,7 @@ import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ from lightning_gradguard.core.backoff import LRBackoff, LRScaler
 from lightning_gradguard.core.clip import scale_grads_, skip_step_
 from lightning_gradguard.core.decide import Action, Decision, GuardState, Reason, decide
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician
-from lightning_gradguard.core.explain import Explainer
+from lightning_gradguard.core.explain import Explained, Explainer
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.guard_state import (
     STATE_VERSION,
@@ -75,21 +75,6 @@ from lightning_gradguard.core.update_cap import UpdateControl, make_update_contr
 __all__ = ["STATE_VERSION", "Action", "GuardCore", "GuardCounters", "GuardSettings", "Reason",
            "StepListener", "StepReport"]
 
-
-
-T = TypeVar("T")
-
-
-class _Explained(Generic[T]):
-    """A read-only attribute of the guard, answered by its explainer."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, guard: Any, owner: type | None = None) -> T:
-        if guard is None:  # the class itself (documentation tools)
-            return self  # type: ignore[return-value]
-        return getattr(guard.explainer, self.name)  # type: ignore[no-any-return]
 
 
 @friendly_kwargs
@@ -292,7 +277,7 @@ class GuardCore(Stateful):
         # counted in finite steps, so that a skipped step leaves no trace in the schedule
         if self.update_control.wants_weight_norm(count - c.nonfinite_steps
                                                  - c.amp_overflow_steps):
-            requests["weight_norm"] = self._weight_total
+            requests["weight_norm"] = self.meter.weights_norm
         m, grads = self.meter.measure(count if step is None else step, loss, self.policy,
                                       requests, names=self.names, amp_overflow=amp_overflow)
         if grads is None:
@@ -302,12 +287,6 @@ class GuardCore(Stateful):
             params_finite=None if params is None else math.isfinite(params[0]),
             limit=self.update_control.preview(None if weights is None else weights[0],
                                               m.grad_norm, self.lr_scale)), grads
-
-    def _weight_total(self, grads: Gradients, device: torch.device) -> Tensor:
-        """The watched weights' norm, in the norm of detection (for the update control)."""
-        meter = self.meter
-        return meter.total([p.detach() for p in self.params], device,
-                           norm_type=meter.norm_type, groups=meter.groups)
 
     def state(self, measurement: Measurement) -> GuardState:
         """The guard's state as :func:`~lightning_gradguard.core.decide.decide` sees it."""
@@ -430,12 +409,12 @@ class GuardCore(Stateful):
     # the diagnostician (``None`` without ``diagnose`` or a module), the ranked causes of the
     # last diagnosis, whether the pre-flight evidence was read, the events diagnosed, and
     # the run's first non-finite step and its diagnosis
-    diagnostician: _Explained[Diagnostician | None] = _Explained()
-    causes: _Explained[tuple[Cause, ...]] = _Explained()
-    preflight_done: _Explained[bool] = _Explained()
-    diagnosed_events: _Explained[set[str]] = _Explained()
-    first_nonfinite_step: _Explained[int | None] = _Explained()
-    first_diagnosis: _Explained[Diagnosis | None] = _Explained()
+    diagnostician: Explained[Diagnostician | None] = Explained()
+    causes: Explained[tuple[Cause, ...]] = Explained()
+    preflight_done: Explained[bool] = Explained()
+    diagnosed_events: Explained[set[str]] = Explained()
+    first_nonfinite_step: Explained[int | None] = Explained()
+    first_diagnosis: Explained[Diagnosis | None] = Explained()
 
     @property
     def halt_message(self) -> str:

@@ -211,6 +211,11 @@ class Meter:
         return grad_norms(list(tensors), per_tensor=False, groups=groups, reducer=self.reducer,
                           device=device, **kwargs).total
 
+    def weights_norm(self, grads: Gradients, device: torch.device) -> Tensor:
+        """The watched weights' norm in the norm of detection (a request: the update control)."""
+        return self.total([p.detach() for p in self.params], device, norm_type=self.norm_type,
+                          groups=self.groups)
+
     def _exact_norm(self, grads: Sequence[Tensor], device: torch.device) -> float:
         """The total norm accumulated in float64 (one more host read; only on an inf total).
 
