@@ -291,3 +291,11 @@ def test_a_sparse_gradient_switches_to_the_general_path_for_good() -> None:
     assert found[1].item() == pytest.approx(math.sqrt(4 + 12))
     assert found[0].per_tensor is not None
     assert found[0].per_tensor.tolist() == pytest.approx([2.0, math.sqrt(12)])
+
+
+def test_a_complex_norm_overflowing_float32_keeps_the_moduli_in_float64() -> None:
+    a = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    # |z|^2 = 8e76 each: the total 4e38 overflows float32, not float64 (nor the real parts')
+    a.grad = torch.tensor([complex(2e38, 2e38), complex(2e38, 2e38)], dtype=torch.complex64)
+    m, _, _ = _measure([a], names=["a"])
+    assert m.grad_norm == pytest.approx(4e38, rel=1e-6)
