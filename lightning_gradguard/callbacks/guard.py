@@ -369,8 +369,7 @@ class GradGuardLogic:
             value = value.float() / scale.to(value.device).reshape(())
         self._loss = value if self._loss is None else self._loss + value
         for core in self._cores.values():
-            if core.diagnostician is not None and not core.preflight_done:
-                core.diagnostician.finish_probe()
+            core.end_forward()
 
     # ----------------------------------------------------------------- the step
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

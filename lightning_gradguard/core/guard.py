@@ -235,6 +235,16 @@ class GuardCore(Stateful):
                           action=Action.SKIP, lr_scale=self.lr_scale,
                           halt=self.counters.halted)
 
+    def end_forward(self) -> None:
+        """The step's forward pass is over: the diagnosis' one-shot forward probe ends now.
+
+        Call it before ``backward()`` when the forward did not run through the module itself
+        (the probe otherwise ends at the first :meth:`step`). No cost after the first step.
+        """
+        doc = self.explainer.diagnostician
+        if doc is not None and not self.explainer.preflight_done:
+            doc.finish_probe()
+
     def follow_optimizer(self) -> bool:
         """Watch the parameters the optimizer holds now (e.g. after ``add_param_group``).
 
