@@ -9,12 +9,7 @@ import torch
 from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
 from lightning_gradguard.core.norms import grad_norms
 
-from ._util import (
-    assert_opt_state_equal,
-    assert_params_equal,
-    clone_opt_state,
-    clone_params,
-)
+from support.state import assert_state_equal, opt_tensors, params_of
 
 INF = float("inf")
 
@@ -145,15 +140,15 @@ def _warm(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_skip_step_makes_optimizer_step_a_noop(name: str) -> None:
     model, opt = _warm(name)
-    params = clone_params(model.parameters())
-    state = clone_opt_state(opt)
+    params = params_of(model)
+    state = opt_tensors(opt)
     if name != "sgd":  # plain SGD keeps no state
         assert state["state"], "optimizer must have state after warm steps"
     skip_step_(model.parameters())
     assert all(p.grad is None for p in model.parameters())
     opt.step()
-    assert_params_equal(clone_params(model.parameters()), params)
-    assert_opt_state_equal(opt.state_dict(), state)
+    assert_state_equal(params_of(model), params)
+    assert_state_equal(opt.state_dict()["state"], state["state"])
 
 
 @pytest.mark.parametrize(
@@ -162,15 +157,15 @@ def test_skip_step_makes_optimizer_step_a_noop(name: str) -> None:
 def test_zeroing_grads_is_not_a_skip(name: str) -> None:
     """Sanity check of the comparison above: a zero gradient does change things."""
     model, opt = _warm(name)
-    params = clone_params(model.parameters())
-    state = clone_opt_state(opt)
+    params = params_of(model)
+    state = opt_tensors(opt)
     for p in model.parameters():
         p.grad.zero_()  # type: ignore[union-attr]
     opt.step()
-    now = clone_params(model.parameters())
+    now = params_of(model)
     moved = not all(torch.equal(a, b) for a, b in zip(now, params, strict=True))
     with pytest.raises(AssertionError):
-        assert_opt_state_equal(opt.state_dict(), state)
+        assert_state_equal(opt.state_dict()["state"], state["state"])
     assert moved
 
 

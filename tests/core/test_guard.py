@@ -22,15 +22,9 @@ from lightning_gradguard.core.policies import (
     ZScoreClip,
 )
 
-from ._util import (
-    assert_opt_state_equal,
-    assert_params_equal,
-    batches,
-    clone_opt_state,
-    clone_params,
-    loss_fn,
-    tiny_model,
-)
+from support.core import batches, loss_fn
+from support.modules import make_net
+from support.state import assert_state_equal, opt_tensors, params_of
 
 NAN = float("nan")
 INF = float("inf")
@@ -94,7 +88,7 @@ def run(
     """
     faults = faults or {}
     if start is None:
-        model = tiny_model()
+        model = make_net(seed=0)
         opt = make_opt(model)
         r = Run(model, opt, GuardCore(model, opt, **settings))
     else:
@@ -110,13 +104,13 @@ def run(
             r.opt.step()
             continue
         if t in record:
-            r.before[t] = (clone_params(r.model.parameters()), clone_opt_state(r.opt))
+            r.before[t] = (params_of(r.model), opt_tensors(r.opt))
         r.reports[t] = r.guard.step(loss.detach() if pass_loss else None)
         r.lr_in_step[t] = r.opt.param_groups[0]["lr"]
         r.opt.step()
         r.opt.zero_grad(set_to_none=True)
         if t in record:
-            r.after[t] = (clone_params(r.model.parameters()), clone_opt_state(r.opt))
+            r.after[t] = (params_of(r.model), opt_tensors(r.opt))
     return r
 
 
@@ -161,7 +155,7 @@ def test_plain_loop_trains_and_reports() -> None:
 
 
 def test_report_grad_norm_matches_torch() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, clip=NoClip())
     loss_fn(model, DATA[0]).backward()
@@ -192,8 +186,8 @@ def test_nonfinite_grad_is_skipped_exactly(k: int, bad: float, window: int) -> N
     assert rep.backoff is backs_off
     assert rep.lr_scale == (0.5 if backs_off else 1.0)
     # weights and optimizer state are bit-identical to before the step
-    assert_params_equal(r.after[k][0], r.before[k][0])
-    assert_opt_state_equal(r.after[k][1], r.before[k][1])
+    assert_state_equal(r.after[k][0], r.before[k][0])
+    assert_state_equal(r.after[k][1]["state"], r.before[k][1]["state"])
     c = r.guard.counters
     assert c.nonfinite_steps == 1
     assert c.skipped_steps == 1
@@ -239,7 +233,8 @@ def test_threshold_after_skipped_fault_equals_reference(k: int, bad: float) -> N
         assert math.isclose(ta, tb, rel_tol=0.01), t
         assert ta == tb, t  # in fact exactly
         assert a.reports[t].grad_norm == b.reports[t].grad_norm
-    assert_params_equal(clone_params(a.model.parameters()), clone_params(b.model.parameters()))
+    assert_state_equal(params_of(a.model), params_of(b.model))
+    assert _finite_params(a.model)  # equal and finite: NaN == NaN would not do
 
 
 @pytest.mark.parametrize("k", [3, 20])
@@ -259,7 +254,8 @@ def test_skipped_fault_leaves_no_trace_with_an_active_update_cap(k: int) -> None
     for t in range(k + 1, 61):
         assert a.reports[t].grad_norm_clipped == b.reports[t].grad_norm_clipped, t
         assert a.reports[t].threshold == b.reports[t].threshold, t
-    assert_params_equal(clone_params(a.model.parameters()), clone_params(b.model.parameters()))
+    assert_state_equal(params_of(a.model), params_of(b.model))
+    assert _finite_params(a.model)  # equal and finite: NaN == NaN would not do
 
 
 @pytest.mark.parametrize("k", [3, 40])
@@ -290,7 +286,7 @@ def test_spike_is_clipped_to_threshold(k: int) -> None:
 
 
 def test_spike_gradient_actually_rescaled() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, clip=FixedNormClip(0.5))
     loss_fn(model, DATA[0]).backward()
@@ -376,7 +372,7 @@ def test_streak_reset_by_clean_step_and_halt_zero_never_halts() -> None:
 
 # ----------------------------------------------------------------------------- rollback
 def test_rollback_restores_snapshot() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, rollback=True, snapshot_every=1, rollback_after=2)
     r = Run(model, opt, guard)
@@ -387,8 +383,8 @@ def test_rollback_restores_snapshot() -> None:
     rep5 = guard.step(loss.detach())
     assert guard.snapshot is not None
     assert guard.snapshot.step == 5
-    snap_params = clone_params(model.parameters())
-    snap_opt = clone_opt_state(opt)
+    snap_params = params_of(model)
+    snap_opt = opt_tensors(opt)
     opt.step()
     opt.zero_grad()
     assert rep5.finite
@@ -399,15 +395,15 @@ def test_rollback_restores_snapshot() -> None:
     assert not r.reports[6].rollback
     assert r.reports[7].rollback
     assert guard.counters.rollbacks == 1
-    assert_params_equal(clone_params(model.parameters()), snap_params)
-    assert_opt_state_equal(opt.state_dict(), snap_opt)
+    assert_state_equal(params_of(model), snap_params)
+    assert_state_equal(opt.state_dict()["state"], snap_opt["state"])
     r = run(10, start=r, first_step=8)
     assert all(r.reports[t].finite for t in range(8, 18))
     assert _finite_params(model)
 
 
 def test_no_snapshot_of_nonfinite_params() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _sgd(model)
     guard = GuardCore(model, opt, rollback=True, snapshot_every=1)
     run(3, start=Run(model, opt, guard))
@@ -515,7 +511,7 @@ def test_spike_window() -> None:
 
 
 def test_recovery_to_exactly_one_and_scaled_update() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = GuardCore(model, opt, clip=NoClip(), recovery_steps=4, growth_patience=0,
                       spike_patience=0, nonfinite_window=0)
@@ -527,7 +523,7 @@ def test_recovery_to_exactly_one_and_scaled_update() -> None:
     rep = guard.step()
     assert 0.5 <= rep.lr_scale <= 0.5 * 2**0.25 * (1 + 1e-12)
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
-    before = clone_params(model.parameters())
+    before = params_of(model)
     assert opt.param_groups[0]["lr"] == 0.1 * rep.lr_scale
     opt.step()
     opt.zero_grad()
@@ -553,7 +549,7 @@ def test_lr_backoff_false() -> None:
 
 
 def test_skip_nonfinite_false_keeps_grads() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, skip_nonfinite=False)
     loss_fn(model, DATA[0]).backward()
@@ -567,7 +563,7 @@ def test_skip_nonfinite_false_keeps_grads() -> None:
 
 
 def test_nonfinite_loss_with_finite_grads_is_skipped() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt)
     loss_fn(model, DATA[0]).backward()
@@ -646,7 +642,7 @@ def test_amp_overflow_leaves_grads_to_the_scaler(bad: float) -> None:
 @pytest.mark.parametrize("halt_after", [25, 0])
 def test_forty_scaler_skips_in_a_row_halt(halt_after: int) -> None:
     """Finite loss and NaN gradients 40 times in a row under a GradScaler: not calibration."""
-    model = tiny_model()
+    model = make_net(seed=0)
     guard = GuardCore(model, _adam(model), halt_after=halt_after)
     reports = []
     for i in range(41):
@@ -686,7 +682,7 @@ POLICY_FACTORIES: dict[str, Callable[[], ClipPolicy]] = {
 @pytest.mark.parametrize("loss_kind", ["tensor", "float", "none"])
 @pytest.mark.parametrize("policy", sorted(POLICY_FACTORIES))
 def test_exactly_one_host_read_per_clean_step(policy: str, loss_kind: str) -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, clip=POLICY_FACTORIES[policy](), rollback=True,
                       snapshot_every=2)
@@ -740,10 +736,10 @@ def test_state_dict_round_trip_identical_reports(through_disk: bool) -> None:
         torch.save(sd, buf)
         buf.seek(0)
         sd = torch.load(buf, weights_only=True)
-    model_b = tiny_model(seed=123)
+    model_b = make_net(seed=123)
     model_b.load_state_dict(a.model.state_dict())
     opt_b = _adam(model_b)
-    opt_b.load_state_dict(clone_opt_state(a.opt))
+    opt_b.load_state_dict(opt_tensors(a.opt))
     guard_b = GuardCore(model_b, opt_b, **kw)
     guard_b.load_state_dict(sd)
     assert guard_b.summary() == a.guard.summary()
@@ -755,13 +751,14 @@ def test_state_dict_round_trip_identical_reports(through_disk: bool) -> None:
     for t in range(31, 56):
         assert repr(a.reports[t]) == repr(b.reports[t]), t  # exact, NaN == NaN
     assert a.guard.summary() == b.guard.summary()
-    assert_params_equal(clone_params(a.model.parameters()), clone_params(b.model.parameters()))
+    assert_state_equal(params_of(a.model), params_of(b.model))
+    assert _finite_params(a.model)  # equal and finite: NaN == NaN would not do
 
 
 def test_user_policy_not_mutated_and_settings_object() -> None:
     policy = ZScoreClip()
     settings = GuardSettings(clip=policy)
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt, settings)
     run(5, start=Run(model, opt, guard))
@@ -772,7 +769,7 @@ def test_user_policy_not_mutated_and_settings_object() -> None:
 
 
 def test_close_restores_lr() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = GuardCore(model, opt, clip=NoClip(), growth_patience=0, spike_patience=0,
                       nonfinite_window=0)
@@ -787,7 +784,7 @@ def test_close_restores_lr() -> None:
 
 # ----------------------------------------------------------------------------- parameters
 def test_watches_only_optimizer_params() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model[2].parameters(), lr=0.1)
     guard = GuardCore(model, opt)
     assert guard.names == ["2.weight", "2.bias"]
@@ -818,7 +815,7 @@ def test_param_iterables_and_names() -> None:
 
 
 def test_reducer_is_used() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     calls: list[str] = []
 
     def reducer(t: torch.Tensor, op: str) -> torch.Tensor:
@@ -847,7 +844,7 @@ def test_diagnosis_names_right_param_when_some_grads_are_none() -> None:
 
 
 def test_zero_gradient_first_step_does_not_freeze_training() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
     def zero(m: torch.nn.Module) -> None:
@@ -862,10 +859,10 @@ def test_zero_gradient_first_step_does_not_freeze_training() -> None:
 def test_halt_message_survives_resume() -> None:
     a = run(10, faults={5: nan_in("0.weight")}, halt_after=2)
     sd = a.guard.state_dict()
-    model_b = tiny_model()
+    model_b = make_net(seed=0)
     model_b.load_state_dict(a.model.state_dict())
     opt_b = _adam(model_b)
-    opt_b.load_state_dict(clone_opt_state(a.opt))
+    opt_b.load_state_dict(opt_tensors(a.opt))
     guard_b = GuardCore(model_b, opt_b, halt_after=2)
     guard_b.load_state_dict(sd)
     b = Run(model_b, opt_b, guard_b)
@@ -879,7 +876,7 @@ def test_halt_message_survives_resume() -> None:
 
 
 def test_amp_overflow_with_nonfinite_loss_is_a_real_nonfinite_step() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = _adam(model)
     guard = GuardCore(model, opt)
     loss_fn(model, DATA[0]).backward()

@@ -13,7 +13,8 @@ from lightning_gradguard.core import FixedNormClip, GuardCore
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 
 from ._syncs import count_syncs, nonzero
-from ._util import batches, loss_fn, tiny_model
+from support.core import batches, loss_fn
+from support.modules import make_net
 
 
 def _too_large_init() -> nn.Sequential:
@@ -73,7 +74,7 @@ def test_preflight_false_records_the_evidence_but_reports_nothing() -> None:
 def test_a_spike_that_clipping_contains_is_not_diagnosed() -> None:
     """Every step spikes over a tiny fixed threshold and is clipped; nothing else happens: the
     run never needed help, so no cause is named (and no extra read is made)."""
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, opt, clip=FixedNormClip(1e-3), lr_backoff=False)
     events = []
@@ -92,14 +93,14 @@ def test_a_spike_that_clipping_contains_is_not_diagnosed() -> None:
 
 
 def test_no_module_or_diagnose_false_means_no_diagnostician() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     assert GuardCore(list(model.parameters())).diagnostician is None
     assert GuardCore(model, diagnose=False).diagnostician is None
     assert GuardCore(model, diagnose=False).summary()["diagnosis"] == []
 
 
 def _nan_batch_run(halt_after: int = 3) -> GuardCore:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, opt, halt_after=halt_after)
     for t, (x, y) in enumerate(batches(8)):
@@ -130,7 +131,7 @@ def test_halt_message_names_the_ranked_causes_not_the_usual_list() -> None:
 def test_diagnosis_state_round_trip_and_old_states() -> None:
     a = _nan_batch_run(halt_after=0)
     state = a.state_dict()
-    model = tiny_model()
+    model = make_net(seed=0)
     b = GuardCore(model, torch.optim.SGD(model.parameters(), lr=0.01), halt_after=0)
     b.load_state_dict(state)
     assert b.summary() == a.summary()

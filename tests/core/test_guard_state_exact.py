@@ -30,7 +30,9 @@ from lightning_gradguard.core import (
     ZScoreClip,
 )
 
-from ._util import assert_state_equal, batches, loss_fn, tiny_model
+from support.core import batches, loss_fn
+from support.modules import make_net
+from support.state import assert_state_equal
 
 DATA = batches(16)
 
@@ -39,7 +41,7 @@ class Loop:
     """A plain Adam loop with a guard; one :meth:`step` per optimizer step (1-based)."""
 
     def __init__(self, **settings: Any) -> None:
-        self.model = tiny_model()
+        self.model = make_net(seed=0)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=0.01)
         self.guard = GuardCore(self.model, self.opt, **settings)
         self.t = 0
@@ -161,7 +163,7 @@ def test_resume_mid_growth_streak_backs_off_at_the_same_step(split: int) -> None
 
 # ----------------------------------------------------------------- load_state_dict, field by field
 def _sgd_guard(**settings: Any) -> tuple[torch.nn.Sequential, torch.optim.SGD, GuardCore]:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, opt, GuardCore(model, opt, **settings)
 

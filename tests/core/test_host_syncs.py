@@ -35,7 +35,8 @@ from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.guard import Action
 
 from ._syncs import count_syncs, nonzero
-from ._util import batches, loss_fn, tiny_model
+from support.core import batches, loss_fn
+from support.modules import make_net
 
 
 def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,
@@ -91,7 +92,7 @@ def _policies() -> list[Callable[[], ClipPolicy]]:
 def test_clean_step_reads_host_exactly_once(
     make_policy: Callable[[], ClipPolicy], with_loss: bool, growth_patience: int
 ) -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, opt, clip=make_policy(), growth_patience=growth_patience)
     for t, batch in enumerate(batches(12)):
@@ -106,7 +107,7 @@ def test_clean_step_reads_host_exactly_once(
 
 
 def test_clipping_step_reads_host_exactly_once() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, opt, clip=FixedNormClip(1e-4))  # every step clips
     for t, batch in enumerate(batches(6)):
@@ -121,7 +122,7 @@ def test_clipping_step_reads_host_exactly_once() -> None:
 
 
 def test_spike_with_lr_backoff_reads_host_exactly_once() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     # a fixed threshold far above the cap: the spikes' clipped updates are over the update
     # cap, the evidence a spike-count backoff needs
@@ -141,7 +142,7 @@ def test_spike_with_lr_backoff_reads_host_exactly_once() -> None:
 
 
 def test_snapshot_step_reads_host_exactly_once() -> None:
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     guard = GuardCore(model, opt, rollback=True, snapshot_every=2)
     for t, batch in enumerate(batches(5)):
@@ -159,7 +160,7 @@ def test_snapshot_step_reads_host_exactly_once() -> None:
 def test_nonfinite_steps_convert_only_through_to_host() -> None:
     """Non-finite steps are the rare path (a diagnosis may read per-tensor norms once more),
     but every conversion still goes through ``to_host``."""
-    model = tiny_model()
+    model = make_net(seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = GuardCore(model, opt, halt_after=3)
     for t, batch in enumerate(batches(6)):
@@ -192,7 +193,7 @@ def test_gradguard_in_trainer_fit_reads_host_once_per_optimizer_step(tmp_path: P
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = tiny_model()
+            self.net = make_net(seed=0)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch

@@ -15,10 +15,19 @@ from lightning_gradguard.core.norms import (
     group_by_device_and_dtype,
 )
 
-from ._util import total_norm_ref
-
 INF = float("inf")
 NAN = float("nan")
+
+
+def total_norm_ref(grads: list[torch.Tensor], p: float) -> float:
+    """Float64 reference of the total p-norm of the given gradients (as stored)."""
+    if not grads:
+        return 0.0
+    norms = []
+    for g in grads:
+        v = g.coalesce().values() if g.is_sparse else g
+        norms.append(torch.linalg.vector_norm(v.detach().double(), p))
+    return float(torch.linalg.vector_norm(torch.stack(norms), p))
 
 # relative tolerance of a norm of values stored in `dtype` (accumulated in fp32/fp64)
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}

@@ -19,7 +19,8 @@ from lightning_gradguard.core.policies import (
     unitwise_norm,
 )
 
-from ._util import HYP, assert_state_equal
+from support.core import HYP
+from support.state import assert_state_equal
 
 NAN = float("nan")
 INF = float("inf")

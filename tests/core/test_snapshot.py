@@ -8,7 +8,7 @@ import torch
 
 from lightning_gradguard.core.snapshot import Snapshot
 
-from ._util import assert_opt_state_equal, assert_params_equal, clone_opt_state
+from support.state import assert_state_equal, opt_tensors
 
 
 def _model() -> torch.nn.Module:
@@ -45,7 +45,7 @@ def test_capture_and_restore_params_buffers_and_optimizer(opt_name: str) -> None
         else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     _train(model, opt, 3)
     ref_model = _module_state(model)
-    ref_opt = clone_opt_state(opt)
+    ref_opt = opt_tensors(opt)
     snap = Snapshot()
     assert not snap.available
     snap.capture(model, [opt], step=3)
@@ -56,7 +56,7 @@ def test_capture_and_restore_params_buffers_and_optimizer(opt_name: str) -> None
         model[0].weight.fill_(float("nan"))
     assert snap.restore(model, [opt]) == 3
     _assert_module_state(model, ref_model)  # incl. BatchNorm running_mean/var/num_batches
-    assert_opt_state_equal(opt.state_dict(), ref_opt)
+    assert_state_equal(opt.state_dict()["state"], ref_opt["state"])
     # parameters are restored in place (the optimizer still holds the same objects)
     assert opt.param_groups[0]["params"][0] is model[0].weight
 
@@ -99,13 +99,13 @@ def test_second_restore_gives_the_captured_state_again(opt_name: str) -> None:
         torch.optim.Adam(model.parameters(), lr=0.01) if opt_name == "adam"
         else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     _train(model, opt, 2)
-    ref_opt = clone_opt_state(opt)
+    ref_opt = opt_tensors(opt)
     snap = Snapshot()
     snap.capture(model, [opt], step=2)
     snap.restore(model, [opt])
     _train(model, opt, 3, seed=5)  # training continues after a rollback
     snap.restore(model, [opt])  # a second rollback to the same snapshot
-    assert_opt_state_equal(opt.state_dict(), ref_opt)
+    assert_state_equal(opt.state_dict()["state"], ref_opt["state"])
 
 
 def test_restore_without_capture_raises() -> None:
@@ -133,7 +133,7 @@ def test_state_dict_round_trip(through_disk: bool) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     _train(model, opt, 2)
     ref_model = _module_state(model)
-    ref_opt = clone_opt_state(opt)
+    ref_opt = opt_tensors(opt)
     snap = Snapshot()
     snap.capture(model, [opt], step=7)
     sd = snap.state_dict()
@@ -151,7 +151,7 @@ def test_state_dict_round_trip(through_disk: bool) -> None:
     _train(model, opt, 2, seed=9)
     assert other.restore(model, [opt]) == 7
     _assert_module_state(model, ref_model)
-    assert_opt_state_equal(opt.state_dict(), ref_opt)
+    assert_state_equal(opt.state_dict()["state"], ref_opt["state"])
 
 
 def test_empty_state_dict_round_trip() -> None:
@@ -167,16 +167,16 @@ def test_multiple_optimizers() -> None:
     opt_b = torch.optim.SGD(list(model[2].parameters()), lr=0.01, momentum=0.5)
     _train(model, opt_a, 1)
     _train(model, opt_b, 1)
-    ref_a, ref_b = clone_opt_state(opt_a), clone_opt_state(opt_b)
+    ref_a, ref_b = opt_tensors(opt_a), opt_tensors(opt_b)
     params = [p.detach().clone() for p in model.parameters()]
     snap = Snapshot()
     snap.capture(model, [opt_a, opt_b], step=1)
     _train(model, opt_a, 1, seed=2)
     _train(model, opt_b, 1, seed=3)
     snap.restore(model, [opt_a, opt_b])
-    assert_opt_state_equal(opt_a.state_dict(), ref_a)
-    assert_opt_state_equal(opt_b.state_dict(), ref_b)
-    assert_params_equal([p.detach() for p in model.parameters()], params)
+    assert_state_equal(opt_a.state_dict()["state"], ref_a["state"])
+    assert_state_equal(opt_b.state_dict()["state"], ref_b["state"])
+    assert_state_equal([p.detach() for p in model.parameters()], params)
 
 
 def _tensors(obj: object) -> list[torch.Tensor]:

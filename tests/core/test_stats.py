@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lightning_gradguard.core.stats import RobustNormStats
 
-from ._util import HYP
+from support.core import HYP
 
 NAN = float("nan")
 INF = float("inf")
