@@ -299,3 +299,18 @@ def test_a_complex_norm_overflowing_float32_keeps_the_moduli_in_float64() -> Non
     a.grad = torch.tensor([complex(2e38, 2e38), complex(2e38, 2e38)], dtype=torch.complex64)
     m, _, _ = _measure([a], names=["a"])
     assert m.grad_norm == pytest.approx(4e38, rel=1e-6)
+
+
+@pytest.mark.parametrize(("norm_type", "expected"), [(2.0, math.sqrt(13.0)), (1.0, 13.0),
+                                                     (math.inf, 1.0)])
+def test_weights_norm_in_the_norm_of_detection(norm_type: float, expected: float) -> None:
+    params = _params()  # weights: 4 and 9 ones
+    meter = Meter(params, norm_type)
+    found = meter.gradients()
+    assert found is not None
+    out = meter.weights_norm(found[0], torch.device("cpu"))
+    assert out.shape == () and not out.requires_grad
+    assert out.item() == pytest.approx(expected, rel=1e-6)
+    # asked as a request, it is answered by the step's single host read
+    m, grads = meter.measure(1, None, NoClip(), {"w": meter.weights_norm}, names=["a", "b"])
+    assert grads is not None and grads.host["w"] == [pytest.approx(expected, rel=1e-6)]
