@@ -256,3 +256,26 @@ def test_scheduler_sees_only_its_own_values(name: str) -> None:
     assert lrs == ref_lrs  # exactly the unguarded schedule
     for u, r, s in zip(used, ref_used, scales, strict=True):
         assert u == r * s
+
+
+# ------------------------------------------------------------------ defaults and no-op scale
+def test_backoff_documented_defaults() -> None:
+    b = LRBackoff()
+    assert (b.factor, b.recovery_steps, b.min_scale) == (0.5, 200, 1e-3)
+
+
+def test_scale_one_leaves_a_later_lr_change_alone() -> None:
+    # apply(1.0) is a no-op: it saves nothing the step post-hook could put back
+    p = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    LRScaler(opt).apply(1.0)
+    opt.param_groups[0]["lr"] = 0.2  # e.g. the user's own LR change
+    p.grad = torch.ones(1)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert p.item() == pytest.approx(0.8)
+
+
+def test_lr_scaler_keeps_its_optimizer() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    assert LRScaler(opt).optimizer is opt

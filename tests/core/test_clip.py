@@ -5,11 +5,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from support.state import assert_state_equal, opt_tensors, params_of
 
 from lightning_gradguard.core.clip import clip_coef, scale_grads_, skip_step_
 from lightning_gradguard.core.norms import grad_norms
-
-from support.state import assert_state_equal, opt_tensors, params_of
 
 INF = float("inf")
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support.core import HYP
 
 from lightning_gradguard.core.growth import GrowthDetector
-
-from support.core import HYP
 
 NAN = float("nan")
 INF = float("inf")
@@ -199,3 +198,39 @@ def test_reset() -> None:
     assert type(d.prev) is float
     assert math.isnan(d.prev)
     assert _fires(d, [8.0, 16.0, 32.0, 64.0]) == [3]
+
+
+# ----------------------------------------------------------------------------- edges
+def test_documented_defaults() -> None:
+    d = GrowthDetector()
+    assert (d.patience, d.min_rise) == (5, 0.05)
+
+
+def test_hold_leaves_the_detector_one_rise_short_of_firing() -> None:
+    d = GrowthDetector(patience=3, min_rise=0.0)
+    assert [d.update(x) for x in [1.0, 2.0, 3.0, 4.0]] == [False, False, False, True]
+    d.hold()
+    assert d.state_dict() == {"prev": 4.0, "streak": 2}
+    assert d.fires(5.0)
+    assert not d.fires(4.0)
+
+
+@pytest.mark.parametrize("bad", [NAN, INF, -INF])
+def test_growth_fires_never_on_a_non_finite_value(bad: float) -> None:
+    d = GrowthDetector(patience=1, min_rise=0.0)
+    d.update(1.0)
+    assert d.fires(bad) is False
+    assert d.update(bad) is False
+    assert d.state_dict() == {"prev": 1.0, "streak": 0}
+
+
+def test_growth_fires_not_on_a_fall_even_with_patience_one() -> None:
+    d = GrowthDetector(patience=1, min_rise=0.0)
+    d.update(1.0)
+    assert (d.fires(0.5), d.fires(1.0), d.fires(1.5)) == (False, False, True)
+
+
+def test_growth_min_rise_boundary() -> None:
+    d = GrowthDetector(patience=1, min_rise=0.5)
+    d.update(2.0)
+    assert (d.fires(3.0), d.fires(3.0000001)) == (False, True)

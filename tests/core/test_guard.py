@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.core import batches, loss_fn
+from support.modules import make_net
+from support.state import assert_state_equal, opt_tensors, params_of
 
 from lightning_gradguard.core import _host
 from lightning_gradguard.core.clip import skip_step_
@@ -21,10 +24,6 @@ from lightning_gradguard.core.policies import (
     PercentileClip,
     ZScoreClip,
 )
-
-from support.core import batches, loss_fn
-from support.modules import make_net
-from support.state import assert_state_equal, opt_tensors, params_of
 
 NAN = float("nan")
 INF = float("inf")

@@ -7,14 +7,14 @@ from __future__ import annotations
 import math
 
 import torch
+from support.core import batches, loss_fn
+from support.modules import make_net
 from torch import nn
 
 from lightning_gradguard.core import FixedNormClip, GuardCore
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 
 from ._syncs import count_syncs, nonzero
-from support.core import batches, loss_fn
-from support.modules import make_net
 
 
 def _too_large_init() -> nn.Sequential:

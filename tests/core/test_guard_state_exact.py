@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 import torch
+from support.core import batches, loss_fn
+from support.modules import make_net
+from support.state import assert_state_equal
 
 from lightning_gradguard.core import (
     Action,
@@ -29,10 +32,6 @@ from lightning_gradguard.core import (
     StepReport,
     ZScoreClip,
 )
-
-from support.core import batches, loss_fn
-from support.modules import make_net
-from support.state import assert_state_equal
 
 DATA = batches(16)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 import torch
+from support.core import batches, loss_fn
+from support.modules import make_net
 
 from lightning_gradguard.core import (
     AdaptiveGradClip,
@@ -35,8 +37,6 @@ from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.guard import Action
 
 from ._syncs import count_syncs, nonzero
-from support.core import batches, loss_fn
-from support.modules import make_net
 
 
 def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,

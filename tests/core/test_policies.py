@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from support.core import HYP
+from support.state import assert_state_equal
 
 from lightning_gradguard.core.policies import (
     AdaptiveGradClip,
@@ -18,9 +20,6 @@ from lightning_gradguard.core.policies import (
     ZScoreClip,
     unitwise_norm,
 )
-
-from support.core import HYP
-from support.state import assert_state_equal
 
 NAN = float("nan")
 INF = float("inf")
@@ -439,3 +438,187 @@ def test_policy_reset_restores_defaults(name: str) -> None:
     a.reset()
     fresh.reset()
     assert_state_equal(a.state_dict(), fresh.state_dict())
+
+
+# ------------------------------------------------------------ defaults, dtype, device, repr
+def test_policy_documented_defaults() -> None:
+    assert FixedNormClip().max_norm == 1.0
+    p = PercentileClip()
+    assert (p.percentile, p.history_size, p.min_history) == (10.0, 1000, 1)
+    agc = AdaptiveGradClip()
+    assert (agc.clipping, agc.eps, agc.exclude) == (0.01, 1e-3, ())
+    z = ZScoreClip()
+    assert (z.z_threshold, z.ema_decay, z.warmup_steps, z.warmup_factor) == (2.5, 0.97, 25,
+                                                                             10.0)
+
+
+def test_percentile_default_clips_from_the_first_norm() -> None:
+    p = PercentileClip()
+    assert p.threshold_value() == math.inf
+    p.observe_value(3.0, math.inf)
+    assert p.threshold_value() == 3.0
+
+
+
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_threshold_tensor_is_float32_whatever_the_default_dtype() -> None:
+    t = FixedNormClip(0.1).threshold()
+    assert t.dtype == torch.float32
+    assert t.item() == torch.tensor(0.1, dtype=torch.float32).item()
+
+
+def test_threshold_tensor_on_the_requested_device() -> None:
+    t = NoClip().threshold(torch.device("meta"))
+    assert t.device.type == "meta"
+    assert t.dtype == torch.float32
+    assert t.ndim == 0
+
+
+def test_repr_lists_every_argument() -> None:
+    assert repr(PercentileClip(20.0, 50, 5)) == (
+        "PercentileClip(percentile=20.0, history_size=50, min_history=5)")
+    assert repr(AdaptiveGradClip(0.5, exclude=["head.*"])) == (
+        "AdaptiveGradClip(clipping=0.5, eps=0.001, exclude=('head.*',))")
+
+
+# ----------------------------------------------------------------------------- AGC edges
+def test_unitwise_norm_of_a_vector_is_a_scalar() -> None:
+    n = unitwise_norm(torch.tensor([3.0, 4.0]))
+    assert n.shape == ()
+    assert n.item() == 5.0
+    assert unitwise_norm(torch.tensor(-2.0)).shape == ()
+    assert unitwise_norm(torch.ones(2, 3, 4)).shape == (2, 1, 1)
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad
+
+
+def _param(w: list[list[float]], g: list[list[float]]) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.tensor(w))
+    p.grad = torch.tensor(g)
+    return p
+
+
+def test_agc_unit_exactly_at_its_bound_is_not_clipped() -> None:
+    # ||W|| = 5, clipping 0.5 -> bound 2.5 = ||G|| exactly (all values exact in float32)
+    p = _param([[3.0, 4.0]], [[1.5, 2.0]])
+    assert AdaptiveGradClip(clipping=0.5).clip_unitwise_([p]).item() == 0
+    assert _grad(p).tolist() == [[1.5, 2.0]]
+
+
+def test_agc_small_gradients_are_scaled_to_the_bound_exactly() -> None:
+    # ||W|| = 5, clipping 0.1 -> bound 0.5; ||G|| = 0.8 (below 1: no floor may interfere)
+    p = _param([[3.0, 4.0]], [[0.48, 0.64]])
+    assert AdaptiveGradClip(clipping=0.1).clip_unitwise_([p]).item() == 1
+    assert torch.linalg.vector_norm(_grad(p)).item() == pytest.approx(0.5, rel=1e-6)
+    assert _grad(p)[0].tolist() == pytest.approx([0.3, 0.4], rel=1e-6)
+
+
+def test_agc_an_excluded_parameter_does_not_stop_the_others() -> None:
+    head = _param([[1.0]], [[100.0]])
+    body = _param([[3.0, 4.0]], [[30.0, 40.0]])
+    none = torch.nn.Parameter(torch.ones(1, 1))  # no gradient
+    tail = _param([[3.0, 4.0]], [[30.0, 40.0]])
+    agc = AdaptiveGradClip(clipping=0.1, exclude=["head"])
+    n = agc.clip_unitwise_([head, none, body, tail], ["head", "none", "body", "tail"])
+    assert n.item() == 2
+    assert _grad(head).tolist() == [[100.0]]
+    assert _grad(body)[0].tolist() == pytest.approx([0.3, 0.4])
+    assert _grad(tail)[0].tolist() == pytest.approx([0.3, 0.4])
+
+
+# ----------------------------------------------------------------------------- ZScoreClip rules
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, 2.0])
+def test_zscore_ema_decay_range(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"`ema_decay` must be a finite number >= 0 and < 1"):
+        ZScoreClip(ema_decay=bad)
+
+
+def test_zscore_ema_decay_limits_allowed() -> None:
+    assert ZScoreClip(ema_decay=0.0).ema_decay == 0.0
+    assert ZScoreClip(ema_decay=0.999).stats.ema_decay == 0.999
+
+
+def test_zscore_fresh_state() -> None:
+    assert ZScoreClip().state_dict() == {
+        "prev_spike": False, "prev_norm": 0.0,
+        "stats": {"count": 0, "mean": 0.0, "var": 0.0}}
+
+
+def test_zscore_first_spike_ever_is_left_out() -> None:
+    # a caller-given finite threshold at the very first observation: an isolated spike
+    z = ZScoreClip()
+    z.observe_value(5.0, 1.0)
+    assert z.stats.count == 0
+    assert z.state_dict()["prev_spike"] is True
+
+
+@pytest.mark.parametrize("norm", [0.0, INF, -INF, NAN])
+def test_zscore_zero_and_non_finite_norms_change_nothing(norm: float) -> None:
+    z = ZScoreClip(warmup_steps=0)
+    for x in [1.0, 2.0, 9.0]:  # ends on a spike: prev_spike True
+        z.observe_value(x, z.threshold_value())
+    before = z.state_dict()
+    z.observe_value(norm, z.threshold_value())
+    assert z.state_dict() == before
+
+
+def test_zscore_sigma_floor_is_one_percent_of_the_mean() -> None:
+    z = ZScoreClip(z_threshold=2.5, warmup_steps=0)
+    for _ in range(5):
+        z.observe_value(10.0, z.threshold_value())
+    assert z.stats.std == 0.0
+    assert z.threshold_value() == pytest.approx(10.0 + 2.5 * 0.1, rel=1e-12)
+
+
+def test_zscore_loaded_state_with_zero_mean_has_no_threshold() -> None:
+    z = ZScoreClip(warmup_steps=0)
+    z.load_state_dict({"prev_spike": False, "prev_norm": 0.0,
+                       "stats": {"count": 3, "mean": 0.0, "var": 0.0}})
+    assert z.threshold_value() == INF
+
+
+def test_zscore_steady_level_rule_ends_with_the_warmup() -> None:
+    # count == warmup_steps: the warmup is over, a repeated spike enters clamped
+    z = ZScoreClip(z_threshold=2.5, warmup_steps=2)
+    z.observe_value(1.0, z.threshold_value())
+    z.observe_value(1.0, z.threshold_value())
+    thr = z.threshold_value()
+    assert thr == pytest.approx(1.025)
+    z.observe_value(5.0, thr)  # isolated: left out
+    assert z.stats.count == 2
+    z.observe_value(5.0, thr)  # repeated, no higher, but after the warmup: clamped
+    assert z.stats.count == 3
+    assert z.stats.mean == pytest.approx((1.0 + 1.0 + thr) / 3, rel=1e-12)
+
+
+def test_zscore_steady_level_rule_at_exactly_the_allowed_rise() -> None:
+    z = ZScoreClip(z_threshold=2.5, warmup_steps=10, warmup_factor=10.0)
+    z.observe_value(1.0, z.threshold_value())
+    thr = z.threshold_value()
+    assert thr == 10.0
+    z.observe_value(16.0, thr)  # isolated spike: left out
+    nxt = 16.0 * 1.05  # a second spike exactly at the allowed rise: a steady level
+    z.observe_value(nxt, z.threshold_value())
+    assert z.stats.count == 2
+    assert z.stats.mean == pytest.approx((1.0 + nxt) / 2, rel=1e-12)
+
+
+def test_zscore_steady_level_rule_above_the_allowed_rise_is_clamped() -> None:
+    z = ZScoreClip(z_threshold=2.5, warmup_steps=10, warmup_factor=10.0)
+    z.observe_value(1.0, z.threshold_value())
+    z.observe_value(16.0, 10.0)
+    z.observe_value(16.0 * 1.06, 10.0)
+    assert z.stats.mean == pytest.approx((1.0 + 10.0) / 2, rel=1e-12)

@@ -5,10 +5,9 @@ import io
 
 import pytest
 import torch
+from support.state import assert_state_equal, opt_tensors
 
 from lightning_gradguard.core.snapshot import Snapshot
-
-from support.state import assert_state_equal, opt_tensors
 
 
 def _model() -> torch.nn.Module:

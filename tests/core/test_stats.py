@@ -7,10 +7,9 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from support.core import HYP
 
 from lightning_gradguard.core.stats import RobustNormStats
-
-from support.core import HYP
 
 NAN = float("nan")
 INF = float("inf")

@@ -175,3 +175,21 @@ def test_check_int_bool_choice() -> None:
 def test_huge_int_gives_value_error() -> None:
     with pytest.raises(ValueError, match="`max_norm`"):
         FixedNormClip(10**400)
+
+
+# ----------------------------------------------------------------------------- exact messages
+@pytest.mark.parametrize(
+    ("kwargs", "value", "message"),
+    [
+        ({}, NAN, "`x` must be a finite number, got nan"),
+        ({"low": 0, "high": 1}, 2.0, "`x` must be a finite number >= 0 and <= 1, got 2.0"),
+        ({"low": 0, "high": 1, "low_inclusive": False, "high_inclusive": False}, 1.0,
+         "`x` must be a finite number > 0 and < 1, got 1.0"),
+        ({"high": 1, "allow_inf": True}, INF, "`x` must be a number <= 1, got inf"),
+        ({}, 10**400, f"`x` must be a finite number, got {10**400!r}"),
+    ],
+)
+def test_check_number_exact_message_per_bound(kwargs: dict[str, float], value: float,
+                                               message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        check_number("x", value, **kwargs)  # type: ignore[arg-type]

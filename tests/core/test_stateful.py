@@ -1,0 +1,77 @@
+"""``Stateful``: declared state copied deeply by ``reset``, ``state_dict`` and
+``load_state_dict``, children saved and restored with their parent, missing keys named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lightning_gradguard.core._stateful import Stateful
+
+
+class _Nested(Stateful):
+    rows: list[list[float]]
+    n: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._add_state("rows", [[0.0, 0.0], [0.0]])
+        self._add_state("n", 0)
+
+
+class _Parent(Stateful):
+    k: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = _Nested()
+        self._add_child("child", self.child)
+        self._add_state("k", 1)
+
+
+def test_reset_restores_nested_defaults_even_after_in_place_changes() -> None:
+    s = _Nested()
+    s.rows[0][0] = 5.0
+    s.reset()
+    s.rows[0][1] = 6.0
+    s.reset()
+    assert s.rows == [[0.0, 0.0], [0.0]]
+    assert _Nested().rows == [[0.0, 0.0], [0.0]]
+
+
+def test_state_dict_is_a_deep_copy() -> None:
+    s = _Nested()
+    sd = s.state_dict()
+    s.rows[1][0] = 3.0
+    assert sd == {"rows": [[0.0, 0.0], [0.0]], "n": 0}
+    sd["rows"][0][0] = 9.0
+    assert s.rows == [[0.0, 0.0], [3.0]]
+
+
+def test_load_state_dict_takes_a_deep_copy() -> None:
+    sd: dict[str, Any] = {"rows": [[1.0, 2.0], [3.0]], "n": 4}
+    s = _Nested()
+    s.load_state_dict(sd)
+    sd["rows"][0][0] = 99.0
+    assert (s.rows, s.n) == ([[1.0, 2.0], [3.0]], 4)
+
+
+def test_load_state_dict_missing_keys_names_class_and_keys() -> None:
+    p = _Parent()
+    with pytest.raises(KeyError, match=r"_Parent\.load_state_dict: missing keys \['child'\]"):
+        p.load_state_dict({"k": 2})
+    assert p.k == 1  # nothing loaded
+    with pytest.raises(KeyError, match=r"_Nested\.load_state_dict: missing keys \['n'\]"):
+        p.load_state_dict({"k": 2, "child": {"rows": []}})
+
+
+def test_parent_round_trip_and_reset() -> None:
+    a = _Parent()
+    a.k = 7
+    a.child.n = 2
+    b = _Parent()
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == {"k": 7, "child": {"rows": [[0.0, 0.0], [0.0]], "n": 2}}
+    b.reset()
+    assert b.state_dict() == _Parent().state_dict()
