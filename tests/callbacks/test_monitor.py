@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import Logger
 from support.modules import TinyRegression
+from support.syncs import count_syncs, nonzero
 from tensorboard.backend.event_processing.event_accumulator import (
     HISTOGRAMS,
     SCALARS,
@@ -23,7 +24,6 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from lightning_gradguard.callbacks import GradientMonitor
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.testing import Fault, FaultInjector
-from tests.core._syncs import count_syncs, nonzero
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*")
 

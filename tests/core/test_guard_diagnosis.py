@@ -9,12 +9,11 @@ import math
 import torch
 from support.core import batches, loss_fn
 from support.modules import make_net
+from support.syncs import count_syncs, nonzero
 from torch import nn
 
 from lightning_gradguard.core import FixedNormClip, GuardCore
 from lightning_gradguard.core._host import host_reads, reset_host_reads
-
-from ._syncs import count_syncs, nonzero
 
 
 def _too_large_init() -> nn.Sequential:

@@ -5,7 +5,7 @@ Counted two ways:
 * the core's own counter, :func:`lightning_gradguard.core._host.host_reads` (every
   tensor -> Python conversion of the core is meant to go through ``to_host``);
 * every host synchronisation made during the step, whoever makes it
-  (:func:`tests.core._syncs.count_syncs`): a dispatch mode sees every scalar read that
+  (:func:`support.syncs.count_syncs`): a dispatch mode sees every scalar read that
   torch's C++ makes (``item``, ``bool(t)``, ``float(t)``, ``torch.is_nonzero``, formatting,
   ``torch.equal``...), and wrapped ``torch.Tensor`` methods see the copies that never reach
   the dispatcher on CPU (``tolist``, ``numpy``, ``cpu()``, ``to("cpu")``). This catches
@@ -23,6 +23,7 @@ import pytest
 import torch
 from support.core import batches, loss_fn
 from support.modules import make_net
+from support.syncs import count_syncs, nonzero
 
 from lightning_gradguard.core import (
     AdaptiveGradClip,
@@ -35,8 +36,6 @@ from lightning_gradguard.core import (
 )
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.guard import Action
-
-from ._syncs import count_syncs, nonzero
 
 
 def measured_step(guard: GuardCore, loss: torch.Tensor | None = None,
@@ -186,23 +185,10 @@ def test_nonfinite_steps_convert_only_through_to_host() -> None:
 def test_gradguard_in_trainer_fit_reads_host_once_per_optimizer_step(tmp_path: Path) -> None:
     pl = pytest.importorskip("lightning.pytorch")
     from lightning.pytorch.loggers import CSVLogger
-    from torch.utils.data import DataLoader, TensorDataset
+    from support.modules import TinyRegression
+    from torch.utils.data import TensorDataset
 
     from lightning_gradguard import GradGuard
-
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = make_net(seed=0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            loss = torch.nn.functional.mse_loss(self.net(x), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
     data = batches(8)
     ds = TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))
@@ -224,7 +210,8 @@ def test_gradguard_in_trainer_fit_reads_host_once_per_optimizer_step(tmp_path: P
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.callbacks.append(guard)
-    trainer.fit(Tiny(), DataLoader(ds, batch_size=16))
+    # make_net(seed=0), SGD(lr=0.01, momentum=0.9), logs train_loss; batches(8) in order
+    trainer.fit(TinyRegression(lr=0.01, opt="sgdm", data=ds))
     assert trainer.global_step == max_steps
     assert guard.summary()["steps"] == max_steps
     assert len(per_step) == max_steps

@@ -17,4 +17,8 @@ resolves under ``python -m pytest`` and would load a second copy of every module
   ``assert_state_close``.
 - :mod:`support.recorders`: callbacks that record what a run did -- ``Recorder``,
   ``StateAround``, ``ClearGradsAt``, ``NonFiniteRecorder``.
+- :mod:`support.core`: for plain-torch loops over ``GuardCore`` -- ``batches``, ``loss_fn``,
+  and ``HYP``, the Hypothesis settings of the core's property tests.
+- :mod:`support.syncs`: ``count_syncs``, a host-synchronisation counter code under test
+  cannot step around, and ``nonzero``.
 """
