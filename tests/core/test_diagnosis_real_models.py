@@ -1,4 +1,4 @@
-"""The diagnosis on standard models (issue 24): structure and optimizers recognised by what they
+"""The diagnosis on standard models: structure and optimizers recognised by what they
 do, no false cause on healthy runs, every batch read, evidence that agrees with itself, and no
 side effects (a seeded run is bit-identical with a guard that takes no action; compiled models
 work)."""

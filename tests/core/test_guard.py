@@ -830,7 +830,7 @@ def test_reducer_is_used() -> None:
     assert math.isclose(reduced, math.sqrt(2) * local, rel_tol=1e-6)
 
 
-# ----------------------------------------------------------------------------- known bugs
+# ------------------------------------- edge cases: None grads, zero first step, resume, AMP, sparse
 def test_diagnosis_names_right_param_when_some_grads_are_none() -> None:
     p0, p1, p2 = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
     opt = torch.optim.SGD([p0, p1, p2], lr=0.1)

@@ -155,7 +155,7 @@ def test_host_values_two_vectors_in_one_transfer_each_from_its_offset() -> None:
         values.add_vector("u", torch.tensor([1.0]))
 
 
-# --- exact values of each measured quantity (issue 27, mutation survivors) ------------------
+# --- exact values of each measured quantity ---------------------------------------------------
 
 
 def test_name_twice_messages_exact() -> None:
