@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -508,16 +507,6 @@ def test_unsupported_layout_message_exact() -> None:
            "supported: dense (torch.strided) and sparse COO gradients")
     with pytest.raises(TypeError, match=f"^{re.escape(msg)}$"):
         grad_norms([csr])
-
-
-@pytest.fixture
-def float64_default() -> Iterator[None]:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 @pytest.mark.parametrize("p", [2.0, INF])

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -458,16 +458,6 @@ def test_percentile_default_clips_from_the_first_norm() -> None:
     p.observe_value(3.0, math.inf)
     assert p.threshold_value() == 3.0
 
-
-
-@pytest.fixture
-def float64_default() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.mark.usefixtures("float64_default")
