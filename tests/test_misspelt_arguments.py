@@ -88,6 +88,14 @@ def _keyword_params(cls: type) -> list[inspect.Parameter]:
 _CASES = [(name, cls) for name, cls in _public_classes() if _keyword_params(cls)]
 
 
+#: the value types the guard builds at every step: a wrapper around their constructor would
+#: cost ~0.4 µs a construction, seven times a step, on the path whose cost is the product;
+#: they are the guard's outputs (and `decide`'s inputs in tests), rarely built by a user, and
+#: Python's own message already names the class and the misspelt argument
+HOT_PATH = {"Decision", "GradNorms", "GuardState", "HostValues", "Measurement", "StepReport",
+            "UpdateLimit"}
+
+
 def _typo(name: str) -> str:
     return name + name[-1]  # a doubled last letter: 'clip' -> 'clipp'
 
@@ -102,6 +110,10 @@ def test_every_public_class(name: str, cls: type) -> None:
     with pytest.raises(TypeError) as err:
         cls(*args, **{_typo(first): 1})
     msg = str(err.value)
+    if name in HOT_PATH:  # Python's own message: it names the class and the argument
+        assert msg.startswith(f"{name}."), msg
+        assert repr(_typo(first)) in msg, msg
+        return
     assert msg.startswith(f"{name} got unexpected keyword argument(s) {_typo(first)!r} "
                           f"(did you mean {first!r}?)"), msg
 

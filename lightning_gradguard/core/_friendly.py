@@ -7,7 +7,10 @@ got an unexpected keyword argument 'log_every'``): an internal name, and no sugg
     GradientMonitor got unexpected keyword argument(s) 'log_every' (did you mean
     'log_histograms'?); its arguments are: norm_type, layer_depth, ...
 
-Standard library only (usable from the core and the callbacks alike).
+Standard library only (usable from the core and the callbacks alike). The value types the
+guard builds at every step (``Decision``, ``GuardState``, ``Measurement``, ``StepReport``,
+``UpdateLimit``, ``GradNorms``, ``HostValues``) are left unwrapped: the wrapper costs ~0.4 µs
+a construction, and Python's own message names the class and the argument.
 """
 
 from __future__ import annotations

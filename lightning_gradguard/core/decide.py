@@ -77,7 +77,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core.clip import clip_coef
 from lightning_gradguard.core.measure import Measurement
 from lightning_gradguard.core.settings import GuardSettings
@@ -132,7 +131,6 @@ class Reason(str, Enum):
     AMP_HALT = "amp_halt"
 
 
-@friendly_kwargs
 @dataclass(slots=True)
 class GuardState:
     """The guard's state as the decision sees it (host values only; a value, never changed).
@@ -164,7 +162,6 @@ class GuardState:
     clock: int | None = None
 
 
-@friendly_kwargs
 @dataclass(slots=True)
 class Decision:
     """What to do at one step; the apply stage carries it out in a fixed order.

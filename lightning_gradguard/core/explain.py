@@ -19,7 +19,7 @@ the LR.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -118,7 +118,7 @@ class Explainer:
         return diagnosis, norms
 
     def explain(self, m: Measurement, d: Decision, grads: Gradients | None,
-                norms: list[float] | None, names: Sequence[str], batch: Any, *,
+                norms: list[float] | None, names: Callable[[], Sequence[str]], batch: Any, *,
                 lr_backoffs: int) -> tuple[tuple[Cause, ...] | None, str | None]:
         """Feed the diagnostician this step's host floats; rank causes on an event.
 
@@ -131,7 +131,8 @@ class Explainer:
             d: The step's decision.
             grads: The gradients in hand (their host vectors read with the measurement).
             norms: The per-tensor norms read by :meth:`nonfinite` (``None``: not read).
-            names: The names of the parameters that have a gradient, in order.
+            names: Gives the names of the parameters that have a gradient, in order (called
+                only at the first step and on an event: no cost on the usual step).
             batch: The step's batch (read for NaN/Inf on a non-finite step or a halt only).
             lr_backoffs: The backoffs before this step.
 
@@ -148,10 +149,11 @@ class Explainer:
             self.preflight_done = True
             host = grads.host if grads is not None else {}
             per = host.get("per_tensor")
-            if m.finite and per is not None and len(per) == len(names):
+            named = names() if per is not None else []
+            if m.finite and per is not None and len(per) == len(named):
                 weights = {n: (v, k) for (n, k), v in
                            zip(self._weight_names, host.get("weight_norms", []), strict=False)}
-                causes = doc.preflight(dict(zip(names, per, strict=True)), m.loss,
+                causes = doc.preflight(dict(zip(named, per, strict=True)), m.loss,
                                        step=m.step, weight_norms=weights or None)
                 if causes:
                     doc.causes = [c.to_dict() for c in causes]
@@ -168,8 +170,9 @@ class Explainer:
             return None, None
         if event != "preflight":
             self.diagnosed_events.add(event)
-            per_tensor = (dict(zip(names, norms, strict=False)) if norms is not None
-                          and len(norms) == len(names) else None)
+            named = names() if norms is not None else []
+            per_tensor = (dict(zip(named, norms, strict=False)) if norms is not None
+                          and len(norms) == len(named) else None)
             before = doc.causes
             causes = doc.diagnose(event, per_tensor, m.loss,  # type: ignore[arg-type]
                                   batch if event in ("nonfinite", "halt") else None)

@@ -301,7 +301,7 @@ class GuardCore(Stateful):
     def state(self, measurement: Measurement) -> GuardState:
         """The guard's state as :func:`~lightning_gradguard.core.decide.decide` sees it."""
         return GuardState(streaks=self.streaks, spike_steps=self.spike_steps,
-                          diagnosed=self.first_nonfinite_step is not None,
+                          diagnosed=self.explainer.first_nonfinite_step is not None,
                           growth_fires=self.growth.fires(measurement.grad_norm),
                           lr_scale=self.backoff.scale,
                           loss_improving=self.loss_trend.improving, clock=self.counters.steps)
@@ -323,7 +323,7 @@ class GuardCore(Stateful):
                 m, grads, self.names, self.params, self.meter,
                 growth_before=c.growth_events > 0, lr_scale=self.backoff.scale,
                 first_step=c.steps - self._steps_at_start == 1)
-        causes, event = explainer.explain(m, d, grads, host_norms, self._names_with_grad(),
+        causes, event = explainer.explain(m, d, grads, host_norms, self._names_with_grad,
                                           batch, lr_backoffs=c.lr_backoffs)
         if d.observe:  # a skipped step never enters the statistics, even with a finite norm
             self.policy.observe_value(m.grad_norm, m.threshold)
@@ -358,11 +358,14 @@ class GuardCore(Stateful):
             params_finite=d.path != "nonfinite_weights", halt=d.halt, loss=m.loss,
             diagnosis=diagnosis, causes=causes, diagnosis_event=event, reason=d.reason)
         r = self.last_report
-        self.speaker.speak(
-            r, first_nonfinite=diagnosis is not None and r.step == self.first_nonfinite_step,
-            resumed=self.resumed, backoffs=self.counters.lr_backoffs, causes=self.causes,
-            snapshot_step=self.snapshot.step if self.snapshot is not None else None,
-            streak=self.streaks.nonfinite, halt_text=self.halt_message if d.halt else "")
+        if Speaker.has_news(r):
+            self.speaker.speak(
+                r, first_nonfinite=(diagnosis is not None
+                                    and r.step == explainer.first_nonfinite_step),
+                resumed=self.resumed, backoffs=self.counters.lr_backoffs,
+                causes=explainer.causes,
+                snapshot_step=self.snapshot.step if self.snapshot is not None else None,
+                streak=self.streaks.nonfinite, halt_text=self.halt_message if d.halt else "")
         for listener in self.listeners:
             listener(m, d, r)
         return self.last_report

@@ -21,7 +21,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._host import to_host
 from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
 from lightning_gradguard.core.policies import ClipPolicy
@@ -33,7 +32,6 @@ _PLAIN = (torch.nn.Parameter, torch.Tensor)
 Groups = dict[tuple[torch.device, torch.dtype], list[int]]
 
 
-@friendly_kwargs
 class HostValues:
     """Device scalars gathered by name, read to the host in one transfer.
 
@@ -103,7 +101,6 @@ def _scalar_loss(loss: Tensor) -> Tensor:
     return loss.detach().float().mean()
 
 
-@friendly_kwargs
 class Measurement(NamedTuple):
     """What one step measured: host floats only (the input of the decision).
 

@@ -67,7 +67,6 @@ class NormReducer(Protocol):
         ...
 
 
-@friendly_kwargs
 @dataclass(frozen=True)
 class GradNorms:
     """Result of :func:`grad_norms`.

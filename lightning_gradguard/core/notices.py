@@ -130,6 +130,12 @@ class Speaker:
         self._last_backoff = -NOTICE_EVERY
         self._held = 0
 
+    @staticmethod
+    def has_news(r: StepReport) -> bool:
+        """Whether step ``r`` has anything to say (the usual step has not: one test)."""
+        return bool(r.backoff or r.rollback or r.halt or r.diagnosis_event
+                    or r.diagnosis is not None or not r.params_finite)
+
     def speak(self, r: StepReport, *, first_nonfinite: bool = False, resumed: bool = False,
               backoffs: int = 0, causes: Sequence[Cause] = (), snapshot_step: int | None = None,
               streak: int = 0, halt_text: str = "") -> None:
@@ -145,8 +151,7 @@ class Speaker:
             streak: The non-finite streak (the rollback notice counts it).
             halt_text: Why training halts (with ``r.halt``).
         """
-        if not (r.backoff or r.rollback or r.halt or r.diagnosis_event
-                or r.diagnosis is not None or not r.params_finite):
+        if not self.has_news(r):
             return  # the usual step: nothing to say
         s, out = self.settings, []
         step_causes = list(r.causes or ())

@@ -18,7 +18,6 @@ from lightning_gradguard.core.measure import Measurement
 __all__ = ["GuardCounters", "StepListener", "StepReport"]
 
 
-@friendly_kwargs
 @dataclass(frozen=True)
 class StepReport:
     """What the guard saw and did at one optimizer step.

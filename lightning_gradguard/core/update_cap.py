@@ -46,7 +46,6 @@ __all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "Upda
 _INF = float("inf")
 
 
-@friendly_kwargs
 @dataclass(frozen=True, slots=True)
 class UpdateLimit:
     """What the update control allows at one step (host floats only).
