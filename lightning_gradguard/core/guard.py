@@ -18,8 +18,9 @@ One step is three stages, each findable by name:
    fused read of the total and per-tensor gradient norms, and every other value the step
    needs (loss, the clip policy's unit-wise total, and what the components ask for by name:
    the weights' norm on snapshot steps and for the update control, the pre-flight evidence),
-   read to the host in one transfer; it changes no state (a unit-wise policy, AGC, still
-   clips here: its clipped total is part of the read);
+   read to the host in one transfer; it changes no state and writes no gradient (a
+   unit-wise policy, AGC, gives its units' factors here: the clipped total they give is
+   part of the read, and the apply stage multiplies the gradients by them);
 2. **decide** (:func:`~lightning_gradguard.core.decide.decide`): a pure function of that
    measurement and the guard's state; its module docstring is the decision table, one
    function per row;
@@ -276,7 +277,8 @@ class GuardCore(Stateful):
         norm (the update control's schedule, and whether they are finite on a rollback
         snapshot step) and, with ``diagnose``, the pre-flight evidence at the first step.
         The update control's limit is previewed from it (the apply stage hands the values
-        over). A unit-wise clip policy clips here (its clipped total is part of the read).
+        over). A unit-wise clip policy gives its units' factors here, without writing the
+        gradients (the clipped total they give is part of the read; :meth:`apply` clips).
         Counts the step as already started (:meth:`step` counts it first).
         """
         c = self.counters
@@ -335,6 +337,8 @@ class GuardCore(Stateful):
         if d.skip:
             skip_step_(self.params)
         if grads is not None:
+            if grads.unit_scales and not d.skip:  # the unit-wise clip, from measured factors
+                self.meter.clip_units_(grads)
             for coef in d.scales:
                 scale_grads_(grads.grads, coef, grads.groups)
         if d.backoff:

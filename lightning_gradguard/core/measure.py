@@ -3,7 +3,9 @@
 :class:`HostValues` gathers device scalars by name and reads them all back in a single
 :func:`~lightning_gradguard.core._host.to_host` call; :class:`Meter` builds the step's
 :class:`Measurement` (named host floats, frozen) and keeps the gradients in hand
-(:class:`Gradients`) for the apply stage. Nothing here decides anything.
+(:class:`Gradients`) for the apply stage. Nothing here decides anything, and nothing here
+writes the gradients: a unit-wise policy (AGC) gives its units' factors, the clipped total is
+computed from them and read with the rest, and the apply stage multiplies the gradients by them.
 
 Whatever else a component needs from the step (the weights' norm for the update control or a
 rollback snapshot, the per-tensor norms for a diagnosis) it asks for by name: a
@@ -22,8 +24,14 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.core._host import to_host
-from lightning_gradguard.core.norms import NormReducer, grad_norms, group_by_device_and_dtype
-from lightning_gradguard.core.policies import ClipPolicy
+from lightning_gradguard.core.norms import (
+    NormReducer,
+    _localize,
+    _total,
+    grad_norms,
+    group_by_device_and_dtype,
+)
+from lightning_gradguard.core.policies import ClipPolicy, UnitScale, apply_unit_scales_
 from lightning_gradguard.core.update_cap import NO_LIMIT, UpdateLimit
 
 __all__ = ["Gradients", "HostValues", "Measurement", "Meter", "Request"]
@@ -110,8 +118,8 @@ class Measurement(NamedTuple):
         step: The step number for reports (the caller's, or the guard's 1-based count).
         grad_norm: Total gradient norm before any clipping (NaN/Inf when non-finite).
         threshold: The clip policy's threshold from the history *before* this step.
-        clipped_norm: Total norm after the policy's unit-wise clipping (``grad_norm`` when
-            the policy is not unit-wise).
+        clipped_norm: Total norm the gradients will have after the policy's unit-wise
+            clipping (``grad_norm`` when the policy is not unit-wise or clips no unit).
         loss: The step's loss (``None`` if not given).
         params_finite: Whether the weights are finite (``None``: not measured this step;
             the guard asks for them on rollback-snapshot steps, request ``"params_norm"``).
@@ -150,12 +158,15 @@ class Gradients:
         per_tensor: Per-tensor norms (for a diagnosis), on the device.
         host: The answers to the step's named requests (``requests`` of
             :meth:`Meter.measure`), read with the measurement, as host floats (flattened).
+        unit_scales: A unit-wise policy's factors (indexed into the meter's parameters), for
+            the apply stage to multiply the gradients by (unit-sized device tensors).
     """
 
     grads: list[Tensor]
     groups: Groups | None
     per_tensor: Tensor | None
     host: dict[str, list[float]] = field(default_factory=dict)
+    unit_scales: list[UnitScale] = field(default_factory=list)
 
 
 #: A value asked of the step's single host read, by name: a device tensor, or a function of the
@@ -213,6 +224,61 @@ class Meter:
         return self.total([p.detach() for p in self.params], device, norm_type=self.norm_type,
                           groups=self.groups)
 
+    def _scaled_norm(self, grad: Tensor, s: UnitScale) -> Tensor:
+        """The norm of ``grad`` multiplied by its unit factors, without writing ``grad``.
+
+        The 2-norm comes from the unit norms; another norm (or a sharded gradient) from the
+        scaled gradient, a temporary of this one tensor.
+        """
+        out: Tensor
+        if self.norm_type == 2.0 and type(grad) is Tensor:
+            out = torch.linalg.vector_norm(s.unit_norms * s.unit_scale)
+            return out
+        if grad.is_sparse:
+            values = grad.coalesce().values()
+            scaled = values * s.unit_scale.to(values.dtype)
+        else:
+            scaled = grad.detach() * s.scale.to(grad.dtype)
+            if type(scaled) is not Tensor and hasattr(scaled, "to_local"):
+                scaled = scaled.to_local()  # a DTensor: the local shard's norm, as per_tensor
+        if scaled.is_complex():
+            out = torch.linalg.vector_norm(scaled, self.norm_type)
+        else:
+            wide = scaled.dtype == torch.float64
+            out = torch.linalg.vector_norm(scaled, self.norm_type,
+                                           dtype=torch.float64 if wide else torch.float32)
+        return out
+
+    def clipped_total(self, grads: Gradients, total: Tensor) -> Tensor:
+        """The total norm once ``grads.unit_scales`` are applied (device tensor; no write).
+
+        The per-tensor norms of the fused pass, with those of the tensors that have a clipped
+        unit replaced by their scaled norms, reduced as :func:`grad_norms` reduced them (so
+        with no unit clipped it is ``total``, to the bit; with a ``reducer``, a collective).
+        """
+        scales, per = grads.unit_scales, grads.per_tensor
+        if not scales or per is None:
+            return total
+        slot: dict[int, int] = {}
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                slot[i] = len(slot)
+        index, norms = [], []
+        for s in scales:
+            grad = self.params[s.param].grad
+            assert grad is not None
+            j = slot[s.param]
+            scaled = self._scaled_norm(grad, s).to(per.device, per.dtype)
+            norms.append(torch.where(s.clipped > 0, scaled, per[j]))
+            index.append(j)
+        per = per.index_copy(0, torch.tensor(index, device=per.device), torch.stack(norms))
+        shard_groups = None if grads.groups is not None else _localize(grads.grads)[1]
+        return _total(per, self.norm_type, shard_groups, self.reducer)
+
+    def clip_units_(self, grads: Gradients) -> None:
+        """Multiply the gradients by the unit-wise policy's factors (the apply stage's clip)."""
+        apply_unit_scales_(self.params, grads.unit_scales)
+
     def _exact_norm(self, grads: Sequence[Tensor], device: torch.device) -> float:
         """The total norm accumulated in float64 (one more host read; only on an inf total).
 
@@ -231,8 +297,10 @@ class Meter:
         Args:
             step: The step number for the report.
             loss: The step's loss.
-            policy: The clip policy: its threshold (before this step) is read, and a unit-wise
-                policy clips here, before the read (its clipped total is part of it).
+            policy: The clip policy: its threshold (before this step) is read; a unit-wise
+                policy gives its units' factors (kept in ``Gradients.unit_scales`` for the
+                apply stage; the gradients are not written) and the clipped total they give
+                is part of the read.
             requests: Further values to read in the same transfer, by name (see
                 :data:`Request`), answered in ``Gradients.host``.
             names: The parameters' names (for the unit-wise policy).
@@ -246,9 +314,8 @@ class Meter:
         values = HostValues(total.device)
         values.add("grad_norm", total)
         if policy.unitwise:
-            policy.clip_unitwise_(self.params, names)
-            values.add("clipped_norm", grad_norms(grads.grads, self.norm_type,
-                                                  reducer=self.reducer).total)
+            grads.unit_scales = policy.unit_scales(self.params, names)
+            values.add("clipped_norm", self.clipped_total(grads, total))
         if isinstance(loss, Tensor):
             values.add("loss", _scalar_loss(loss))
         for name, request in (requests or {}).items():

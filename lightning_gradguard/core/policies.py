@@ -30,7 +30,7 @@ import bisect
 import fnmatch
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,7 +46,9 @@ __all__ = [
     "FixedNormClip",
     "NoClip",
     "PercentileClip",
+    "UnitScale",
     "ZScoreClip",
+    "apply_unit_scales_",
     "unitwise_norm",
 ]
 
@@ -56,16 +58,37 @@ _INF = float("inf")
 _MIN_REL_STD = 0.01
 
 
+class UnitScale(NamedTuple):
+    """One parameter's unit-wise clip factors (device tensors): :meth:`ClipPolicy.unit_scales`.
+
+    Attributes:
+        param: The parameter's position in the list the factors were asked for.
+        scale: The factors to multiply the gradient by: broadcastable to a dense gradient
+            (``keepdim``); for a row-sparse gradient one per row of the weights.
+        clipped: How many units are over their limit (0-dim tensor).
+        unit_norms: The norms of the gradient's units (2-norm, float32; for a sparse gradient
+            those of the rows it holds).
+        unit_scale: The factors aligned with ``unit_norms``: the clipped gradient's 2-norm is
+            ``vector_norm(unit_norms * unit_scale)``.
+    """
+
+    param: int
+    scale: Tensor
+    clipped: Tensor
+    unit_norms: Tensor
+    unit_scale: Tensor
+
+
 class ClipPolicy(Stateful):
     """Base class of the threshold policies.
 
     Subclasses implement :meth:`threshold_value` and, if they learn from the history,
     :meth:`observe_value`; both work on host floats (the guard has read the step's norm to
     the host once anyway). :meth:`threshold` / :meth:`observe` are tensor conveniences for
-    direct use. Unit-wise policies also override :meth:`clip_unitwise_`.
+    direct use. Unit-wise policies also override :meth:`unit_scales` and :meth:`clip_unitwise_`.
     """
 
-    #: Whether this policy clips per unit (then :meth:`clip_unitwise_` is called each step).
+    #: Whether this policy clips per unit (then :meth:`unit_scales` is asked each step).
     unitwise: bool = False
 
     def threshold_value(self) -> float:
@@ -82,6 +105,16 @@ class ClipPolicy(Stateful):
     def observe(self, norm: float | Tensor, threshold: float | Tensor) -> None:
         """:meth:`observe_value` for tensors or floats (tensors are read to the host)."""
         self.observe_value(float(norm), float(threshold))
+
+    def unit_scales(
+        self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None
+    ) -> list[UnitScale]:
+        """Each unit's clip factor (device tensors; the gradients are not written).
+
+        The measure stage asks for them (and reads the clipped total from them); the apply
+        stage multiplies the gradients by them (:func:`apply_unit_scales_`).
+        """
+        raise NotImplementedError
 
     def clip_unitwise_(
         self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None
@@ -377,19 +410,19 @@ class AdaptiveGradClip(ClipPolicy):
         """No global threshold: ``inf``."""
         return _INF
 
-    def _unit_scale(self, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Which units are over their limit, and the factor of every unit."""
+    def _unit_scale(self, w: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Which units are over their limit, the factor of every unit, and their norms."""
         max_norm = unitwise_norm(w).clamp_min(self.eps) * self.clipping
         g_norm = unitwise_norm(g)
         over = g_norm > max_norm
         return over, torch.where(over, max_norm / g_norm.clamp_min(1e-6),
-                                 torch.ones_like(g_norm))
+                                 torch.ones_like(g_norm)), g_norm
 
-    def _clip_sparse_(self, p: torch.nn.Parameter) -> Tensor:
-        """AGC of a row-sparse COO gradient (``nn.Embedding(sparse=True)``), in place.
+    def _sparse_scale(self, index: int, p: torch.nn.Parameter) -> UnitScale:
+        """AGC factors of a row-sparse COO gradient (``nn.Embedding(sparse=True)``).
 
-        Each row the gradient holds is clipped against the same row of the weights (the
-        stored values are scaled: the gradient tensor stays the same object).
+        Each row the gradient holds is judged against the same row of the weights; the
+        factor is one per row of the weights (``1`` for the rows the gradient does not hold).
 
         Raises:
             TypeError: For a sparse gradient that is not row-sparse (``sparse_dim() == 1``)
@@ -404,32 +437,68 @@ class AdaptiveGradClip(ClipPolicy):
                 f"{p.ndim}-D parameter; exclude it with `exclude=` or use ZScoreClip")
         summed = g.coalesce()
         rows = summed.indices()[0]
-        over, scale = self._unit_scale(p.detach()[rows], summed.values())
+        over, scale, g_norm = self._unit_scale(p.detach()[rows], summed.values())
         factor = torch.ones(p.shape[0], dtype=scale.dtype, device=scale.device)
         factor = factor.index_copy(0, rows, scale.reshape(-1))
-        values = g._values()
-        values.mul_(factor[g._indices()[0]].to(values.dtype).reshape(
-            (-1,) + (1,) * (values.dim() - 1)))
-        return over.sum()
+        return UnitScale(index, factor, over.sum(), g_norm, scale)
 
     def _excluded(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
-    def clip_unitwise_(
+    def unit_scales(
         self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None
-    ) -> Tensor:
-        """Clip every unit's gradient in place; return how many units were clipped."""
-        clipped: list[Tensor] = []
+    ) -> list[UnitScale]:
+        """The unit factors of every parameter with a gradient that is not excluded.
+
+        The gradients are left as they are (:meth:`clip_unitwise_` also applies them).
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+            >>> w.grad = torch.tensor([[30.0, 40.0]])
+            >>> (s,) = AdaptiveGradClip(clipping=0.1).unit_scales([w])
+            >>> s.scale, s.clipped, w.grad
+            (tensor([[0.0100]]), tensor(1), tensor([[30., 40.]]))
+        """
+        out: list[UnitScale] = []
         for i, p in enumerate(params):
             g = p.grad
             if g is None or (names is not None and self._excluded(names[i])):
                 continue
             if g.is_sparse:
-                clipped.append(self._clip_sparse_(p))
+                out.append(self._sparse_scale(i, p))
                 continue
-            over, scale = self._unit_scale(p.detach(), g.detach())
-            g.mul_(scale.to(g.dtype))
-            clipped.append(over.sum())
-        if not clipped:
+            over, scale, g_norm = self._unit_scale(p.detach(), g.detach())
+            out.append(UnitScale(i, scale, over.sum(), g_norm, scale))
+        return out
+
+    def clip_unitwise_(
+        self, params: Sequence[torch.nn.Parameter], names: Sequence[str] | None = None
+    ) -> Tensor:
+        """Clip every unit's gradient in place; return how many units were clipped.
+
+        :meth:`unit_scales` then :func:`apply_unit_scales_` (the guard runs the two in
+        different stages).
+        """
+        scales = self.unit_scales(params, names)
+        apply_unit_scales_(params, scales)
+        if not scales:
             return torch.tensor(0)
-        return torch.stack(clipped).sum()
+        return torch.stack([s.clipped for s in scales]).sum()
+
+
+def apply_unit_scales_(params: Sequence[torch.nn.Parameter],
+                       scales: Sequence[UnitScale]) -> None:
+    """Multiply the gradients of ``params`` by their unit factors, in place.
+
+    A sparse gradient's stored values are scaled (the gradient stays the same object).
+    """
+    for s in scales:
+        g = params[s.param].grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            values = g._values()
+            values.mul_(s.scale[g._indices()[0]].to(values.dtype).reshape(
+                (-1,) + (1,) * (values.dim() - 1)))
+        else:
+            g.mul_(s.scale.to(g.dtype))

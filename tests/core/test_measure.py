@@ -9,6 +9,7 @@ import torch
 
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.measure import Gradients, HostValues, Measurement, Meter, Request
+from lightning_gradguard.core.norms import grad_norms
 from lightning_gradguard.core.policies import AdaptiveGradClip, FixedNormClip, NoClip
 
 
@@ -98,14 +99,74 @@ def test_non_finite_weights_are_measured_on_request() -> None:
     assert m.finite  # the gradients are
 
 
-def test_unitwise_policy_clips_during_the_measurement() -> None:
+def test_unitwise_policy_measures_its_clip_without_writing_the_gradients() -> None:
     w = torch.nn.Parameter(torch.ones(1, 4))  # unit norm 2
     w.grad = torch.full((1, 4), 10.0)  # unit norm 20
-    m, _ = Meter([w], 2.0).measure(1, None, AdaptiveGradClip(clipping=0.1), names=["w"])
+    before = w.grad.clone()
+    meter = Meter([w], 2.0)
+    m, grads = meter.measure(1, None, AdaptiveGradClip(clipping=0.1), names=["w"])
     assert m.unitwise
     assert m.grad_norm == pytest.approx(20.0)
     assert m.clipped_norm == pytest.approx(0.2, rel=1e-3)
+    assert torch.equal(w.grad, before)  # measure measures: the apply stage clips
+    assert grads is not None
+    meter.clip_units_(grads)
     assert torch.linalg.vector_norm(w.grad).item() == pytest.approx(m.clipped_norm, rel=1e-5)
+
+
+def _agc_params(sparse: bool) -> tuple[list[torch.nn.Parameter], list[str]]:
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=sparse)
+    lin = torch.nn.Linear(3, 5)
+    head = torch.nn.Linear(5, 2)
+    head(lin(emb(torch.tensor([1, 4, 4, 7])))).pow(2).sum().mul(1e3).backward()
+    assert lin.bias.grad is not None
+    lin.bias.grad.zero_()  # a unit under its limit: factor 1
+    return ([*emb.parameters(), *lin.parameters(), *head.parameters()],
+            ["emb.weight", "lin.weight", "lin.bias", "head.weight", "head.bias"])
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_unitwise_clipped_total_matches_clipping_in_place(norm_type: float, sparse: bool) -> None:
+    """The measured clipped total is the norm the in-place clip gives, to the last bits."""
+    params, names = _agc_params(sparse)
+    agc = AdaptiveGradClip(clipping=0.01, exclude=["head.*"])
+    grads_before = [p.grad.clone() for p in params if p.grad is not None]
+    meter = Meter(params, norm_type)
+    m, grads = meter.measure(1, None, agc, names=names)
+    assert grads is not None
+    assert grads.unit_scales
+    for p, g in zip(params, grads_before, strict=True):
+        assert p.grad is not None
+        assert torch.equal(p.grad.to_dense(), g.to_dense())
+    assert m.clipped_norm <= m.grad_norm  # (inf-norm: the largest element may be excluded)
+    n = agc.clip_unitwise_(params, names)  # the direct, in-place clip
+    assert int(n) > 0
+    expected = grad_norms([p.grad for p in params if p.grad is not None], norm_type).total
+    assert m.clipped_norm == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_clip_units_equals_clip_unitwise(sparse: bool) -> None:
+    params, names = _agc_params(sparse)
+    agc = AdaptiveGradClip(clipping=0.01, exclude=["head.*"])
+    meter = Meter(params, 2.0)
+    _, grads = meter.measure(1, None, agc, names=names)
+    assert grads is not None
+    meter.clip_units_(grads)
+    staged = [p.grad.to_dense().clone() for p in params if p.grad is not None]
+    params2, _ = _agc_params(sparse)
+    agc.clip_unitwise_(params2, names)
+    direct = [p.grad.to_dense() for p in params2 if p.grad is not None]
+    for a, b in zip(staged, direct, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unitwise_clipping_nothing_reports_the_total_to_the_bit() -> None:
+    params, names = _agc_params(False)
+    m, _ = Meter(params, 2.0).measure(1, None, AdaptiveGradClip(clipping=1e6), names=names)
+    assert m.clipped_norm == m.grad_norm
 
 
 def test_no_gradients_no_host_read() -> None:

@@ -612,3 +612,56 @@ def test_zscore_steady_level_rule_above_the_allowed_rise_is_clamped() -> None:
     z.observe_value(16.0, 10.0)
     z.observe_value(16.0 * 1.06, 10.0)
     assert z.stats.mean == pytest.approx((1.0 + 10.0) / 2, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- AGC: factors
+def test_agc_unit_scales_do_not_write_the_gradients_and_apply_as_clip_unitwise() -> None:
+    from lightning_gradguard.core.policies import apply_unit_scales_
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3))
+    w.grad, b.grad = torch.randn(3, 4) * 10, torch.randn(3) * 1e-4
+    grads = [w.grad.clone(), b.grad.clone()]
+    agc = AdaptiveGradClip(clipping=0.1)
+    scales = agc.unit_scales([w, b])
+    assert torch.equal(w.grad, grads[0])
+    assert torch.equal(b.grad, grads[1])
+    assert [s.param for s in scales] == [0, 1]
+    assert int(scales[0].clipped) == 3
+    assert int(scales[1].clipped) == 0
+    # the 2-norm of the clipped gradient, from the unit norms
+    clipped_w = torch.linalg.vector_norm(scales[0].unit_norms * scales[0].unit_scale)
+    apply_unit_scales_([w, b], scales)
+    assert torch.equal(b.grad, grads[1])
+    assert torch.linalg.vector_norm(w.grad).item() == pytest.approx(clipped_w.item(), rel=1e-6)
+    w2, b2 = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    w2.grad, b2.grad = grads[0].clone(), grads[1].clone()
+    assert int(agc.clip_unitwise_([w2, b2])) == 3
+    assert torch.equal(w2.grad, w.grad)
+    assert torch.equal(b2.grad, b.grad)
+
+
+def test_agc_unit_scales_of_a_row_sparse_gradient() -> None:
+    emb = torch.nn.Embedding(6, 2, sparse=True)
+    with torch.no_grad():
+        emb.weight.fill_(1.0)  # row norm sqrt(2)
+    emb(torch.tensor([1, 1, 3])).sum().mul(100.0).backward()
+    g = emb.weight.grad
+    assert g is not None
+    assert g.is_sparse
+    dense_before = g.to_dense().clone()
+    weight = emb.weight
+    assert isinstance(weight, torch.nn.Parameter)
+    (s,) = AdaptiveGradClip(clipping=0.1).unit_scales([weight])
+    assert torch.equal(g.to_dense(), dense_before)  # not written
+    assert s.scale.shape == (6,)  # one factor per row of the weights
+    assert s.scale[0].item() == 1.0
+    assert s.scale[1].item() < 1.0
+    assert s.scale[3].item() < 1.0
+    assert int(s.clipped) == 2
+
+
+def test_base_class_has_no_unit_scales() -> None:
+    with pytest.raises(NotImplementedError):
+        ClipPolicy().unit_scales([])

@@ -72,3 +72,54 @@ def test_a_snapshot_step_asks_whether_the_weights_are_finite() -> None:
     assert m3.params_finite is None
     assert grads3 is not None
     assert "params_norm" not in grads3.host
+
+
+def _agc_guard(**kwargs: object) -> tuple[torch.nn.Sequential, GuardCore]:
+    from lightning_gradguard.core.policies import AdaptiveGradClip
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    guard = GuardCore(net, opt, clip=AdaptiveGradClip(clipping=0.01), **kwargs)  # type: ignore[arg-type]
+    net(torch.ones(2, 4)).sum().mul(100.0).backward()
+    return net, guard
+
+
+def test_a_unitwise_policy_measures_in_measure_and_clips_in_apply() -> None:
+    net, guard = _agc_guard()
+    before = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    guard.counters.steps += 1  # as step() does
+    reset_host_reads()
+    m, grads = guard.measure()
+    assert host_reads() == 1
+    assert grads is not None
+    assert grads.unit_scales
+    for p, g in zip(net.parameters(), before, strict=True):
+        assert p.grad is not None
+        assert torch.equal(p.grad, g)  # measure wrote no gradient
+    d = decide(m, guard.state(m), guard.settings)
+    assert d.action.name == "CLIP"
+    assert not d.skip
+    r = guard.apply(m, d, grads)
+    assert host_reads() == 1
+    clipped = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in net.parameters()]))
+    assert clipped.item() == pytest.approx(r.grad_norm_clipped, rel=1e-6)
+    assert r.grad_norm_clipped < r.grad_norm
+
+
+def test_a_skipped_step_does_not_apply_the_unit_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    net, guard = _agc_guard()
+    first = next(net.parameters())
+    assert first.grad is not None
+    first.grad[0, 0] = math.nan
+    guard.counters.steps += 1
+    m, grads = guard.measure()
+    assert grads is not None
+    assert grads.unit_scales
+    d = decide(m, guard.state(m), guard.settings)
+    assert d.skip
+    calls: list[object] = []
+    monkeypatch.setattr(guard.meter, "clip_units_", calls.append)
+    guard.apply(m, d, grads)
+    assert calls == []
