@@ -3,8 +3,8 @@
 #
 # Configuration: [tool.mutmut] in pyproject.toml (mutates lightning_gradguard/core/* only,
 # runs the tests under tests/core, -m "not slow"). Not part of the default CI run: the whole
-# core (~6700 mutants) takes hours on 2 shared CPU cores; run it module by module. Results and
-# the surviving mutants are explained in docs/mutation.md.
+# core (~7100 mutants) takes 4-14 hours on 2 shared CPU cores; run it module by module.
+# Results and the surviving mutants are explained in docs/mutation.md.
 #
 # Usage (from anywhere):
 #   tools/mutation.sh                      # fresh run of every core module, 2 workers

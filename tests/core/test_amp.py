@@ -40,7 +40,8 @@ def test_gradients_the_scaler_already_unscaled_are_left_alone() -> None:
     _backward(scaler, p)
     scaler.unscale_(opt)
     assert unscale_once_(scaler, opt) is False
-    assert p.grad is not None and p.grad.tolist() == [3.0, 3.0]
+    assert p.grad is not None
+    assert p.grad.tolist() == [3.0, 3.0]
     # and the scaler can still step (it would raise had unscale_ run twice)
     scaler.step(opt)
     assert p.detach().tolist() == [1.0 - 0.5 * 3.0, 2.0 - 0.5 * 3.0]
@@ -54,14 +55,16 @@ def test_each_optimizer_is_unscaled_on_its_own() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     scaler.scale(2.0 * p1.sum() + 5.0 * p2.sum()).backward()
     assert unscale_once_(scaler, opt1) is True
-    assert p1.grad is not None and p2.grad is not None
+    assert p1.grad is not None
+    assert p2.grad is not None
     assert p1.grad.tolist() == [2.0]
     assert p2.grad.tolist() == [20.0]  # opt2's gradients are still scaled
     assert unscale_once_(scaler, opt2) is True
     assert p2.grad.tolist() == [5.0]
     assert unscale_once_(scaler, opt1) is False
     assert unscale_once_(scaler, opt2) is False
-    assert p1.grad.tolist() == [2.0] and p2.grad.tolist() == [5.0]
+    assert p1.grad.tolist() == [2.0]
+    assert p2.grad.tolist() == [5.0]
 
 
 def test_after_step_and_update_the_next_step_is_unscaled_again() -> None:
@@ -72,7 +75,8 @@ def test_after_step_and_update_the_next_step_is_unscaled_again() -> None:
     scaler.update()
     opt.zero_grad(set_to_none=True)
     _backward(scaler, p)  # scale unchanged: no inf was found
-    assert p.grad is not None and p.grad.tolist() == [6.0, 6.0]
+    assert p.grad is not None
+    assert p.grad.tolist() == [6.0, 6.0]
     assert unscale_once_(scaler, opt) is True
     assert p.grad.tolist() == [3.0, 3.0]
 

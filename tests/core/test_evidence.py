@@ -136,7 +136,8 @@ def test_loss_trend_thresholds_are_arguments() -> None:
 def test_loss_trend_does_not_change_its_input() -> None:
     losses = [1.0, 2.0, 3.0, 9.0, NAN]
     loss_trend(losses)
-    assert losses[:4] == [1.0, 2.0, 3.0, 9.0] and math.isnan(losses[4])
+    assert losses[:4] == [1.0, 2.0, 3.0, 9.0]
+    assert math.isnan(losses[4])
 
 
 # --- schedule_position ----------------------------------------------------------------------

@@ -370,8 +370,10 @@ def test_weights_norm_in_the_norm_of_detection(norm_type: float, expected: float
     found = meter.gradients()
     assert found is not None
     out = meter.weights_norm(found[0], torch.device("cpu"))
-    assert out.shape == () and not out.requires_grad
+    assert out.shape == ()
+    assert not out.requires_grad
     assert out.item() == pytest.approx(expected, rel=1e-6)
     # asked as a request, it is answered by the step's single host read
-    m, grads = meter.measure(1, None, NoClip(), {"w": meter.weights_norm}, names=["a", "b"])
-    assert grads is not None and grads.host["w"] == [pytest.approx(expected, rel=1e-6)]
+    _m, grads = meter.measure(1, None, NoClip(), {"w": meter.weights_norm}, names=["a", "b"])
+    assert grads is not None
+    assert grads.host["w"] == [pytest.approx(expected, rel=1e-6)]

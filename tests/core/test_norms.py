@@ -453,7 +453,8 @@ def test_dtensor_partial_made_replicate_first(sharded: _AllReduce) -> None:
     # the replicated value is 6 (two summands of 3), reduced over g1 only (dimension 1)
     assert sharded.calls == [("g1", "sum", [36.0])]
     assert out.total.item() == pytest.approx(math.sqrt(36.0 + 20.0 + 1.0), rel=1e-6)
-    assert out.per_tensor is not None and out.per_tensor.tolist() == [6.0, 1.0]
+    assert out.per_tensor is not None
+    assert out.per_tensor.tolist() == [6.0, 1.0]
 
 
 def test_dtensor_with_reducer_applied_last(sharded: _AllReduce) -> None:
@@ -512,15 +513,19 @@ def test_unsupported_layout_message_exact() -> None:
 @pytest.mark.parametrize("p", [2.0, INF])
 def test_no_grads_float32_on_the_requested_device(p: float, float64_default: None) -> None:
     out = grad_norms([], p, device=torch.device("meta"))
-    assert out.total.device.type == "meta" and out.total.dtype == torch.float32
+    assert out.total.device.type == "meta"
+    assert out.total.dtype == torch.float32
     assert out.total.shape == ()
     assert out.per_tensor is not None
-    assert out.per_tensor.device.type == "meta" and out.per_tensor.dtype == torch.float32
+    assert out.per_tensor.device.type == "meta"
+    assert out.per_tensor.dtype == torch.float32
     assert out.per_tensor.shape == (0,)
     cpu = grad_norms([], p)
-    assert cpu.total.device.type == "cpu" and cpu.total.dtype == torch.float32
+    assert cpu.total.device.type == "cpu"
+    assert cpu.total.dtype == torch.float32
     assert cpu.total.item() == 0.0
-    assert cpu.per_tensor is not None and cpu.per_tensor.dtype == torch.float32
+    assert cpu.per_tensor is not None
+    assert cpu.per_tensor.dtype == torch.float32
     assert grad_norms([], p, per_tensor=False).per_tensor is None
 
 
@@ -529,7 +534,8 @@ def test_mixed_devices_reduced_on_the_accelerator() -> None:
     grads = [torch.ones(3), torch.ones(2, device="meta"), torch.ones(4, dtype=torch.float16)]
     out = grad_norms(grads)
     assert out.total.device.type == "meta"
-    assert out.per_tensor is not None and out.per_tensor.device.type == "meta"
+    assert out.per_tensor is not None
+    assert out.per_tensor.device.type == "meta"
     out2 = grad_norms([grads[1], grads[0]])
     assert out2.total.device.type == "meta"
 
@@ -570,7 +576,8 @@ def test_dtensor_statistics_stay_on_the_gradients_device(sharded: _AllReduce, p:
     ]
     sharded.calls.clear()
     out = grad_norms(grads, p)  # type: ignore[arg-type]
-    assert out.total.device == meta and out.total.shape == ()
+    assert out.total.device == meta
+    assert out.total.shape == ()
     assert [name for name, _, _ in sharded.calls] == ["ga", "gb"]
 
 
@@ -580,5 +587,7 @@ def test_no_grads_on_the_cpu_by_default_whatever_the_default_device() -> None:
         out = grad_norms([])
     finally:
         torch.set_default_device(None)
-    assert out.total.device.type == "cpu" and out.total.item() == 0.0
-    assert out.per_tensor is not None and out.per_tensor.device.type == "cpu"
+    assert out.total.device.type == "cpu"
+    assert out.total.item() == 0.0
+    assert out.per_tensor is not None
+    assert out.per_tensor.device.type == "cpu"

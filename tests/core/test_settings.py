@@ -125,4 +125,5 @@ def test_clip_default_and_given_policy() -> None:
     assert default.policy is default.clip
     given = FixedNormClip(max_norm=3.0)
     s = GuardSettings(clip=given)
-    assert s.clip is given and s.policy is given
+    assert s.clip is given
+    assert s.policy is given

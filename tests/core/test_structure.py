@@ -82,8 +82,11 @@ def test_init_ratio_over_the_larger_reference() -> None:
 def test_structure_flags() -> None:
     s = ModelStructure()
     assert (s.has_norm, s.norm_known, s.has_residual) == (False, False, False)
-    assert s.residual is None and s.probed_norms is None and s.skips == 0
-    assert s.in_norm == {} and s.batch_size == 0
+    assert s.residual is None
+    assert s.probed_norms is None
+    assert s.skips == 0
+    assert s.in_norm == {}
+    assert s.batch_size == 0
     assert ModelStructure(norm_layers=("n",)).has_norm is True
     assert ModelStructure(norm_layers=("n",)).norm_known is True
     assert ModelStructure(probed_norms=()).has_norm is False
@@ -119,7 +122,9 @@ def test_inspect_model_linear_and_conv_exact() -> None:
     assert (conv.name, conv.kind, conv.fan_in, conv.fan_out) == ("1", "Conv2d", 12, 24)
     assert conv.he_std == pytest.approx(math.sqrt(2.0 / 12), rel=1e-12)
     assert conv.xavier_std == pytest.approx(math.sqrt(2.0 / 36), rel=1e-12)
-    assert s.norm_layers == () and s.activations == () and s.recurrent == ()
+    assert s.norm_layers == ()
+    assert s.activations == ()
+    assert s.recurrent == ()
     assert s.residual is None
 
 
@@ -307,7 +312,8 @@ def test_probe_of_a_compiled_model_reads_nothing() -> None:
     net(torch.randn(1, 2))
     s = ModelStructure()
     probe.apply_to(s)
-    assert s.residual is None and s.forward_order == ()
+    assert s.residual is None
+    assert s.forward_order == ()
 
 
 # --- ForwardProbe ----------------------------------------------------------------------------
@@ -334,7 +340,8 @@ def test_probe_exact_scales_and_data_input_skip() -> None:
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 1.0]])
     probe = ForwardProbe(net)
     net(x)
-    assert probe.done and probe.readable
+    assert probe.done
+    assert probe.readable
     assert probe.residual == ("0",)
     assert probe.skips == 1
     assert probe.norms == ()
@@ -348,22 +355,29 @@ def test_probe_exact_scales_and_data_input_skip() -> None:
     probe.apply_to(s)
     assert (s.residual, s.skips, s.probed_norms, s.forward_order, s.batch_size) == (
         ("0",), 1, (), ("0.f", "1"), 3)
-    assert s.out_rms == probe.out_rms and s.stream_rms == probe.stream_rms
-    assert s.in_norm == probe.in_norm and s.in_norm is not probe.in_norm
-    assert s.has_residual and s.norm_known and not s.has_norm
+    assert s.out_rms == probe.out_rms
+    assert s.stream_rms == probe.stream_rms
+    assert s.in_norm == probe.in_norm
+    assert s.in_norm is not probe.in_norm
+    assert s.has_residual
+    assert s.norm_known
+    assert not s.has_norm
 
 
 def test_probe_removes_its_hooks_after_one_forward() -> None:
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     probe = ForwardProbe(net)
-    assert not probe.seen and not probe.done
+    assert not probe.seen
+    assert not probe.done
     net(torch.randn(4, 2))
-    assert probe.done and probe._handles == []
+    assert probe.done
+    assert probe._handles == []
     first = probe.out_rms
     net(torch.randn(4, 2) * 100)
     assert probe.out_rms == first
     assert probe.batch_size == 4
-    assert len(net._forward_hooks) == 0 and len(net[0]._forward_hooks) == 0
+    assert len(net._forward_hooks) == 0
+    assert len(net[0]._forward_hooks) == 0
 
 
 def test_probe_applies_nothing_before_a_forward() -> None:
@@ -372,18 +386,22 @@ def test_probe_applies_nothing_before_a_forward() -> None:
     probe.apply_to(s)
     assert s == ModelStructure()
     probe.end()
-    assert not probe.done and probe._handles == []
+    assert not probe.done
+    assert probe._handles == []
 
 
 def test_probe_finished_by_a_forward_of_a_submodule() -> None:
     net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     probe = ForwardProbe(net)
     net[0](torch.ones(5, 2))  # a training_step that calls a submodule only
-    assert probe.seen and not probe.done
+    assert probe.seen
+    assert not probe.done
     s = ModelStructure()
     probe.apply_to(s)
     assert probe.done
-    assert s.forward_order == ("0",) and s.batch_size == 5 and s.residual == ()
+    assert s.forward_order == ("0",)
+    assert s.batch_size == 5
+    assert s.residual == ()
 
 
 def test_probe_end_reads_what_was_seen() -> None:
@@ -391,7 +409,9 @@ def test_probe_end_reads_what_was_seen() -> None:
     probe = ForwardProbe(net)
     net[1](torch.ones(7, 3))
     probe.end()
-    assert probe.done and probe.forward_order == ("1",) and probe.batch_size == 7
+    assert probe.done
+    assert probe.forward_order == ("1",)
+    assert probe.batch_size == 7
 
 
 def test_probe_scalar_and_kwargs_inputs() -> None:
@@ -406,7 +426,9 @@ def test_probe_scalar_and_kwargs_inputs() -> None:
     net = KW()
     probe = ForwardProbe(net)
     net(x=torch.ones(6, 2))
-    assert probe.done and probe.forward_order == ("lin",) and probe.batch_size == 6
+    assert probe.done
+    assert probe.forward_order == ("lin",)
+    assert probe.batch_size == 6
     assert probe.in_norm == pytest.approx({"lin": math.sqrt(12.0)})
 
 
@@ -424,8 +446,11 @@ def test_probe_ignores_integer_outputs() -> None:
     probe = ForwardProbe(net)
     net(torch.tensor([1, 2, 3]))
     # the root's integer output is not recorded; the pass still ends at the root
-    assert probe.done and probe.forward_order == ("lin",) and probe.batch_size == 3
-    assert probe.residual == () and probe.skips == 0
+    assert probe.done
+    assert probe.forward_order == ("lin",)
+    assert probe.batch_size == 3
+    assert probe.residual == ()
+    assert probe.skips == 0
 
 
 def test_activation_gain_restores_every_rng_a_module_draws_from() -> None:
@@ -445,7 +470,9 @@ def test_activation_gain_restores_every_rng_a_module_draws_from() -> None:
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert random.getstate() == py_state
     after = np.random.get_state()
-    assert after[0] == np_state[0] and (after[1] == np_state[1]).all() and after[2:] == np_state[2:]
+    assert after[0] == np_state[0]
+    assert (after[1] == np_state[1]).all()
+    assert after[2:] == np_state[2:]
 
 
 def test_activation_probed_with_float32_input_like_a_float32_model() -> None:
