@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.core._host import to_host
+from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core.decide import Decision
 from lightning_gradguard.core.diagnosis import Cause, Diagnosis, Diagnostician, diagnose
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter, Request
@@ -39,8 +40,12 @@ if TYPE_CHECKING:
 __all__ = ["Explained", "Explainer"]
 
 
-class Explainer:
+class Explainer(Stateful):
     """What a guard says about why: the first non-finite step, ranked causes, the halt.
+
+    Its state is declared (:class:`~lightning_gradguard.core._stateful.Stateful`): the first
+    non-finite step and its diagnosis; with a diagnostician, the diagnostician and its
+    findings too (a state saved without one loads them fresh).
 
     Args:
         diagnostician: The cause diagnosis (``None``: without ``diagnose``, or without a
@@ -48,28 +53,31 @@ class Explainer:
     """
 
     def __init__(self, diagnostician: Diagnostician | None) -> None:
+        super().__init__()
         #: the cause diagnosis (``None``: only the first non-finite step is explained)
         self.diagnostician = diagnostician
         if diagnostician is not None:
             diagnostician.watch_forward()
         self._weight_names: list[tuple[str, int]] = []
-        self._fresh()
-
-    def reset(self) -> None:
-        """Forget the diagnoses of the run (the diagnostician's history too)."""
-        if self.diagnostician is not None:
-            self.diagnostician.reset()
-        self._fresh()
-
-    def _fresh(self) -> None:
-        self.first_nonfinite_step: int | None = None
-        self.first_diagnosis: Diagnosis | None = None
+        #: the first non-finite step of the run and its diagnosis
+        self.first_nonfinite_step: int | None
+        self.first_diagnosis: Diagnosis | None
+        self._add_state("first_nonfinite_step", None)
+        self._add_state("first_diagnosis", None, save=_diagnosis_to_state,
+                        load=_diagnosis_from_state)
         #: the pre-flight evidence has been read (or the first step could not give it)
         self.preflight_done = False
         #: the explosion events already diagnosed (each is diagnosed at its first step)
         self.diagnosed_events: set[str] = set()
         #: the ranked causes of the last diagnosis, most likely first
         self.causes: tuple[Cause, ...] = ()
+        if diagnostician is not None:  # the findings: saved with a diagnostician only, and
+            # a state saved without one loads them fresh
+            self._add_child("diagnostician", diagnostician, optional=True)
+            self._add_state("preflight_done", False, optional=True)
+            self._add_state("diagnosed_events", set(), save=sorted, load=set, optional=True)
+            self._add_state("causes", (), save=lambda cs: [asdict(c) for c in cs],
+                            load=lambda cs: tuple(Cause(**c) for c in cs), optional=True)
 
     # ------------------------------------------------------------------ the step
     def requests(self) -> dict[str, Request]:
@@ -235,35 +243,14 @@ class Explainer:
         """The last ranked diagnosis as ``[{"cause", "evidence", "remedy"}]``."""
         return self.diagnostician.to_dicts() if self.diagnostician is not None else []
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """The first non-finite step and, with a diagnostician, its state and findings."""
-        out: dict[str, Any] = {
-            "first_nonfinite_step": self.first_nonfinite_step,
-            "first_diagnosis": asdict(self.first_diagnosis) if self.first_diagnosis else None,
-        }
-        if self.diagnostician is not None:
-            out["diagnosis"] = {"state": self.diagnostician.state_dict(),
-                                "preflight_done": self.preflight_done,
-                                "events": sorted(self.diagnosed_events),
-                                "causes": [asdict(c) for c in self.causes]}
-        return out
+def _diagnosis_to_state(diagnosis: Diagnosis | None) -> dict[str, Any] | None:
+    return asdict(diagnosis) if diagnosis is not None else None
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (a diagnosis saved without one is left fresh)."""
-        self.first_nonfinite_step = state_dict["first_nonfinite_step"]
-        first = state_dict["first_diagnosis"]
-        self.first_diagnosis = None if first is None else Diagnosis(
-            step=first["step"], nonfinite_params=tuple(first["nonfinite_params"]),
-            origin=first["origin"], likely_cause=first["likely_cause"],
-            weights_finite=first["weights_finite"], first_step=first["first_step"],
-            fact=first["fact"], finding=first["finding"])
-        saved = state_dict.get("diagnosis")  # absent when saved with diagnose=False
-        if self.diagnostician is not None and saved is not None:
-            self.diagnostician.load_state_dict(saved["state"])
-            self.preflight_done = bool(saved["preflight_done"])
-            self.diagnosed_events = set(saved["events"])
-            self.causes = tuple(Cause(**c) for c in saved["causes"])
+
+def _diagnosis_from_state(state: Mapping[str, Any] | None) -> Diagnosis | None:
+    if state is None:
+        return None
+    return Diagnosis(**dict(state, nonfinite_params=tuple(state["nonfinite_params"])))
 
 
 T = TypeVar("T")

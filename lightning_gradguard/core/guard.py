@@ -56,9 +56,11 @@ from lightning_gradguard.core.explain import Explained, Explainer
 from lightning_gradguard.core.growth import GrowthDetector
 from lightning_gradguard.core.guard_state import (
     STATE_VERSION,
+    PolicyState,
     check_version,
-    load_counts,
-    load_policy,
+    counters_from_state,
+    fresh_attempt,
+    streaks_from_state,
 )
 from lightning_gradguard.core.measure import Gradients, Measurement, Meter, Request
 from lightning_gradguard.core.norms import NormReducer
@@ -131,6 +133,10 @@ class GuardCore(Stateful):
         self.reducer = reducer
         self.meter = Meter(self.params, s.norm_type, reducer)
         self.policy: ClipPolicy = copy.deepcopy(s.policy)
+        # the state, each part declared once (saved, loaded and reset by Stateful): the
+        # policy's (with its type), the LR backoff, growth, update control, loss trend, the
+        # run's counts, the explainer and, with rollback, the last-good snapshot
+        self._add_child("policy", PolicyState(self.policy))
         self.backoff = LRBackoff(s.backoff_factor, s.recovery_steps, s.min_lr_scale)
         self.growth = GrowthDetector(max(1, s.growth_patience), s.growth_min_rise)
         self.update_control: UpdateControl = make_update_control(
@@ -141,8 +147,20 @@ class GuardCore(Stateful):
         #: the loss trend: a run whose loss keeps falling is not backed off for spikes
         self.loss_trend = LossTrend()
         self._add_child("loss_trend", self.loss_trend)
+        #: the counts of the run (reset by :meth:`reset`; a halted run resumes as a fresh
+        #: attempt, see :meth:`load_state_dict`)
+        self.counters: GuardCounters
+        #: the non-finite and GradScaler streaks
+        self.streaks: Streaks
+        #: steps of the spikes (and cap hits) in the window that count toward a backoff
+        self.spike_steps: tuple[int, ...]
+        self._add_state("counters", GuardCounters(), save=asdict, load=counters_from_state)
+        self._add_state("streaks", Streaks(), save=asdict, load=streaks_from_state)
+        self._add_state("spike_steps", (), save=list, load=tuple)
         #: the last-good snapshot and its schedule (``None`` without ``rollback``)
         self.last_good = LastGood(self.module, s.snapshot_every) if s.rollback else None
+        if self.last_good is not None:  # a state saved without rollback loads it empty
+            self._add_child("snapshot", self.last_good.snapshot, optional=True)
         self._lr = LRScaler(optimizer) if optimizer is not None else None
         # sharded parameters (DTensor, FSDP1's FlatParameter) hold only a local shard: the
         # per-layer evidence would be wrong, so no cause diagnosis there
@@ -152,6 +170,7 @@ class GuardCore(Stateful):
         self.explainer = Explainer(
             Diagnostician(self.module, optimizer, preflight=s.preflight)
             if s.diagnose and self.module is not None and plain else None)
+        self._add_child("explainer", self.explainer)
         #: called after every step with its measurement, decision and report (e.g. a cause
         #: diagnosis that looks at the first steps or the first backoff)
         self.listeners: list[StepListener] = []
@@ -161,12 +180,7 @@ class GuardCore(Stateful):
         self._reset_run()
 
     def _reset_run(self) -> None:
-        """Counters, streaks, the backoff window and the diagnoses of a fresh run."""
-        self.counters = GuardCounters()
-        #: the non-finite and GradScaler streaks
-        self.streaks = Streaks()
-        #: steps of the spikes (and cap hits) in the window that count toward a backoff
-        self.spike_steps: tuple[int, ...] = ()
+        """What is not state: the last report, the resume bookkeeping, the speaker."""
         self.last_report: StepReport | None = None
         #: ``counters.steps`` when this run (or resume) started
         self._steps_at_start = 0
@@ -465,10 +479,12 @@ class GuardCore(Stateful):
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Start over: statistics, LR backoff, update control, counters and streaks."""
+        """Start over: every declared state and the run's bookkeeping.
+
+        The declared state: statistics, LR backoff, update control, loss trend, counters,
+        streaks, diagnoses and the last-good snapshot.
+        """
         super().reset()
-        self.policy.reset()
-        self.explainer.reset()
         self._reset_run()
 
     def state_dict(self) -> dict[str, Any]:
@@ -477,19 +493,7 @@ class GuardCore(Stateful):
         One layout, marked ``"version"`` (:data:`STATE_VERSION`); :meth:`load_state_dict`
         refuses another.
         """
-        out = super().state_dict()  # backoff, growth, update_control, loss_trend
-        out.update({
-            "version": STATE_VERSION,
-            "policy_type": type(self.policy).__name__,
-            "policy": self.policy.state_dict(),
-            "counters": asdict(self.counters),
-            "streaks": asdict(self.streaks),
-            "spike_steps": list(self.spike_steps),
-            **self.explainer.state_dict(),  # first_nonfinite_step, first_diagnosis, diagnosis
-        })
-        if self.snapshot is not None:
-            out["snapshot"] = self.snapshot.state_dict()
-        return out
+        return {"version": STATE_VERSION, **super().state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict`.
@@ -503,13 +507,8 @@ class GuardCore(Stateful):
                 :data:`STATE_VERSION`).
         """
         check_version(state_dict)
-        load_policy(self.policy, state_dict)
-        super().load_state_dict(state_dict)  # backoff, growth, update_control, loss_trend
-        self.counters, self.streaks = load_counts(state_dict)
-        self.spike_steps = tuple(state_dict["spike_steps"])
-        self.explainer.load_state_dict(state_dict)
-        if self.snapshot is not None and "snapshot" in state_dict:
-            self.snapshot.load_state_dict(state_dict["snapshot"])
+        super().load_state_dict(state_dict)
+        self.counters, self.streaks = fresh_attempt(self.counters, self.streaks)
         self._steps_at_start = self.counters.steps
         self.resumed = True
         self.stopped = False

@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_gradguard.core._friendly import friendly_kwargs
+from lightning_gradguard.core._stateful import Stateful
 
 __all__ = ["Snapshot"]
 
@@ -30,8 +31,11 @@ def _copy_to(obj: Any, device: torch.device) -> Any:
 
 
 @friendly_kwargs
-class Snapshot:
+class Snapshot(Stateful):
     """Holds the last good ``(model, optimizers)`` state and restores it in place.
+
+    Its state (``step``, ``model``, ``optim``) is the snapshot itself, kept on ``device``;
+    :meth:`reset` drops it.
 
     Args:
         device: Where copies are kept (default CPU).
@@ -50,6 +54,7 @@ class Snapshot:
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         self.device = torch.device(device)
         self.step: int | None = None
         self._model: dict[str, torch.Tensor] | None = None
@@ -124,6 +129,10 @@ class Snapshot:
                     f"the snapshot of optimizer {i} has param groups of sizes {saved} but the "
                     f"optimizer now has {now} (param groups were added after it was taken); "
                     "nothing was restored")
+
+    def reset(self) -> None:
+        """Drop the snapshot (as :meth:`clear`)."""
+        self.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The snapshot itself (so a resumed run keeps its last good state)."""

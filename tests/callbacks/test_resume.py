@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted(case: str, via: str, tmp_path: Path) -> Non
     s = g_full.summary()
     assert (s["nonfinite_steps"], s["skipped_steps"], s["spikes"]) == (3, 3, 1)
     full, resumed = g_full.cores[0].state_dict(), g2.cores[0].state_dict()
-    assert_state_close(resumed["policy"], full["policy"])
+    assert_state_close(resumed["policy"]["state"], full["policy"]["state"])
     assert_state_close(resumed["growth"], full["growth"])
     assert resumed["backoff"] == full["backoff"]
     assert resumed["counters"] == full["counters"]
@@ -110,7 +110,7 @@ def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
     ckpt = tmp_path / "a.ckpt"
     t1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)["callbacks"][g1.state_key]["cores"][0]
-    assert saved["policy_type"] == "ZScoreClip"
+    assert saved["policy"]["type"] == "ZScoreClip"
     g2 = GradGuard(clip=PercentileClip(), nonfinite_window=0)
     with pytest.warns(UserWarning, match="saved with clip policy ZScoreClip but this guard "
                                          "uses PercentileClip: its statistics start fresh"):
@@ -119,11 +119,11 @@ def test_resume_with_another_clip_policy_type(tmp_path: Path) -> None:
     assert s2["steps"] == 12  # 10 restored + 2 new
     assert (s2["nonfinite_steps"], s2["skipped_steps"], s2["lr_backoffs"]) == (1, 1, 1)
     state = g2.state_dict()["cores"][0]
-    assert state["policy_type"] == "PercentileClip"
+    assert state["policy"]["type"] == "PercentileClip"
     # the growth detector was restored and fed the two new steps: its last norm is the
     # last step's, and a fresh PercentileClip saw exactly those two steps
     assert state["growth"]["prev"] == g2.last_reports[0].grad_norm
-    ring = [v for v in state["policy"]["ring"] if v == v]
+    ring = [v for v in state["policy"]["state"]["ring"] if v == v]
     assert len(ring) == 2
     assert ring[-1] == g2.last_reports[0].grad_norm
     # the LR backoff continued from the saved scale (recovering), not from 1

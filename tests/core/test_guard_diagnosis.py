@@ -141,8 +141,9 @@ def test_diagnosis_state_round_trip_and_old_states() -> None:
     assert b.diagnostician is not None
     assert a.diagnostician is not None
     assert b.diagnostician.state_dict() == a.diagnostician.state_dict()
-    # a state saved before diagnoses existed still loads: nothing diagnosed yet
-    old = {k: v for k, v in state.items() if k != "diagnosis"}
+    # a state saved without a diagnostician (diagnose=False) loads: nothing diagnosed yet
+    old = dict(state, explainer={k: state["explainer"][k]
+                                 for k in ("first_nonfinite_step", "first_diagnosis")})
     c = GuardCore(model, torch.optim.SGD(model.parameters(), lr=0.01), halt_after=0)
     c.load_state_dict(old)
     assert c.summary()["diagnosis"] == []

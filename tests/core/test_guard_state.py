@@ -34,7 +34,7 @@ def _saved_state(halted: bool) -> dict[str, Any]:
     state["streaks"] = {"nonfinite": 2, "nonfinite_start": 8, "amp": 1, "amp_start": 4,
                         "last_nonfinite": 9, "clipped": [6, 7]}
     state["spike_steps"] = [6, 7]
-    state["first_nonfinite_step"] = 5
+    state["explainer"]["first_nonfinite_step"] = 5
     return state
 
 
@@ -84,6 +84,43 @@ def test_a_state_missing_a_declared_key_is_refused() -> None:
     with pytest.raises(KeyError, match=r"GuardCore\.load_state_dict: missing keys "
                        r"\['loss_trend'\]"):
         guard.load_state_dict(state)
+
+
+def test_the_layout_is_the_version_and_the_declared_state() -> None:
+    """One layout: ``version`` and every declared part, each once (the snapshot with rollback,
+    the diagnostician's findings with a diagnostician)."""
+    _, guard = _sgd_guard()
+    state = guard.state_dict()
+    assert list(state) == ["version", "counters", "streaks", "spike_steps", "policy", "backoff",
+                           "growth", "update_control", "loss_trend", "explainer"]
+    assert state["version"] == 1
+    assert list(state["policy"]) == ["type", "state"]
+    assert state["policy"]["type"] == "ZScoreClip"
+    assert list(state["explainer"]) == ["first_nonfinite_step", "first_diagnosis",
+                                        "preflight_done", "diagnosed_events", "causes",
+                                        "diagnostician"]
+    assert _sgd_guard(diagnose=False)[1].state_dict()["explainer"] == {
+        "first_nonfinite_step": None, "first_diagnosis": None}
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    full = GuardCore(net, torch.optim.SGD(net.parameters(), lr=0.1), rollback=True).state_dict()
+    assert list(full)[-2:] == ["snapshot", "explainer"]
+    assert full["snapshot"] == {"step": None, "model": None, "optim": []}
+
+
+def test_a_state_saved_without_rollback_or_diagnosis_loads_those_fresh() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    guard = GuardCore(net, opt, rollback=True, snapshot_every=1)
+    net(torch.ones(2, 3)).sum().backward()
+    guard.step()
+    assert guard.snapshot is not None
+    assert guard.snapshot.available
+    assert guard.preflight_done
+    plain = _saved_state(halted=False)  # no snapshot, no diagnostician
+    guard.load_state_dict(plain)
+    assert not guard.snapshot.available
+    assert not guard.preflight_done
+    assert guard.counters.steps == 9
 
 
 def test_round_trip_keeps_streaks_window_and_update_control() -> None:

@@ -101,7 +101,7 @@ def test_nan_step_leaves_statistics_exactly_as_if_unseen(policy: str, k: int) ->
     # right after the fault: the clip statistics and the growth detector are exactly the
     # reference's (the counters and the LR backoff legitimately differ)
     a, b = faulty.guard.state_dict(), ref.guard.state_dict()
-    assert_state_equal(a["policy"], b["policy"], "policy")
+    assert_state_equal(a["policy"], b["policy"], "policy")  # its type and statistics
     assert_state_equal(a["growth"], b["growth"], "growth")
     # and the next step is judged by the same threshold, bit for bit (the skipped step
     # changed no weight, so its gradients are the same too)
@@ -197,7 +197,7 @@ def test_load_state_dict_restores_every_field() -> None:
     _drive(model, opt, guard, "...n..")
     state = copy.deepcopy(guard.state_dict())
     # every part is away from its default, so a part that is not restored shows
-    assert state["first_diagnosis"] is not None
+    assert state["explainer"]["first_diagnosis"] is not None
     assert state["update_control"]["weight_norm"] is not None
     assert state["snapshot"]["model"]
     assert state["backoff"]["scale"] < 1.0
@@ -238,31 +238,33 @@ def test_load_state_dict_with_another_policy_type_warns_and_restores_the_rest() 
     model, opt, guard = _sgd_guard()
     _drive(model, opt, guard, "..n...")
     state = copy.deepcopy(guard.state_dict())
-    assert state["policy_type"] == "ZScoreClip"
+    assert state["policy"]["type"] == "ZScoreClip"
     _, _, other = _sgd_guard(clip=PercentileClip())
     with pytest.warns(UserWarning, match=r"saved with clip policy ZScoreClip but this guard "
                       r"uses PercentileClip: its statistics start fresh; counters, LR "
                       r"backoff and growth state are restored"):
         other.load_state_dict(copy.deepcopy(state))
     out = other.state_dict()
-    assert out["policy_type"] == "PercentileClip"
-    assert_state_equal(out["policy"], PercentileClip().state_dict(), "policy")
-    for part in ("backoff", "growth", "counters", "first_diagnosis", "update_control",
-                 "streaks", "spike_steps", "first_nonfinite_step"):
+    assert out["policy"]["type"] == "PercentileClip"
+    assert_state_equal(out["policy"]["state"], PercentileClip().state_dict(), "policy")
+    for part in ("backoff", "growth", "counters", "explainer", "update_control",
+                 "streaks", "spike_steps"):
         assert_state_equal(out[part], state[part], part)
 
 
-def test_load_state_dict_without_policy_type_is_the_same_type(
-        recwarn: pytest.WarningsRecorder) -> None:
-    """A checkpoint from before ``policy_type`` was saved loads into the guard's policy."""
+def test_the_policy_state_carries_its_type() -> None:
+    """One layout, no shims: the policy's state names its type, and a state without it is
+    refused (no release ever wrote one)."""
     model, opt, guard = _sgd_guard()
     _drive(model, opt, guard, "....")
     state = copy.deepcopy(guard.state_dict())
-    del state["policy_type"]
+    assert state["policy"]["type"] == "ZScoreClip"
     _, _, fresh = _sgd_guard()
-    fresh.load_state_dict(state)
-    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)]
+    fresh.load_state_dict(copy.deepcopy(state))
     assert_state_equal(fresh.state_dict()["policy"], state["policy"], "policy")
+    del state["policy"]["type"]
+    with pytest.raises(KeyError, match="type"):
+        _sgd_guard()[2].load_state_dict(state)
 
 
 # ----------------------------------------------------------------- non-finite weights
@@ -342,7 +344,7 @@ def test_nonfinite_reports_carry_step_norm_threshold_loss_and_diagnosis() -> Non
     assert nans[0].diagnosis.step == 5
     st = guard.state_dict()
     assert (st["streaks"]["nonfinite"], st["streaks"]["nonfinite_start"],
-            st["first_nonfinite_step"]) == (3, 5, 5)
+            st["explainer"]["first_nonfinite_step"]) == (3, 5, 5)
     c = st["counters"]
     assert (c["skipped_steps"], c["lr_backoffs"], c["amp_overflow_steps"]) == (3, 2, 1)
 

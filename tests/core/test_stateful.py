@@ -75,3 +75,44 @@ def test_parent_round_trip_and_reset() -> None:
     assert b.state_dict() == {"k": 7, "child": {"rows": [[0.0, 0.0], [0.0]], "n": 2}}
     b.reset()
     assert b.state_dict() == _Parent().state_dict()
+
+
+class _Coded(Stateful):
+    """A set saved as a sorted list, a tuple as a list; an optional state and child."""
+
+    seen: set[str]
+    pair: tuple[int, ...]
+    extra: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._add_state("seen", set(), save=sorted, load=set)
+        self._add_state("pair", (), save=list, load=tuple)
+        self._add_state("extra", 0, optional=True)
+        self.child = _Nested()
+        self._add_child("child", self.child, optional=True)
+
+
+def test_a_coded_state_is_saved_as_plain_values_and_read_back() -> None:
+    a = _Coded()
+    a.seen.update({"b", "a"})
+    a.pair = (3, 4)
+    state = a.state_dict()
+    assert (state["seen"], state["pair"]) == (["a", "b"], [3, 4])
+    b = _Coded()
+    b.load_state_dict(state)
+    assert (b.seen, b.pair) == ({"a", "b"}, (3, 4))
+    state["seen"].append("c")  # the loaded value is a copy
+    assert b.seen == {"a", "b"}
+    b.reset()
+    assert (b.seen, b.pair) == (set(), ())
+
+
+def test_an_optional_part_missing_from_a_state_is_reset() -> None:
+    a = _Coded()
+    a.extra = 5
+    a.child.n = 3
+    a.load_state_dict({"seen": [], "pair": []})
+    assert (a.extra, a.child.n) == (0, 0)
+    with pytest.raises(KeyError, match=r"_Coded\.load_state_dict: missing keys \['pair'\]"):
+        a.load_state_dict({"seen": []})
