@@ -291,7 +291,7 @@ def _clip(m: Measurement, spike: bool) -> tuple[Action, tuple[float, ...], float
             clipped = m.grad_norm * coef
             action = Action.CLIP
     elif m.unitwise and clipped < m.grad_norm * (1 - 1e-6):
-        action = Action.CLIP  # the unit-wise policy clipped (during the measurement)
+        action = Action.CLIP  # the unit-wise policy clips units (measured; apply clips)
     capped = m.limit.cap < clipped
     if capped:
         coef = clip_coef(clipped, m.limit.cap)
