@@ -319,3 +319,26 @@ def test_windows_count_in_the_clock_not_the_callers_step() -> None:
     d = run(meas(step=200, grad_norm=8.0, threshold=2.0),
             GuardState(streaks=Streaks(clipped=(95,)), clock=100))
     assert d.streaks.clipped == (95, 100)
+
+
+def test_a_nonfinite_step_at_the_clock_of_the_last_one_is_a_repeat() -> None:
+    """A skipped step does not advance the optimizer's step count: the second non-finite
+    step in a row comes at the same clock as the first (0 ticks later) and backs off; a last
+    non-finite step ahead of the clock (a clock restarted) is no repeat."""
+    state = GuardState(streaks=Streaks(nonfinite=1, last_nonfinite=100), diagnosed=True,
+                       clock=100)
+    d = run(meas(step=201, grad_norm=NAN), state)
+    assert d.backoff is True
+    assert d.reason is Reason.NONFINITE_REPEAT
+    ahead = GuardState(streaks=Streaks(last_nonfinite=101), diagnosed=True, clock=100)
+    d = run(meas(step=201, grad_norm=NAN), ahead)
+    assert d.backoff is False
+    assert d.reason is None
+
+
+def test_a_gradscaler_overflow_short_of_the_halt_has_no_reason() -> None:
+    d = run(meas(grad_norm=INF, amp_overflow=True, loss=1.0),
+            GuardState(streaks=Streaks(amp=1)), amp_halt_after=3)
+    assert d.path == "amp_overflow"
+    assert d.halt is False
+    assert d.reason is None
