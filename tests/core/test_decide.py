@@ -322,9 +322,9 @@ def test_windows_count_in_the_clock_not_the_callers_step() -> None:
 
 
 def test_a_nonfinite_step_at_the_clock_of_the_last_one_is_a_repeat() -> None:
-    """A skipped step does not advance the optimizer's step count: the second non-finite
-    step in a row comes at the same clock as the first (0 ticks later) and backs off; a last
-    non-finite step ahead of the clock (a clock restarted) is no repeat."""
+    """The lower edge of ``nonfinite_window``: a last non-finite step 0 ticks before this
+    one (the same clock) is within the window and backs off; one ahead of the clock (a clock
+    restarted) is no repeat."""
     state = GuardState(streaks=Streaks(nonfinite=1, last_nonfinite=100), diagnosed=True,
                        clock=100)
     d = run(meas(step=201, grad_norm=NAN), state)
