@@ -262,3 +262,26 @@ def test_log_notice_logs_only_shown_text(caplog: pytest.LogCaptureFixture) -> No
     assert _records(caplog) == [(logging.ERROR, "said")]
     assert Notice(NoticeKind.HALT, 1, "t", "m").level == logging.INFO
     assert Notice(NoticeKind.HALT, 1, "t", "m").shown is True
+
+
+def test_held_backoffs_are_counted_one_by_one() -> None:
+    speaker, got = _speaker()
+    for step in (10, 11, 12, 13, 10 + NOTICE_EVERY):
+        speaker.speak(_report(step, backoff=True, lr_scale=0.5), backoffs=step)
+    assert [n.step for n in got] == [10, 10 + NOTICE_EVERY]
+    assert "; 3 more since the last notice)" in got[1].text
+
+
+def test_speak_defaults() -> None:
+    """Without the other keywords: not resumed, backoff #0, no snapshot step, a streak of 0, no
+    halt text."""
+    d = Diagnosis(7, (), None, "c", weights_finite=False, first_step=True)
+    speaker, got = _speaker()
+    speaker.speak(_report(diagnosis=d, backoff=True, rollback=True, halt=True),
+                  first_nonfinite=True)
+    assert got[0].text == nonfinite_message(d, [], resumed=False,
+                                            halt_after=speaker.settings.halt_after)
+    assert "when training started" in got[0].text
+    assert got[1].markdown == "**LR backoff #0** (step 7): ; LR now x1 of the schedule"
+    assert got[2].text == rollback_message(None, 0)
+    assert got[3].text == "GradGuard halted training: "
