@@ -214,3 +214,14 @@ def test_end_of_fit_line_missing_keys_default() -> None:
 ])
 def test_needed_help(summary: dict[str, object], helped: bool) -> None:
     assert needed_help(summary) is helped
+
+
+def test_nonfinite_message_defaults_and_nine_parameters() -> None:
+    first = _diag(weights_finite=False, first_step=True)
+    assert nonfinite_message(first, []) == (
+        "GradGuard: step 5: the weights were already non-finite (NaN/Inf) when training "
+        "started." + _REPAIR + "\nLikely cause: the usual")
+    nine = _diag(nonfinite_params=tuple(f"p{i}" for i in range(9)))
+    assert nonfinite_message(nine, []).split("\n")[-1] == (
+        "Non-finite gradients in 9 parameter(s): p0, p1, p2, p3, p4, p5, p6, p7, ... (+1 "
+        "more).")
