@@ -225,3 +225,9 @@ def test_nonfinite_message_defaults_and_nine_parameters() -> None:
     assert nonfinite_message(nine, []).split("\n")[-1] == (
         "Non-finite gradients in 9 parameter(s): p0, p1, p2, p3, p4, p5, p6, p7, ... (+1 "
         "more).")
+
+
+def test_end_of_fit_line_a_backoff_alone_counts() -> None:
+    """An LR backed off and recovered to 1 (a growth backoff clips nothing) still acted."""
+    assert end_of_fit_line({**_QUIET, "lr_backoffs": 2}) == (
+        "GradGuard: 300 steps, 0 clipped, 0 skipped, 2 LR backoffs")
