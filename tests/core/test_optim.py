@@ -118,3 +118,10 @@ def test_named_params_keeps_model_order_and_names_the_optimizers_others() -> Non
     pairs = [("a", w0), ("b", b0)]
     opt2 = torch.optim.SGD([extra, b0], lr=0.1)
     assert named_params(pairs, opt2) == (["b", "param_0"], [b0, extra])
+
+
+def test_is_adaptive_ignores_a_state_that_is_no_mapping() -> None:
+    # an optimizer-like object whose state is a list: not read, the groups decide
+    assert not is_adaptive(SimpleNamespace(state=[{"exp_avg_sq": 0}], param_groups=[{}]))
+    assert is_adaptive(SimpleNamespace(state=[{"momentum_buffer": 0}],
+                                       param_groups=[{"eps": 1e-8}]))
