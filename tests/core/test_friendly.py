@@ -132,3 +132,35 @@ def test_friendly_kwargs_on_a_namedtuple() -> None:
     with pytest.raises(TypeError) as err:
         Pair()  # type: ignore[call-arg]
     assert str(err.value) == "Pair: missing a required argument: 'left'"
+
+
+def test_friendly_kwargs_other_wrong_calls_name_the_class() -> None:
+    @friendly_kwargs
+    @dataclass
+    class Limit:
+        cap: float = 1.0
+
+    with pytest.raises(TypeError) as err:
+        Limit(1.0, 2.0)  # type: ignore[call-arg]
+    assert str(err.value) == "Limit: too many positional arguments"
+
+
+def test_friendly_init_applied_in_a_test() -> None:
+    """The decorator run inside a test (the classes above are decorated at import)."""
+
+    class Meter:
+        @friendly_init
+        def __init__(self, window: int, *, scale: float = 1.0) -> None:
+            self.window, self.scale = window, scale
+
+    class Public(Meter):
+        pass
+
+    assert Public(2, scale=3.0).window == 2
+    with pytest.raises(TypeError) as err:
+        Public(2, scal=3.0)  # type: ignore[call-arg]
+    assert str(err.value) == ("Public got unexpected keyword argument(s) 'scal' (did you mean "
+                              "'scale'?); its arguments are: window, scale")
+    with pytest.raises(TypeError) as err:
+        Public(1, 2)  # type: ignore[misc]
+    assert str(err.value) == "Public: too many positional arguments"
