@@ -224,3 +224,34 @@ def test_once_backed_off_a_falling_loss_does_not_stop_a_backoff() -> None:
         opt.step()
     assert guard.loss_trend.improving
     assert backoffs == [12, 34]
+
+
+# ----------------------------------------------------------------- issue 27: the layout's helpers
+def test_another_version_is_refused_with_the_exact_message() -> None:
+    import re
+
+    from lightning_gradguard.core.guard_state import check_version
+
+    _, guard = _sgd_guard()
+    state = guard.state_dict()
+    state["version"] = 0
+    with pytest.raises(ValueError, match="^" + re.escape(
+            "GuardCore state has version 0, this lightning_gradguard reads version 1: it was "
+            "saved by another release; resume without the guard's state (drop it from the "
+            "checkpoint) to start its statistics afresh") + "$"):
+        guard.load_state_dict(state)
+    with pytest.raises(ValueError, match=re.escape("has version None, ")):
+        check_version({})
+    check_version({"version": 1})  # this layout: accepted
+
+
+def test_loaded_counters_do_not_share_the_states_reasons() -> None:
+    from lightning_gradguard.core.guard_state import counters_from_state
+
+    state = _saved_state(halted=False)["counters"]
+    counters = counters_from_state(state)
+    assert counters.reasons == {"nonfinite_repeat": 3}
+    counters.reasons["update_capped"] = 1
+    counters.reasons["nonfinite_repeat"] += 1
+    assert state["reasons"] == {"nonfinite_repeat": 3}
+
