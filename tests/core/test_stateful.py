@@ -116,3 +116,31 @@ def test_an_optional_part_missing_from_a_state_is_reset() -> None:
     assert (a.extra, a.child.n) == (0, 0)
     with pytest.raises(KeyError, match=r"_Coded\.load_state_dict: missing keys \['pair'\]"):
         a.load_state_dict({"seen": []})
+
+
+class _OptionalFirst(Stateful):
+    """An optional nested-list state declared before a required one."""
+
+    rows: list[list[float]]
+    k: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._add_state("rows", [[0.0]], optional=True)
+        self._add_state("k", 1)
+
+
+def test_a_missing_optional_state_does_not_stop_the_states_after_it() -> None:
+    a = _OptionalFirst()
+    a.rows[0].append(2.0)
+    a.load_state_dict({"k": 5})
+    assert (a.rows, a.k) == ([[0.0]], 5)
+
+
+def test_a_missing_optional_state_is_a_deep_copy_of_its_default() -> None:
+    a = _OptionalFirst()
+    a.load_state_dict({"k": 5})
+    a.rows[0].append(3.0)  # in place, inside the nested list
+    a.reset()
+    assert a.rows == [[0.0]]
+    assert _OptionalFirst().rows == [[0.0]]
