@@ -120,11 +120,10 @@ def named_params(
             named = [(f"param_{i}", p) for i, p in enumerate(items)]
     if optimizer is not None:
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        names_by_id = {id(p): n for n, p in named}
         ordered = [p for g in optimizer.param_groups for p in g["params"]]
         # keep model order (output layer last) for the parameters the optimizer updates
         named = [(n, p) for n, p in named if id(p) in in_opt]
         known = {id(p) for _, p in named}
-        named += [(names_by_id.get(id(p), f"param_{i}"), p)
-                  for i, p in enumerate(ordered) if id(p) not in known]
+        # the optimizer's parameters the model does not name (a named one is already known)
+        named += [(f"param_{i}", p) for i, p in enumerate(ordered) if id(p) not in known]
     return [n for n, _ in named], [p for _, p in named]
