@@ -279,3 +279,16 @@ def test_scale_one_leaves_a_later_lr_change_alone() -> None:
 def test_lr_scaler_keeps_its_optimizer() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
     assert LRScaler(opt).optimizer is opt
+
+
+def test_scale_one_keeps_the_scheduled_lr_object() -> None:
+    # A total scale of exactly 1 writes back the scheduled LR itself, not ``lr * 1.0``: an
+    # integer LR stays an int (and a float subclass its class).
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1)
+    scaler = LRScaler(opt)
+    scaler.apply(0.5)
+    assert opt.param_groups[0]["lr"] == 0.5
+    scaler.apply(1.0)
+    assert type(opt.param_groups[0]["lr"]) is int
+    assert opt.param_groups[0]["lr"] == 1

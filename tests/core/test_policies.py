@@ -665,3 +665,79 @@ def test_agc_unit_scales_of_a_row_sparse_gradient() -> None:
 def test_base_class_has_no_unit_scales() -> None:
     with pytest.raises(NotImplementedError):
         ClipPolicy().unit_scales([])
+
+
+# ------------------------------------------------------ AGC unit scales: dtypes, sparse, order
+
+
+def test_agc_scales_a_bfloat16_gradient_in_its_own_dtype() -> None:
+    # the float32 factors are cast to the gradient's dtype before the multiplication (the
+    # product rounds once, in bfloat16), dense and row-sparse alike
+    from lightning_gradguard.core.policies import apply_unit_scales_
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16))
+    w.grad = (torch.randn(8, 16) * 10).to(torch.bfloat16)
+    emb = torch.nn.Embedding(6, 16, sparse=True).to(torch.bfloat16)
+    (emb(torch.tensor([1, 3, 3, 5])).float().sum() * 100).backward()
+    assert emb.weight.grad is not None
+    emb.weight.grad = emb.weight.grad.coalesce()
+    params = [w, emb.weight]
+    scales = AdaptiveGradClip(clipping=0.01).unit_scales(params)
+    dense0, values0 = w.grad.clone(), emb.weight.grad._values().clone()
+    rows = emb.weight.grad._indices()[0]
+    apply_unit_scales_(params, scales)
+    assert torch.equal(w.grad, dense0 * scales[0].scale.to(torch.bfloat16))
+    assert torch.equal(emb.weight.grad._values(),
+                       values0 * scales[1].scale[rows].to(torch.bfloat16).reshape(-1, 1))
+
+
+def test_apply_unit_scales_passes_over_a_gradient_cleared_since() -> None:
+    from lightning_gradguard.core.policies import apply_unit_scales_
+
+    a = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    b = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    a.grad = torch.tensor([[30.0, 40.0]])
+    b.grad = torch.tensor([[30.0, 40.0]])
+    scales = AdaptiveGradClip(clipping=0.1).unit_scales([a, b])
+    a.grad = None
+    apply_unit_scales_([a, b], scales)
+    assert a.grad is None
+    assert torch.allclose(b.grad, torch.tensor([[0.3, 0.4]]))
+
+
+def test_agc_unit_scales_of_a_sparse_then_a_dense_gradient() -> None:
+    emb = torch.nn.Embedding(6, 2, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    dense = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    dense.grad = torch.tensor([[30.0, 40.0]])
+    scales = AdaptiveGradClip(clipping=0.1).unit_scales([emb.weight, dense])
+    assert [s.param for s in scales] == [0, 1]
+    assert torch.allclose(scales[1].scale, torch.tensor([[0.01]]))
+
+
+def test_agc_refuses_a_sparse_gradient_that_is_not_row_sparse() -> None:
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    p.grad = torch.eye(3).to_sparse()  # sparse_dim() == 2
+    with pytest.raises(TypeError) as err:
+        AdaptiveGradClip().unit_scales([p])
+    assert str(err.value) == (
+        "AdaptiveGradClip supports sparse gradients only when they are row-sparse "
+        "(sparse_dim()=1) over a matrix, got sparse_dim()=2 for a 2-D parameter; exclude it "
+        "with `exclude=` or use ZScoreClip")
+
+
+def test_agc_sparse_factors_under_a_float64_default_dtype() -> None:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        emb = torch.nn.Embedding(6, 2, sparse=True)
+        with torch.no_grad():
+            emb.weight.fill_(1.0)
+        emb(torch.tensor([1])).sum().mul(100.0).backward()
+        (s,) = AdaptiveGradClip(clipping=0.1).unit_scales([emb.weight])
+    finally:
+        torch.set_default_dtype(default)
+    assert s.scale.dtype == torch.float32
+    assert s.scale[0].item() == 1.0
+    assert s.scale[1].item() == pytest.approx(0.1 * math.sqrt(2) / (100 * math.sqrt(2)))

@@ -362,3 +362,89 @@ def test_a_far_too_high_sgd_lr_arms_the_cap_and_is_rescued() -> None:
     assert core.update_control.armed is True  # type: ignore[attr-defined]
     assert math.isfinite(guarded)
     assert guarded < initial
+
+
+# ----------------------------------------------------------------- SGDUpdateCap: arming edges
+
+
+def _cap(**kw: Any) -> Any:
+    from lightning_gradguard.core.update_cap import SGDUpdateCap
+
+    w = torch.nn.Parameter(torch.ones(N))  # norm 10
+    cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1, **kw)
+    cap.observe_weight_norm(10.0)  # the cap on the gradient norm: 0.1 * 10 / 1 = 1
+    return cap
+
+
+def test_default_arm_growth_is_five_inclusive() -> None:
+    cap = _cap()
+    cap.observe_grad_norm(0.5, lr_scale=1.0)  # the first step, under the cap
+    assert not cap.armed
+    cap.observe_grad_norm(2.5, lr_scale=1.0)  # exactly x5 and over the cap: armed
+    assert cap.armed
+    slower = _cap()
+    slower.observe_grad_norm(0.5, lr_scale=1.0)
+    slower.observe_grad_norm(2.4, lr_scale=1.0)  # x4.8: not the signature
+    assert not slower.armed
+
+
+def test_arm_growth_just_above_one_accepted() -> None:
+    cap = _cap(arm_growth=1.5)
+    assert cap.arm_growth == 1.5
+    cap.observe_grad_norm(0.9, lr_scale=1.0)
+    cap.observe_grad_norm(1.35, lr_scale=1.0)  # x1.5, over the cap
+    assert cap.armed
+
+
+def test_first_step_under_one_but_over_the_cap_arms() -> None:
+    # gradient norms below 1 are ordinary: 0.5 at lr 1 against weights of norm 1 is 50 %
+    from lightning_gradguard.core.update_cap import SGDUpdateCap, UpdateLimit
+
+    w = torch.nn.Parameter(torch.ones(1))
+    cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
+    cap.observe_weight_norm(1.0)
+    cap.observe_grad_norm(0.5, lr_scale=1.0)
+    assert cap.armed
+    assert cap.limit(lr_scale=1.0) == UpdateLimit(cap=0.1, far=10.0, scale=None)
+
+
+def test_an_update_exactly_at_the_cap_does_not_arm() -> None:
+    cap = _cap()
+    cap.observe_grad_norm(1.0, lr_scale=1.0)  # lr * g == 0.1 * ||w|| exactly
+    assert not cap.armed
+    cap2 = _cap()
+    cap2.observe_grad_norm(1.0 + 1e-9, lr_scale=1.0)
+    assert cap2.armed
+
+
+def test_non_finite_and_zero_norms_are_not_history() -> None:
+    # a skipped step (inf) or an all-zero gradient leaves the previous finite norm as the
+    # reference of the growth test
+    for gap in (math.inf, 0.0):
+        cap = _cap()
+        cap.observe_grad_norm(0.5, lr_scale=1.0)
+        cap.observe_grad_norm(gap, lr_scale=1.0)
+        assert cap.last_grad_norm == 0.5
+        cap.observe_grad_norm(2.0, lr_scale=1.0)  # x4 of 0.5: over the cap, not armed
+        assert not cap.armed
+        cap.observe_grad_norm(10.0, lr_scale=1.0)  # x5 of 2.0: armed
+        assert cap.armed
+
+
+def test_preview_of_an_infinite_norm_arms_nothing() -> None:
+    from lightning_gradguard.core.update_cap import UpdateLimit
+
+    cap = _cap()
+    assert cap.preview(10.0, math.inf, lr_scale=1.0) == UpdateLimit(cap=math.inf, far=10.0,
+                                                                    scale=1.0)
+    assert cap.preview(10.0, 3.0, lr_scale=1.0) == UpdateLimit(cap=1.0, far=10.0, scale=None)
+    assert not cap.armed
+
+
+def test_preview_without_a_new_weight_norm_uses_the_last_one() -> None:
+    from lightning_gradguard.core.update_cap import UpdateLimit
+
+    cap = _cap()
+    assert cap.preview(None, 0.5, lr_scale=1.0) == UpdateLimit(cap=math.inf, far=10.0,
+                                                               scale=1.0)
+    assert cap.preview(None, 3.0, lr_scale=0.5) == UpdateLimit(cap=2.0, far=10.0, scale=None)
