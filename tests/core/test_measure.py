@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ import torch
 from lightning_gradguard.core._host import host_reads, reset_host_reads
 from lightning_gradguard.core.measure import Gradients, HostValues, Measurement, Meter, Request
 from lightning_gradguard.core.norms import grad_norms
-from lightning_gradguard.core.policies import AdaptiveGradClip, FixedNormClip, NoClip
+from lightning_gradguard.core.policies import (
+    AdaptiveGradClip,
+    ClipPolicy,
+    FixedNormClip,
+    NoClip,
+    UnitScale,
+)
 
 
 def _weights(meter: Meter, module: torch.nn.Module | None = None) -> Request:
@@ -377,3 +384,305 @@ def test_weights_norm_in_the_norm_of_detection(norm_type: float, expected: float
     _m, grads = meter.measure(1, None, NoClip(), {"w": meter.weights_norm}, names=["a", "b"])
     assert grads is not None
     assert grads.host["w"] == [pytest.approx(expected, rel=1e-6)]
+
+
+# --- issue 27: HostValues on another device, dtypes of vectors, a failed add -------------------
+# ``meta`` stands in for an accelerator: its tensors have a device and a dtype but no values.
+
+
+def test_host_values_move_every_value_and_vector_to_their_device() -> None:
+    values = HostValues(torch.device("meta"))
+    assert values.device == torch.device("meta")
+    values.add("f32", torch.tensor(1.0))  # float32 already: moved for its device alone
+    values.add("f16", torch.tensor(2.0, dtype=torch.float16))
+    values.add_vector("v", torch.tensor([1.0, 2.0]))
+    assert [(v.device.type, v.dtype) for v in values._values] == [("meta", torch.float32)] * 2
+    assert [(v.device.type, v.dtype) for v in values._vectors] == [("meta", torch.float32)]
+
+
+def test_host_values_read_a_float64_vector_as_float32() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("a", torch.tensor(0.5))
+    values.add_vector("v", torch.tensor([0.1, 1.0], dtype=torch.float64))
+    assert values.read() == {"a": 0.5}
+    # every value travels as float32: 0.1 comes back as float32's nearest value
+    assert values.vectors == {"v": [float(torch.tensor(0.1, dtype=torch.float32)), 1.0]}
+    assert values.vectors["v"][0] != 0.1
+
+
+def test_a_failed_add_makes_the_read_fail_rather_than_misname_the_values() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("a", torch.tensor(1.0))
+    with pytest.raises(RuntimeError):
+        values.add("b", torch.ones(2))  # not one element: the name is queued, the value not
+    values.add("c", torch.tensor(3.0))
+    with pytest.raises(ValueError, match="zip"):
+        values.read()  # "b" would otherwise be paired with c's value
+    values.add_vector("v", torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="zip"):
+        values.read()
+
+
+def test_a_failed_add_vector_makes_the_read_fail_rather_than_misname_the_vectors() -> None:
+    values = HostValues(torch.device("cpu"))
+    values.add("a", torch.tensor(1.0))
+    with pytest.raises(NotImplementedError):
+        values.add_vector("u", torch.empty(2, device="meta"))  # no values to copy to the CPU
+    values.add_vector("w", torch.tensor([7.0]))
+    with pytest.raises(ValueError, match="zip"):
+        values.read()  # "u" would otherwise receive w's values
+
+
+# --- issue 27: Meter.measure's defaults, requests, reducer ------------------------------------
+
+
+class _Doubling:
+    """A reducer standing in for four ranks with equal shards: a sum partial times 4."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, partial: torch.Tensor, op: str) -> torch.Tensor:
+        self.calls.append(op)
+        return partial * 4.0
+
+
+def test_measure_defaults_to_no_amp_overflow() -> None:
+    m, _ = Meter(_params(), 2.0).measure(1, None, NoClip(), names=["a", "b"])
+    assert m.amp_overflow is False
+
+
+def test_a_request_is_called_with_the_gradients_and_their_device() -> None:
+    seen: list[tuple[int, torch.device]] = []
+
+    def request(grads: Gradients, device: torch.device) -> torch.Tensor:
+        seen.append((len(grads.grads), device))
+        return torch.tensor([1.0])
+
+    Meter(_params(), 2.0).measure(1, None, NoClip(), {"r": request}, names=["a", "b"])
+    assert seen == [(2, torch.device("cpu"))]
+
+
+def test_the_reducer_reduces_total_and_weights_norm() -> None:
+    params = _params()  # weights: 4 and 9 ones; gradients: norms 3 and 4
+    red = _Doubling()
+    meter = Meter(params, 2.0, red)
+    found = meter.gradients()
+    assert found is not None
+    assert found[1].item() == pytest.approx(10.0)  # sqrt(4 * 25)
+    assert meter.total([p.detach() for p in params], torch.device("cpu")).item() == \
+        pytest.approx(2.0 * math.sqrt(13.0))
+    assert meter.weights_norm(found[0], torch.device("cpu")).item() == \
+        pytest.approx(2.0 * math.sqrt(13.0))
+    assert red.calls == ["sum"] * 3
+
+
+def test_the_reducer_reduces_the_sparse_fallback_too() -> None:
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    w = torch.nn.Parameter(torch.ones(3))
+    emb(torch.tensor([1, 3])).sum().backward()
+    w.grad = torch.full((3,), 2.0)
+    red = _Doubling()
+    meter = Meter([emb.weight, w], 2.0, red)
+    m, _ = meter.measure(1, None, NoClip(), names=["e", "w"])
+    assert meter.groups is None  # the general path
+    assert m.grad_norm == pytest.approx(2.0 * math.sqrt(4 + 12))
+    assert red.calls == ["sum"]
+
+
+def test_total_passes_the_grouping_the_caller_vouches_for() -> None:
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([3.0, 4.0]), (4,),
+                                     check_invariants=True)
+    meter = Meter(_params(), 2.0)
+    cpu = torch.device("cpu")
+    assert meter.total([sparse], cpu).item() == pytest.approx(5.0)
+    # a grouping vouches for dense tensors: torch refuses the sparse one it hides
+    with pytest.raises(NotImplementedError):
+        meter.total([sparse], cpu, groups={(cpu, torch.float32): [0]})
+
+
+# --- issue 27: the unit-wise clipped total (Meter.clipped_total, Meter._scaled_norm) ----------
+
+
+class _Halve(ClipPolicy):
+    """A unit-wise stand-in: every gradient is one unit, halved (one clipped unit each)."""
+
+    unitwise = True
+
+    def threshold_value(self) -> float:
+        return math.inf
+
+    def unit_scales(self, params: Sequence[torch.nn.Parameter],
+                    names: Sequence[str] | None = None) -> list[UnitScale]:
+        return [UnitScale(i, torch.tensor(0.5), torch.tensor(1),
+                          torch.linalg.vector_norm(p.grad).reshape(1), torch.tensor([0.5]))
+                for i, p in enumerate(params) if p.grad is not None]
+
+
+class _Shard(torch.Tensor):
+    """A stand-in DTensor gradient: its local shard is its first row."""
+
+    def to_local(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)[:1]
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass that is no DTensor (no ``to_local``)."""
+
+
+def test_a_unitwise_policy_with_no_units_reports_the_total() -> None:
+    params = _params()
+    m, grads = Meter(params, 2.0).measure(1, None, AdaptiveGradClip(exclude=["*"]),
+                                          names=["a", "b"])
+    assert grads is not None
+    assert grads.unit_scales == []
+    assert (m.unitwise, m.grad_norm, m.clipped_norm) == (True, pytest.approx(5.0), m.grad_norm)
+
+
+@pytest.mark.parametrize(("norm_type", "expected"), [(1.0, 7.5), (3.0, (2.5**3 + 5**3) ** (1 / 3)),
+                                                     (math.inf, 5.0)])
+def test_unitwise_clipped_total_of_complex_gradients_by_their_moduli(
+        norm_type: float, expected: float) -> None:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    w.grad = torch.tensor([3 + 4j, 6 + 8j], dtype=torch.complex64)  # moduli 5 and 10
+    m, _ = Meter([w], norm_type).measure(1, None, _Halve(), names=["w"])
+    assert m.grad_norm == pytest.approx(2 * expected, rel=1e-6)
+    assert m.clipped_norm == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(("cls", "norm_type", "expected"), [
+    (_Shard, 2.0, 2.5),  # the local shard [1.5, 2] once halved
+    (_Shard, 1.0, 3.5),
+    (_Subclass, 2.0, math.sqrt(125) / 2),  # no shard: the whole gradient
+    (_Subclass, 1.0, 10.5),
+])
+def test_unitwise_clipped_norm_of_a_tensor_subclass_from_its_scaled_gradient(
+        cls: type, norm_type: float, expected: float) -> None:
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    w.grad = torch.tensor([[3.0, 4.0], [6.0, 8.0]]).as_subclass(cls)
+    m, _ = Meter([w], norm_type).measure(1, None, _Halve(), names=["w"])
+    assert m.grad_norm == pytest.approx(math.sqrt(125) if norm_type == 2.0 else 21.0)
+    assert m.clipped_norm == pytest.approx(expected, rel=1e-6)
+
+
+def _agc_case(case: str) -> tuple[list[torch.nn.Parameter], AdaptiveGradClip]:
+    """One parameter with a gradient AGC clips in some units, in the dtype/layout ``case``."""
+    if case == "sparse-f16":
+        w = torch.nn.Parameter(torch.ones(4, 3, dtype=torch.float16))
+        w.grad = torch.sparse_coo_tensor(
+            torch.tensor([[0, 2]]),
+            torch.tensor([[30.0, 40.0, 1.0], [0.001, 0.002, 0.003]], dtype=torch.float16),
+            (4, 3), check_invariants=True)
+        return [w], AdaptiveGradClip(clipping=0.1)
+    if case == "bf16":
+        w = torch.nn.Parameter(torch.ones(2, 300, dtype=torch.bfloat16))
+        w.grad = torch.full((2, 300), 3.0, dtype=torch.bfloat16)
+        w.grad[1] = 0.01
+        return [w], AdaptiveGradClip(clipping=0.3)
+    dtype = torch.float64 if case == "f64" else torch.float32
+    torch.manual_seed(int(case[-1]) if case.startswith("seed") else 0)
+    w = torch.nn.Parameter(torch.ones(4, 50, dtype=dtype))
+    w.grad = torch.randn(4, 50, dtype=dtype) * 10
+    w.grad[1] *= 1e-3  # a unit under its limit
+    return [w], AdaptiveGradClip(clipping=0.1)
+
+
+@pytest.mark.parametrize(("case", "norm_type"), [
+    ("seed0", 1.0), ("seed1", 1.0), ("seed2", 1.0), ("seed0", 3.0), ("seed0", math.inf),
+    ("bf16", 1.0), ("sparse-f16", 1.0), ("f64", 1.0), ("f64", 3.0),
+])
+def test_unitwise_clipped_total_is_the_in_place_clips_to_the_bit(case: str,
+                                                                 norm_type: float) -> None:
+    """Another norm than the 2-norm: from the scaled gradient, as the apply stage scales it."""
+    params, agc = _agc_case(case)
+    m, _ = Meter(params, norm_type).measure(1, None, agc, names=["w"])
+    agc.clip_unitwise_(params, ["w"])
+    grad = params[0].grad
+    assert grad is not None
+    # (read as float32, as every measured value: HostValues)
+    assert m.clipped_norm == grad_norms([grad], norm_type).total.float().item()
+    assert m.clipped_norm < m.grad_norm
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unitwise_clipped_2_norm_comes_from_the_unit_norms(seed: int) -> None:
+    params, agc = _agc_case(f"seed{seed}")
+    (s,) = agc.unit_scales(params, ["w"])
+    m, _ = Meter(params, 2.0).measure(1, None, agc, names=["w"])
+    assert m.clipped_norm == torch.linalg.vector_norm(s.unit_norms * s.unit_scale).item()
+    agc.clip_unitwise_(params, ["w"])
+    assert params[0].grad is not None
+    assert m.clipped_norm == pytest.approx(grad_norms([params[0].grad]).total.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unitwise_clipping_no_unit_keeps_the_per_tensor_norms_to_the_bit(seed: int) -> None:
+    params, _ = _agc_case(f"seed{seed}")
+    m, grads = Meter(params, 2.0).measure(1, None, AdaptiveGradClip(clipping=1e6), names=["w"])
+    assert grads is not None
+    assert [int(s.clipped) for s in grads.unit_scales] == [0]
+    assert m.clipped_norm == m.grad_norm
+
+
+def test_clipped_total_lands_where_the_per_tensor_norms_are() -> None:
+    """CPU gradients (an offloaded table) whose norms were gathered on an accelerator (meta)."""
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.tensor([3.0, 4.0])
+    meter = Meter([w], 2.0)
+    per = torch.tensor([5.0], device="meta")
+    grads = Gradients([w.grad], None, per, unit_scales=_Halve().unit_scales([w]))
+    out = meter.clipped_total(grads, per.sum())
+    assert (out.device.type, out.shape, out.dtype) == ("meta", torch.Size([]), torch.float32)
+
+
+class _FakeShard:
+    """A stand-in DTensor: ``local`` is its shard, over the process group "g0"."""
+
+    def __init__(self, local: torch.Tensor) -> None:
+        from torch.distributed.tensor import Shard
+
+        self._local_tensor, self.placements, self.device_mesh = local, (Shard(0),), self
+
+    def get_group(self, dim: int) -> str:
+        return "g0"
+
+
+def test_clipped_total_reduces_sharded_gradients_over_their_process_groups(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from lightning_gradguard.core import norms
+
+    calls: list[object] = []
+
+    def all_reduce(t: torch.Tensor, op: object, group: object) -> None:
+        calls.append((group, op == dist.ReduceOp.SUM, t.tolist()))
+        t.add_(11.0)  # the other ranks' partial statistic
+
+    monkeypatch.setattr(norms, "_dtensor_type", lambda: _FakeShard)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.tensor([3.0, 4.0])  # the local shard
+    meter = Meter([w], 2.0)
+    grads = Gradients([_FakeShard(w.grad)], None, torch.tensor([5.0]),  # type: ignore[list-item]
+                      unit_scales=_Halve().unit_scales([w]))
+    out = meter.clipped_total(grads, torch.tensor(6.0))
+    # the local shard halved: norm 2.5, partial statistic 6.25, plus the other ranks' 11
+    assert calls == [("g0", True, [6.25])]
+    assert out.item() == pytest.approx(math.sqrt(6.25 + 11.0))
+
+
+def test_unitwise_clipped_total_is_reduced() -> None:
+    params = _params()  # gradient norms 3 and 4, halved: 1.5 and 2
+    red = _Doubling()
+    m, _ = Meter(params, 2.0, red).measure(1, None, _Halve(), names=["a", "b"])
+    assert red.calls == ["sum", "sum"]
+    assert m.grad_norm == pytest.approx(10.0)
+    assert m.clipped_norm == pytest.approx(5.0)  # sqrt(4 * 6.25)
+
+
+def test_weights_norm_of_no_weights_is_a_zero_on_the_device_asked() -> None:
+    meter = Meter([], 2.0)
+    out = meter.weights_norm(Gradients([], None, None), torch.device("meta"))
+    assert (out.device.type, out.shape) == ("meta", torch.Size([]))
+    assert meter.weights_norm(Gradients([], None, None), torch.device("cpu")).item() == 0.0
