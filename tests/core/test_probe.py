@@ -121,31 +121,36 @@ def test_graph_kids_are_read_once() -> None:
 
 
 def test_param_only_by_kind_of_leaf() -> None:
+    # every node is held by a name: the memo is keyed by id
     plain = torch.zeros(3, 2, requires_grad=True)
+    plain_leaf, cube_leaf = acc(plain), acc(nn.Parameter(torch.zeros(2, 2, 2)))
     g = _Graph([], {id(plain)}, 10)
-    assert g.param_only(acc(plain)) == (True, 2)
-    assert g.param_only(acc(nn.Parameter(torch.zeros(2, 2, 2)))) == (True, 3)
-    other = _Graph([], set(), 10)
-    assert other.param_only(acc(plain)) == (False, 0)
-    assert other.param_only(node("AccumulateGrad")) == (False, 0)  # no variable
-    assert other.param_only(node("EmbeddingBackward0", acc(nn.Parameter(torch.zeros(2, 2))))) \
-        == (False, 0)
-    assert other.param_only(node("LeafBackward")) == (False, 0)  # no children
-    assert other.param_only(_Bare()) == (False, 0)
-    # a constant input (no node) makes the op data
+    assert g.param_only(plain_leaf) == (True, 2)
+    assert g.param_only(cube_leaf) == (True, 3)
+    no_var, bare, leaf = node("AccumulateGrad"), _Bare(), node("LeafBackward")
+    lookup = node("EmbeddingBackward0", acc(nn.Parameter(torch.zeros(2, 2))))
     p = acc(nn.Parameter(torch.zeros(2, 2)))
-    assert other.param_only(node("MulBackward0", p, None)) == (False, 2)
-    assert other.param_only(node("MulBackward0", p)) == (True, 2)
+    with_const, params_only = node("MulBackward0", p, None), node("MulBackward0", p)
+    other = _Graph([], set(), 10)
+    assert other.param_only(plain_leaf) == (False, 0)
+    assert other.param_only(no_var) == (False, 0)  # no variable
+    assert other.param_only(lookup) == (False, 0)
+    assert other.param_only(leaf) == (False, 0)  # no children
+    assert other.param_only(bare) == (False, 0)
+    # a constant input (no node) makes the op data
+    assert other.param_only(with_const) == (False, 2)
+    assert other.param_only(params_only) == (True, 2)
 
 
 def test_param_only_looks_three_nodes_down() -> None:
     p = acc(nn.Parameter(torch.zeros(4, 4)))
     three = node("X1", node("X2", node("X3", p)))
+    two, top = node("X0", node("X1", node("X2", p))), node("X0", three)
     g = _Graph([], set(), 10)
-    assert g.param_only(node("X0", node("X1", node("X2", p)))) == (True, 2)
-    assert g.param_only(node("X0", three)) == (False, 0)
+    assert g.param_only(two) == (True, 2)
+    assert g.param_only(top) == (False, 0)
     assert g.param_only(three) == (True, 2)
-    assert g.param_only(node("X0", three), depth=4) == (True, 2)
+    assert g.param_only(top, depth=4) == (True, 2)
 
 
 def test_is_weight_and_data() -> None:
@@ -612,6 +617,33 @@ def test_probe_stream_rms_of_the_skipped_stream() -> None:
     assert s.stream_rms == pytest.approx((4.0,))
 
 
+class _Halves(nn.Module):
+    """Both halves of one chunk share a node: the skip's stream is the first half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.f, self.g = nn.Linear(4, 4), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.stem(x).chunk(2, dim=-1)
+        u = self.f(a)
+        v = self.g(b)
+        return (a + u) * v
+
+
+def test_probe_stream_rms_is_of_the_first_input_with_that_node() -> None:
+    torch.manual_seed(0)
+    net = _Halves()
+    with torch.no_grad():
+        net.stem.weight.copy_(torch.eye(4))
+        net.stem.bias.zero_()
+    probe = ForwardProbe(net)
+    net(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert probe.skips == 1
+    # a = (1, 2): mean square 2.5 (b = (3, 4) would give 12.5)
+    assert probe.stream_rms == pytest.approx((math.sqrt(2.5),))
+
+
 class _ProjRes(nn.Module):
     """``p(x) + f2(relu(f1(x)))`` from width 4 to 3: the stream enters no same-shape module."""
 
@@ -829,6 +861,7 @@ def test_probe_recurrent_nodes_stop_at_parameters() -> None:
                  if f is not None and type(f).__name__ != "AccumulateGrad"]
     assert got == want
     assert len(got) > 10
+    assert len(probe._recurrent_nodes(budget=3)) == 3
 
 
 class CompiledFunction(torch.autograd.Function):
