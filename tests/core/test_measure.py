@@ -686,3 +686,25 @@ def test_weights_norm_of_no_weights_is_a_zero_on_the_device_asked() -> None:
     out = meter.weights_norm(Gradients([], None, None), torch.device("meta"))
     assert (out.device.type, out.shape) == ("meta", torch.Size([]))
     assert meter.weights_norm(Gradients([], None, None), torch.device("cpu")).item() == 0.0
+
+
+class _HalveInFloat64(_Halve):
+    """:class:`_Halve` with its factors in float64 (a policy's choice of dtype)."""
+
+    def unit_scales(self, params: Sequence[torch.nn.Parameter],
+                    names: Sequence[str] | None = None) -> list[UnitScale]:
+        return [s._replace(scale=s.scale.double(), unit_scale=s.unit_scale.double())
+                for s in super().unit_scales(params, names)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_clipped_total_in_the_per_tensor_norms_dtype(norm_type: float) -> None:
+    params = _params()  # gradient norms 3 and 4 (L1: 6 and 12), float32
+    meter = Meter(params, norm_type)
+    found = meter.gradients()
+    assert found is not None
+    grads, total = found
+    grads.unit_scales = _HalveInFloat64().unit_scales(params)
+    out = meter.clipped_total(grads, total)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(2.5 if norm_type == 2.0 else 9.0)
