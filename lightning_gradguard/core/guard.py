@@ -427,7 +427,12 @@ class GuardCore(Stateful):
         Returns:
             Whether a snapshot was restored (counted in ``rollbacks``).
         """
-        if self.last_good is None or not self.last_good.restore(self._optimizers(snapshot_extra)):
+        if self.last_good is None or not self.last_good.snapshot.available:
+            return False
+        # the scheduled LRs first: loading the optimizer's state replaces its group dicts, and
+        # an LR scale still applied to the old ones could then never be put back
+        self.restore_lr()
+        if not self.last_good.restore(self._optimizers(snapshot_extra)):
             return False
         self.counters.rollbacks += 1
         return True

@@ -486,3 +486,27 @@ def test_listeners_get_the_measurement_decision_and_report() -> None:
     p.grad = torch.ones(4)
     report = guard.step()
     assert heard == [(2.0, "finite", report)]
+
+
+def test_rollback_puts_the_scheduled_lr_back_into_the_restored_groups() -> None:
+    # A backed-off LR still applied when the weights turn non-finite (a loop that skipped
+    # ``optimizer.step()``): the rollback replaces the optimizer's group dicts, so the LR must
+    # be put back before, or the scale stays on the live groups for good.
+    net = nn.Linear(2, 1)
+    guard, opt = _backed_off(net, rollback=True, snapshot_every=1)
+    assert guard.snapshot is not None
+    assert guard.snapshot.step == 2
+    with torch.no_grad():
+        net.weight[0, 0] = float("inf")
+    _fill(net, 1.0)
+    report = guard.step()
+    assert (report.params_finite, report.rollback) == (False, True)
+    assert opt.param_groups[0]["lr"] == 0.1
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1
+    _fill(net, 1.0)
+    scaled = guard.step()  # the backoff scale applies to the live groups again, once
+    assert scaled.lr_scale < 1.0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * scaled.lr_scale)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1
