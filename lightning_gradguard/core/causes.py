@@ -460,8 +460,9 @@ def loss_cause(ev: Evidence, t: DiagnosisThresholds = _DEFAULT) -> list[Cause]:
             and steady and norms_hist and not growth(ev, t)[1]):
         return []
     lo, hi = min(norms_hist), max(norms_hist)
-    before = f"{trend.before:.4g}" if math.isfinite(trend.before) else "finite"
-    what = (f"the loss became {loss} right after {before}" if loss_bad else
+    before = (f"right after {trend.before:.4g}" if math.isfinite(trend.before)
+              else f"after {prior[-1]:.4g}, its last finite value")
+    what = (f"the loss became {loss} {before}" if loss_bad else
             f"the loss is finite ({loss}) but {len(grads_bad)} gradient(s) are not "
             f"(first: {grads_bad[0]})")
     return [Cause(
@@ -638,7 +639,7 @@ def lr_cause(ev: Evidence, t: DiagnosisThresholds = _DEFAULT) -> list[Cause]:
         if moved:
             words.append(f"the same step at the current lr {lr:.3g} would move them by "
                          f"{_pct(ratio0 * lr / lr0)}")
-    if not ratio0 or ratio > 2 * ratio0:
+    if ratio > 0 and (not ratio0 or ratio > 2 * ratio0):  # (0: no update was measured)
         words.append(f"{'later ' if ratio0 else ''}up to {_pct(ratio)} in one step")
     if rising:
         words.append(f"the loss rose {trend.steps} steps in a row from {trend.before:.3g}"
@@ -656,9 +657,12 @@ def lr_cause(ev: Evidence, t: DiagnosisThresholds = _DEFAULT) -> list[Cause]:
         factor = min(factor, 10 * t.target_ratio / (worst0 * lr / lr0))
     target = lr * factor if factor < 1 else lr / 10
     verb = "would move" if moved and base == now0 else "moved"
+    aim = (f"aim for ~{_pct(t.target_ratio)}, and ~{_pct(10 * t.target_ratio)} for the "
+           "most-moved tensor")
     remedy = (f"lower the LR to ~{_round_lr(target)}: the update {verb} the weights by "
-              f"{_pct(base)} in one step (aim for ~{_pct(t.target_ratio)}, and "
-              f"~{_pct(10 * t.target_ratio)} for the most-moved tensor)")
+              f"{_pct(base)} in one step ({aim})" if base > 0 else
+              f"lower the LR to ~{_round_lr(target)} (a tenth: no update of the weights was "
+              f"measured; {aim})")
     if sched and "warmup" in sched:
         remedy += "; or a longer warmup to a lower peak"
     if not adaptive:

@@ -300,10 +300,11 @@ def test_loss_cause_words_a_nan_loss_and_gives_the_remedy() -> None:
         "loss_nonfinite",
         "the loss became nan right after 0.92, with no run-up: the gradient norms before were "
         "finite and steady (0.9..1.1)", LOSS_REMEDY, 50.0)]
-    # the loss just before was not finite either: no number to quote
-    (cause,) = loss_cause(Evidence("nonfinite", loss=NAN, losses=(1.0, 1.0, 1.0, NAN, NAN),
+    # the loss just before was not finite either: the last finite loss is quoted as such
+    (cause,) = loss_cause(Evidence("nonfinite", loss=NAN, losses=(1.0, 1.0, 2.0, NAN, NAN),
                                    grad_norms=(1.0, 1.0, 1.0)))
-    assert cause.evidence.startswith("the loss became nan right after finite, with no run-up")
+    assert cause.evidence.startswith(
+        "the loss became nan after 2, its last finite value, with no run-up")
 
 
 def test_loss_cause_words_non_finite_gradients_under_a_finite_loss() -> None:
@@ -364,11 +365,13 @@ def test_lr_cause_a_loss_rising_to_nan_counts_without_any_ratio() -> None:
     ev = Evidence("nonfinite", lr=1.0, losses=(1.0, 1.5, 3.0, NAN))
     assert lr_cause(ev) == [Cause(
         "lr_too_high",
-        "up to 0 % in one step; the loss rose 3 steps in a row from 1 to non-finite",
-        "lower the LR to ~0.1: the update moved the weights by 0 %" + LR_TAIL, 3.0)]
+        "the loss rose 3 steps in a row from 1 to non-finite",
+        "lower the LR to ~0.1 (a tenth: no update of the weights was measured; aim for ~1 %, "
+        "and ~10 % for the most-moved tensor); or an adaptive optimizer: "
+        "torch.optim.Adam(params, lr=1e-3)", 3.0)]
     # lr * 0.1 (0.15000000000000002), not lr / 10 (0.15)
     (cause,) = lr_cause(Evidence("backoff", lr=1.5, losses=RISE))
-    assert cause.remedy.startswith("lower the LR to ~0.2: ")
+    assert cause.remedy.startswith("lower the LR to ~0.2 (a tenth: ")
     # without the rise, 0 % is no cause
     assert lr_cause(Evidence("nonfinite", lr=1.0, losses=(1.0, 1.0, 1.0, NAN))) == []
 
