@@ -234,3 +234,28 @@ def test_a_mismatch_is_refused_with_a_message_and_nothing_restored() -> None:
                                            r"nothing was restored$"):
         snap.restore(model, [opt])
     _assert_module_state(model, before)
+
+
+def test_tensors_inside_tuples_are_kept_on_the_snapshots_device() -> None:
+    from lightning_gradguard.core.snapshot import _copy_to
+
+    src = {"pair": (torch.ones(2), 0.9), "list": [torch.zeros(1)]}
+    out = _copy_to(src, torch.device("meta"))
+    assert isinstance(out["pair"], tuple)
+    assert out["pair"][0].device.type == "meta"
+    assert out["pair"][1] == 0.9
+    assert out["list"][0].device.type == "meta"
+
+
+def test_a_cleared_snapshot_saves_and_loads_as_empty() -> None:
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snap = Snapshot()
+    snap.capture(model, [opt], step=3)
+    snap.clear()
+    state = snap.state_dict()
+    assert state == {"step": None, "model": None, "optim": []}
+    fresh = Snapshot()
+    fresh.load_state_dict(state)
+    assert not fresh.available
+    assert fresh.nbytes == 0
