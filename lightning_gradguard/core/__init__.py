@@ -40,6 +40,7 @@ from lightning_gradguard.core.snapshot import Snapshot
 from lightning_gradguard.core.stats import RobustNormStats
 from lightning_gradguard.core.streaks import Streaks
 from lightning_gradguard.core.update_cap import (
+    NormalisedUpdates,
     NoUpdateControl,
     SGDUpdateCap,
     UpdateControl,
@@ -71,6 +72,7 @@ __all__ = [
     "LossTrend",
     "Measurement",
     "NoClip",
+    "NormalisedUpdates",
     "NoUpdateControl",
     "NormReducer",
     "PercentileClip",

@@ -48,6 +48,15 @@ Why a backoff needs evidence (the rules and their mechanisms):
   or (c) the LR is already backed off (``lr_scale < 1``): spikes that return while it
   recovers are that instability returning. Without any of these the step is clipped and
   the spike count restarts.
+* **Clipping as the rule is no evidence under an adaptive optimizer.** (b) stands for a
+  gradient norm that rises past a lagging threshold, step after step: under SGD the update
+  is the LR times that gradient and grows with it. Adam, RMSprop, Adagrad and their kin
+  divide each coordinate's step by its own running gradient scale
+  (:class:`~lightning_gradguard.core.update_cap.NormalisedUpdates`,
+  ``Measurement.limit.normalised``), so a gradient that keeps rising leaves their updates
+  about ``lr`` per coordinate: for them (b) does not count, and the steps are clipped and the
+  count restarts. Spikes still count through (a)'s cap (none for them) and (c), and repeated
+  non-finite steps, growth with evidence and the halt are unchanged.
 * **A run whose loss keeps falling is not backed off because clipping became the rule.** A
   gradient norm also rises while a model fits large targets or a zero-initialised head
   grows, and a z-score threshold lags that trend until clipping is the rule (evidence (b));
@@ -307,19 +316,21 @@ def _backoff_due(window: tuple[int, ...], grew: bool, s: GuardSettings) -> bool:
     return s.lr_backoff and (grew or (s.spike_patience > 0 and len(window) >= s.spike_patience))
 
 
-def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float) -> Reason | None:
+def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float,
+                 normalised: bool = False) -> Reason | None:
     """Evidence that the LR, not the batch, is the problem (a triggered backoff needs it).
 
     (a) this update was clipped by the update cap, (b) at least :data:`CLIP_RULE` of the
-    recent steps (``clipped``, this one included) were clipped, or (c) the LR is already
-    backed off and has not recovered.
+    recent steps (``clipped``, this one included) were clipped and the optimizer's updates
+    are not ``normalised`` (an adaptive optimizer's do not grow with the gradient), or (c)
+    the LR is already backed off and has not recovered.
 
     Returns:
         The first evidence that holds, in that order (``None``: none).
     """
     if capped:
         return Reason.UPDATE_CAPPED
-    if len(clipped) >= CLIP_RULE:
+    if len(clipped) >= CLIP_RULE and not normalised:
         return Reason.CLIPPING_RULE
     return Reason.ALREADY_BACKED_OFF if lr_scale < 1.0 else None
 
@@ -351,7 +362,8 @@ def _finite(m: Measurement, state: GuardState, s: GuardSettings) -> Decision:
         # counts as always)
         learning = state.loss_improving and state.lr_scale >= 1.0
         evidence = ((Reason.UPDATE_CAPPED if capped else None) if learning
-                    else _lr_too_high(capped, streaks.clipped, state.lr_scale))
+                    else _lr_too_high(capped, streaks.clipped, state.lr_scale,
+                                      m.limit.normalised))
     backoff = evidence is not None
     return Decision(
         "finite", action, streaks, () if triggered else window, threshold,

@@ -23,8 +23,15 @@ guard's decision (:func:`~lightning_gradguard.core.decide.decide`) only sees the
   only when its update would move the weights by more than :math:`r / \text{far}` (default
   ``far=10``): at a comfortable LR a gradient spike is clipped but is no sign of too high an
   LR.
-* :class:`NoUpdateControl` (every other optimizer, or ``max_update_ratio=None``): no cap,
-  every spike counts. Adam-family optimizers normalise their updates.
+* :class:`NormalisedUpdates` (an adaptive optimizer, see
+  :func:`~lightning_gradguard.core.optim.is_adaptive`: Adam, AdamW, RMSprop, Adagrad,
+  schedule-free AdamW ...): no cap, every spike counts, and the limit says the updates are
+  *normalised*: each coordinate's step is divided by its own running gradient scale, so a
+  gradient norm that keeps rising does not make the updates larger. Clipping that has become
+  the rule is then no evidence that the LR is too high (see
+  :func:`~lightning_gradguard.core.decide.decide`).
+* :class:`NoUpdateControl` (every other optimizer, or plain SGD with
+  ``max_update_ratio=None``): no cap, every spike counts.
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ from torch.optim import Optimizer
 from lightning_gradguard.core._friendly import friendly_kwargs
 from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
-from lightning_gradguard.core.optim import learning_rate
+from lightning_gradguard.core.optim import is_adaptive, learning_rate
 
-__all__ = ["NO_LIMIT", "NoUpdateControl", "SGDUpdateCap", "UpdateControl", "UpdateLimit",
-           "make_update_control"]
+__all__ = ["NORMALISED", "NO_LIMIT", "NoUpdateControl", "NormalisedUpdates", "SGDUpdateCap",
+           "UpdateControl", "UpdateLimit", "make_update_control"]
 
 _INF = float("inf")
 
@@ -57,6 +64,8 @@ class UpdateLimit:
         scale: The gradient norm whose update moves the weights by ``max_update_ratio``
             (``None``: the same as ``cap``; an unarmed cap has ``cap=inf`` and a finite
             ``scale``).
+        normalised: The optimizer divides each coordinate's step by its own running gradient
+            scale (adaptive): the size of its update does not follow the gradient norm.
 
     Example:
         >>> UpdateLimit().counts(1e9), UpdateLimit(cap=1.0, far=10.0).counts(0.05)
@@ -68,6 +77,7 @@ class UpdateLimit:
     cap: float = _INF
     far: float | None = None
     scale: float | None = None
+    normalised: bool = False
 
     def counts(self, norm: float) -> bool:
         """Whether a spike/growth at ``norm`` is large enough to count toward a backoff."""
@@ -77,6 +87,8 @@ class UpdateLimit:
 
 #: no cap, every spike counts (one shared instance: a limit is a value)
 NO_LIMIT = UpdateLimit()
+#: no cap, every spike counts, the updates are normalised (an adaptive optimizer)
+NORMALISED = UpdateLimit(normalised=True)
 
 
 class UpdateControl(Stateful):
@@ -127,8 +139,33 @@ class NoUpdateControl(UpdateControl):
 
     Example:
         >>> NoUpdateControl().limit(1.0)
-        UpdateLimit(cap=inf, far=None, scale=None)
+        UpdateLimit(cap=inf, far=None, scale=None, normalised=False)
     """
+
+
+@friendly_kwargs
+class NormalisedUpdates(UpdateControl):
+    """An adaptive optimizer: no cap, every spike counts, its updates are normalised.
+
+    Adam divides each coordinate's step by the running root mean square of its gradient
+    (RMSprop and schedule-free AdamW alike, Adagrad by the root of the running sum): a gradient
+    that grows over many steps grows that denominator with it, and the update stays about
+    ``lr`` per coordinate. The limit it gives (:data:`NORMALISED`) tells the decision that a
+    threshold lagging a rising gradient norm is no sign of too high an LR.
+
+    Example:
+        >>> NormalisedUpdates().limit(1.0)
+        UpdateLimit(cap=inf, far=None, scale=None, normalised=True)
+    """
+
+    def limit(self, lr_scale: float) -> UpdateLimit:
+        """No cap; the updates are normalised."""
+        return NORMALISED
+
+    def preview(self, weight_norm: float | None, grad_norm: float,
+                lr_scale: float) -> UpdateLimit:
+        """No cap; the updates are normalised (nothing is read)."""
+        return NORMALISED
 
 
 @friendly_kwargs
@@ -162,13 +199,13 @@ class SGDUpdateCap(UpdateControl):
         >>> cap.observe_grad_norm(0.5, lr_scale=1.0)   # the first step, under the cap
         >>> cap.observe_grad_norm(3.0, lr_scale=1.0)   # a large update, grown x6: armed
         >>> cap.armed, cap.limit(lr_scale=0.5)
-        (True, UpdateLimit(cap=2.0, far=10.0, scale=None))
+        (True, UpdateLimit(cap=2.0, far=10.0, scale=None, normalised=False))
         >>> fresh = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
         >>> fresh.observe_weight_norm(10.0)
         >>> for g in (0.5, 2.0, 3.0):   # over the cap from the 2nd step, but grown x4, x1.5
         ...     fresh.observe_grad_norm(g, lr_scale=1.0)
         >>> fresh.armed, fresh.limit(lr_scale=1.0)
-        (False, UpdateLimit(cap=inf, far=10.0, scale=1.0))
+        (False, UpdateLimit(cap=inf, far=10.0, scale=1.0, normalised=False))
     """
 
     weight_norm: float | None
@@ -258,7 +295,7 @@ class SGDUpdateCap(UpdateControl):
             >>> w = torch.nn.Parameter(torch.ones(100))
             >>> cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
             >>> cap.preview(10.0, 3.0, lr_scale=1.0), cap.armed, cap.weight_norm
-            (UpdateLimit(cap=1.0, far=10.0, scale=None), False, None)
+            (UpdateLimit(cap=1.0, far=10.0, scale=None, normalised=False), False, None)
         """
         wn = self.weight_norm
         if weight_norm is not None:
@@ -275,8 +312,12 @@ def make_update_control(optimizer: Optimizer | None, max_update_ratio: float | N
         >>> type(make_update_control(torch.optim.SGD([w], lr=0.1), 0.1)).__name__
         'SGDUpdateCap'
         >>> type(make_update_control(torch.optim.Adam([w]), 0.1)).__name__
+        'NormalisedUpdates'
+        >>> type(make_update_control(torch.optim.SGD([w], lr=0.1), None)).__name__
         'NoUpdateControl'
     """
     if max_update_ratio is not None and isinstance(optimizer, torch.optim.SGD) and has_params:
         return SGDUpdateCap(optimizer, max_update_ratio)
+    if optimizer is not None and is_adaptive(optimizer):
+        return NormalisedUpdates()
     return NoUpdateControl()

@@ -483,8 +483,35 @@ def test_growth_patience_zero_disables() -> None:
 
 
 # ----------------------------------------------------------------------------- backoff / LR
-def test_spike_patience_backoff() -> None:
+def test_clipping_as_the_rule_does_not_back_off_an_adaptive_optimizer() -> None:
+    # the same run as test_spike_patience_backoff under Adam: every step is clipped, the
+    # count reaches spike_patience at steps 3, 6, 9, but Adam's updates do not grow with the
+    # gradient: no evidence, each time the count restarts and the LR stays
     r = run(9, clip=FixedNormClip(1e-4), growth_patience=0, spike_patience=3)
+    assert r.guard.update_control.limit(1.0).normalised
+    assert not any(rep.backoff for rep in r.reports.values())
+    assert all(rep.action is Action.CLIP and rep.reason is None for rep in r.reports.values())
+    assert r.guard.spike_steps == ()  # restarted at step 9
+    assert r.guard.backoff.scale == 1.0
+    assert r.guard.counters.lr_backoffs == 0
+    assert r.guard.counters.spikes == 9
+
+
+def test_adaptive_optimizer_backed_off_by_nonfinite_steps_backs_off_on_returning_spikes() -> None:
+    # (c) still holds under Adam: two NaN steps back the LR off (0.5), then three clipped
+    # spikes while it is backed off are that instability returning: a second halving
+    r = run(5, faults={1: nan_in("0.weight"), 2: nan_in("0.weight")},
+            clip=FixedNormClip(1e-4), growth_patience=0, spike_patience=3)
+    assert r.reports[2].backoff
+    assert r.reports[2].lr_scale == 0.5
+    assert r.reports[5].backoff
+    assert r.reports[5].reason == "already_backed_off"
+    assert r.guard.counters.lr_backoffs == 2
+
+
+def test_spike_patience_backoff() -> None:
+    r = run(9, clip=FixedNormClip(1e-4), growth_patience=0, spike_patience=3, make_opt=_sgd,
+            max_update_ratio=None)
     backoffs = [t for t, rep in r.reports.items() if rep.backoff]
     # step 3: the count is reached but only 3 steps were clipped: no evidence, count restarts;
     # step 6: 6 of the last 6 steps clipped (clipping is the rule); step 9: LR backed off

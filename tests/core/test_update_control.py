@@ -13,6 +13,8 @@ import torch
 
 from lightning_gradguard.core.update_cap import (
     NO_LIMIT,
+    NORMALISED,
+    NormalisedUpdates,
     NoUpdateControl,
     SGDUpdateCap,
     UpdateLimit,
@@ -184,4 +186,14 @@ def test_make_update_control_picks_by_optimizer() -> None:
     assert type(make_update_control(sgd, None)) is NoUpdateControl
     assert type(make_update_control(sgd, 0.3, has_params=False)) is NoUpdateControl
     assert type(make_update_control(None, 0.3)) is NoUpdateControl
-    assert type(make_update_control(torch.optim.Adam([w]), 0.3)) is NoUpdateControl
+    adaptive = (torch.optim.Adam([w]), torch.optim.AdamW([w]), torch.optim.RMSprop([w]),
+                torch.optim.Adagrad([w]), torch.optim.Adamax([w]))
+    for opt in adaptive:  # with or without the SGD cap's ratio: normalised updates
+        for ratio in (0.3, None):
+            made = make_update_control(opt, ratio)
+            assert type(made) is NormalisedUpdates, (type(opt).__name__, ratio)
+            assert made.limit(1.0) == UpdateLimit(normalised=True)
+            assert made.preview(None, 1e9, 1.0) is NORMALISED
+    momentum = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True)
+    assert type(make_update_control(momentum, None)) is NoUpdateControl
+    assert not make_update_control(momentum, None).limit(1.0).normalised
