@@ -55,7 +55,7 @@ Why a backoff needs evidence (the rules and their mechanisms):
   (:class:`~lightning_gradguard.core.update_cap.NormalisedUpdates`,
   ``Measurement.limit.normalised``), so a gradient that keeps rising leaves their updates
   about ``lr`` per coordinate: for them (b) does not count, and the steps are clipped and the
-  count restarts. Spikes still count through (a)'s cap (none for them) and (c), and repeated
+  count restarts. They have no update cap, so (a) never holds for them; (c), repeated
   non-finite steps, growth with evidence and the halt are unchanged.
 * **A run whose loss keeps falling is not backed off because clipping became the rule.** A
   gradient norm also rises while a model fits large targets or a zero-initialised head
@@ -317,7 +317,7 @@ def _backoff_due(window: tuple[int, ...], grew: bool, s: GuardSettings) -> bool:
 
 
 def _lr_too_high(capped: bool, clipped: tuple[int, ...], lr_scale: float,
-                 normalised: bool = False) -> Reason | None:
+                 normalised: bool) -> Reason | None:
     """Evidence that the LR, not the batch, is the problem (a triggered backoff needs it).
 
     (a) this update was clipped by the update cap, (b) at least :data:`CLIP_RULE` of the
