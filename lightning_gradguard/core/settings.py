@@ -59,13 +59,14 @@ class GuardSettings:
             ``torch.optim.SGD``, momentum not counted; the LR is the largest group LR times
             the backoff scale). The cap is armed once the run shows the signature of an LR
             above SGD's stability limit (an update over the cap whose gradient grew 5-fold or
-            more in one step); from then on the gradient is clipped to it and a step clipped
-            by it counts toward an LR backoff like a spike. A large update alone (early steps
-            against large targets, small or zero-initialised weights) arms nothing. This
-            protects the first steps, before any history exists, from a learning rate that is
-            far too high. ``None`` disables it;
-            other optimizers (Adam, RMSprop, ...) normalise their updates and are not
-            affected. Details: :mod:`~lightning_gradguard.core.update_cap`.
+            more: in one step, or over consecutive rising steps against the largest norm of
+            the up to 10 steps before them); from then on the gradient is clipped to it and a
+            step clipped by it counts toward an LR backoff like a spike. A large update alone
+            (early steps against large targets, small or zero-initialised weights) arms
+            nothing. This protects the first steps, before any history exists, from a learning
+            rate that is far too high. ``None`` disables it; other optimizers (Adam,
+            RMSprop, ...) normalise their updates and are not affected. Details:
+            :mod:`~lightning_gradguard.core.update_cap`.
         amp_halt_after: Consecutive steps a GradScaler skipped (finite loss, non-finite
             gradients) after which they are no longer its calibration: it halved its scale at
             each one, so gradients still non-finite are non-finite at any scale (e.g. sqrt or

@@ -12,14 +12,20 @@ guard's decision (:func:`~lightning_gradguard.core.decide.decide`) only sees the
   at :math:`r`: the gradient is clipped to :math:`r\,\|w\| / \eta`. The cap is **armed** only
   by an update over it at the run's first step (no history can judge it, and the first steps
   are where a far-too-high LR does its damage) or, later, by one whose gradient grew by
-  ``arm_growth`` (default 5) or more since the previous step: the signature of an LR above
-  SGD's stability limit.
+  ``arm_growth`` (default 5) or more: since the previous step, or over a run of consecutive
+  rising steps, measured against the largest norm of the :data:`ARM_HISTORY` steps before
+  that run began. Both are the signature of an LR above SGD's stability limit.
   Above the limit :math:`2/\lambda` the component of the gradient along the sharpest
   direction is multiplied by :math:`|1 - \eta\lambda|` every step; in a stable run, however
   large its updates are relative to the weights (early steps against large targets, small or
   zero-initialised weights), the gradient shrinks or grows slowly. An update larger than
   :math:`r\,\|w\|` alone is therefore no sign of too high an LR, and an unarmed cap clips
-  nothing. Independently of the cap, a spike or sustained growth counts toward an LR backoff
+  nothing. With momentum, or an LR only a few times the limit, that factor is below 5 per
+  step but compounds, so a divergence builds over several steps without a 5-fold jump: a
+  run of rises that takes the norm to ``arm_growth`` times anything the steps before it had
+  seen is the same signature, spread out. A stable run that oscillates returns to levels it
+  has seen: it is measured against its recent peaks, not the trough a rise started from.
+  Independently of the cap, a spike or sustained growth counts toward an LR backoff
   only when its update would move the weights by more than :math:`r / \text{far}` (default
   ``far=10``): at a comfortable LR a gradient spike is clipped but is no sign of too high an
   LR.
@@ -47,10 +53,15 @@ from lightning_gradguard.core._stateful import Stateful
 from lightning_gradguard.core._validation import check_int, check_number
 from lightning_gradguard.core.optim import is_adaptive, learning_rate
 
-__all__ = ["NORMALISED", "NO_LIMIT", "NoUpdateControl", "NormalisedUpdates", "SGDUpdateCap",
-           "UpdateControl", "UpdateLimit", "make_update_control"]
+__all__ = ["ARM_HISTORY", "NORMALISED", "NO_LIMIT", "NoUpdateControl", "NormalisedUpdates",
+           "SGDUpdateCap", "UpdateControl", "UpdateLimit", "make_update_control"]
 
 _INF = float("inf")
+
+#: finite steps of history against which a run of rising gradient norms is measured: the
+#: cap arms when a run of rises reaches ``arm_growth`` times the largest norm of the steps
+#: before it within this history (a run that began before it does not arm the cap)
+ARM_HISTORY = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +185,9 @@ class SGDUpdateCap(UpdateControl):
 
     The cap is armed (for the rest of the run) by an update over it at the first finite step
     with a weight norm, or at a later one whose gradient norm is at least ``arm_growth`` times
-    the previous finite step's: the signature of an LR above SGD's stability limit (see the
-    module docstring).
+    the previous finite step's, or, at the end of a run of consecutive rises, ``arm_growth``
+    times the largest of the (at most :data:`ARM_HISTORY`) norms before that run: the
+    signature of an LR above SGD's stability limit (see the module docstring).
     Before that it clips nothing; its scale still decides which spikes count.
 
     Args:
@@ -187,8 +199,8 @@ class SGDUpdateCap(UpdateControl):
             shift the schedule).
         far: A spike or growth counts toward a backoff only if its update would move the
             weights by more than ``max_ratio / far`` of their norm.
-        arm_growth: Growth of the gradient norm in one step that, with an update over the
-            cap, arms the cap (> 1).
+        arm_growth: Growth of the gradient norm that, with an update over the cap, arms the
+            cap (> 1): in one step, or over consecutive rises against the steps before them.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(100))
@@ -202,15 +214,20 @@ class SGDUpdateCap(UpdateControl):
         (True, UpdateLimit(cap=2.0, far=10.0, scale=None, normalised=False))
         >>> fresh = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
         >>> fresh.observe_weight_norm(10.0)
-        >>> for g in (0.5, 2.0, 3.0):   # over the cap from the 2nd step, but grown x4, x1.5
-        ...     fresh.observe_grad_norm(g, lr_scale=1.0)
+        >>> for g in (0.9, 0.4, 1.6, 2.4):   # over the cap from 1.6: x4, then x1.5, and 2.4
+        ...     fresh.observe_grad_norm(g, lr_scale=1.0)   # is under x5 the 0.9 before the rise
         >>> fresh.armed, fresh.limit(lr_scale=1.0)
         (False, UpdateLimit(cap=inf, far=10.0, scale=1.0, normalised=False))
+        >>> fresh.observe_grad_norm(4.5, lr_scale=1.0)   # three rises: x5 the 0.9 before them
+        >>> fresh.armed
+        True
     """
 
     weight_norm: float | None
     armed: bool
     last_grad_norm: float | None
+    recent: tuple[float, ...]
+    rises: int
 
     def __init__(self, optimizer: Optimizer, max_ratio: float, *, every_step_until: int = 16,
                  every: int = 8, far: float = 10.0, arm_growth: float = 5.0) -> None:
@@ -224,6 +241,10 @@ class SGDUpdateCap(UpdateControl):
         self._add_state("weight_norm", None)  # the last measurement (None: none usable)
         self._add_state("armed", False)  # the run has shown the divergence signature
         self._add_state("last_grad_norm", None)  # the previous finite step's raw norm
+        # the last ARM_HISTORY finite raw norms (oldest first), and how many at their end rose
+        # one after another (a state saved before these existed loads with no history)
+        self._add_state("recent", (), save=list, load=_floats, optional=True)
+        self._add_state("rises", 0, load=int, optional=True)
 
     def wants_weight_norm(self, finite_steps: int) -> bool:
         """Every step up to ``every_step_until``, then every ``every``-th (finite steps)."""
@@ -241,16 +262,33 @@ class SGDUpdateCap(UpdateControl):
         if not (math.isfinite(value) and value > 0.0):
             return
         self.armed = self._arms(value, lr_scale, self.weight_norm)
+        last = self.last_grad_norm
+        self.rises = min(self.rises + 1, ARM_HISTORY) if last is not None and value > last \
+            else 0
+        self.recent = (*self.recent, value)[-ARM_HISTORY:]
         self.last_grad_norm = value
+
+    def _grew(self, value: float) -> bool:
+        """Whether ``value`` grew enough to arm the cap (with an update over it).
+
+        It did if it is the first norm, or ``arm_growth`` times the last one or, ending a run of
+        rises, the largest norm of the history before that run.
+        """
+        last = self.last_grad_norm
+        if last is None or value >= self.arm_growth * last:
+            return True
+        if value <= last or self.rises == 0:
+            return False
+        before = self.recent[:max(len(self.recent) - self.rises, 0)]
+        return bool(before) and value >= self.arm_growth * max(before)
 
     def _arms(self, value: float, lr_scale: float, weight_norm: float | None) -> bool:
         """Whether the cap is armed after taking the raw norm ``value`` (at ``weight_norm``)."""
         if not (math.isfinite(value) and value > 0.0):
             return self.armed
-        last = self.last_grad_norm
-        if self.armed or (last is not None and value < self.arm_growth * last):
+        if self.armed or not self._grew(value):
             return self.armed
-        # the first step (no history) or a step that grew ``arm_growth``-fold: armed if over
+        # the first step (no history) or ``arm_growth``-fold growth: armed if over
         lr = self._lr(lr_scale, weight_norm)
         return lr is not None and weight_norm is not None \
             and lr * value > self.max_ratio * weight_norm
@@ -301,6 +339,11 @@ class SGDUpdateCap(UpdateControl):
         if weight_norm is not None:
             wn = weight_norm if math.isfinite(weight_norm) and weight_norm > 0.0 else None
         return self._limit(lr_scale, wn, self._arms(grad_norm, lr_scale, wn))
+
+
+def _floats(values: object) -> tuple[float, ...]:
+    """A saved history back as a tuple of floats."""
+    return tuple(float(v) for v in values)  # type: ignore[attr-defined]
 
 
 def make_update_control(optimizer: Optimizer | None, max_update_ratio: float | None,

@@ -269,12 +269,12 @@ def test_growth_counts_at_its_first_large_update() -> None:
 # --------------------------------------------------------------------------- healthy runs
 def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any, lr: float,
            epochs: int, guard: bool, seed: int = 0, adamw: bool = False,
-           batch: int = 32) -> tuple[float, GuardCore | None]:
-    """Plain SGD (or AdamW, weight decay 0.1), shuffled batches of the first 80 % of (x, y)
-    for ``epochs`` epochs; returns the loss on the last 20 % (held out)."""
+           batch: int = 32, momentum: float = 0.0) -> tuple[float, GuardCore | None]:
+    """Plain SGD (with ``momentum``; or AdamW, weight decay 0.1), shuffled batches of the
+    first 80 % of (x, y) for ``epochs`` epochs; returns the loss on the last 20 % (held out)."""
     n = len(x) * 4 // 5
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1) if adamw
-           else torch.optim.SGD(model.parameters(), lr=lr))
+           else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum))
     core = GuardCore(model, opt) if guard else None
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -388,6 +388,39 @@ def test_a_far_too_high_sgd_lr_arms_the_cap_and_is_rescued() -> None:
     assert guarded < initial
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_momentum_sgd_divergence_that_builds_over_several_steps_arms_the_cap(seed: int) -> None:
+    """The same MLP with momentum 0.9 at lr 0.05, 5x the LR it trains well at: the gradient
+    norm grows a few-fold a step, compounding, so the cap is armed by the run of rises (the
+    one-step x5 rule armed it too late: the runs ended at 15.6 and 15.6, no better than their
+    start, 15.6 and 22.5). Without a guard the runs end at or above their start."""
+    mse = torch.nn.functional.mse_loss
+    model, x, y = _large_target_mlp(seed)
+    with torch.no_grad():
+        initial = float(mse(model(x[2000:]), y[2000:]))
+    bare, _ = _train(model, x, y, mse, 0.05, 2, guard=False, seed=seed, momentum=0.9)
+    assert not bare < 0.9 * initial  # diverged (non-finite) or no progress
+    model, x, y = _large_target_mlp(seed)
+    guarded, core = _train(model, x, y, mse, 0.05, 2, guard=True, seed=seed, momentum=0.9)
+    assert core is not None
+    assert core.update_control.armed is True  # type: ignore[attr-defined]
+    assert guarded < 0.2 * initial
+
+
+def test_momentum_sgd_at_a_healthy_lr_leaves_the_cap_unarmed() -> None:
+    """Momentum 0.9 at lr 0.01: the gradient norm rises up to ~3x a step early on (large
+    targets) and falls back; the cap stays unarmed and the run is the unguarded one."""
+    mse = torch.nn.functional.mse_loss
+    model, x, y = _large_target_mlp(0)
+    bare, _ = _train(model, x, y, mse, 0.01, 2, guard=False, momentum=0.9)
+    model, x, y = _large_target_mlp(0)
+    guarded, core = _train(model, x, y, mse, 0.01, 2, guard=True, momentum=0.9)
+    assert core is not None
+    assert core.update_control.armed is False  # type: ignore[attr-defined]
+    assert core.counters.lr_backoffs == 0
+    assert guarded == bare
+
+
 # ----------------------------------------------------------------- SGDUpdateCap: arming edges
 
 
@@ -472,3 +505,54 @@ def test_preview_without_a_new_weight_norm_uses_the_last_one() -> None:
     assert cap.preview(None, 0.5, lr_scale=1.0) == UpdateLimit(cap=math.inf, far=10.0,
                                                                scale=1.0)
     assert cap.preview(None, 3.0, lr_scale=0.5) == UpdateLimit(cap=2.0, far=10.0, scale=None)
+
+
+def test_a_run_of_rises_to_five_times_the_steps_before_it_arms() -> None:
+    cap = _cap()
+    for g in (0.8, 0.3, 1.2, 2.4, 3.9):  # over the cap from 1.2; x4, x2, x1.6 a step
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    assert (cap.armed, cap.rises, cap.recent) == (False, 3, (0.8, 0.3, 1.2, 2.4, 3.9))
+    cap.observe_grad_norm(4.0, lr_scale=1.0)  # x5 the 0.8 before the rise began: armed
+    assert cap.armed
+    assert cap.limit(lr_scale=1.0).cap == 1.0
+
+
+def test_an_oscillation_is_measured_against_its_recent_peak_not_its_trough() -> None:
+    cap = _cap()
+    for g in (0.9, 0.1, 0.3, 0.6, 1.2, 2.4, 4.4):  # x44 the trough, x4.9 the 0.9 before it
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    assert not cap.armed
+    cap.observe_grad_norm(0.2, lr_scale=1.0)  # a fall ends the run: history 0.9 .. 4.4
+    cap.observe_grad_norm(0.9, lr_scale=1.0)  # x4.5 the last one, under x5 the 4.4 peak
+    assert (cap.armed, cap.rises) == (False, 1)
+
+
+def test_a_run_of_rises_older_than_the_history_does_not_arm_by_the_run() -> None:
+    from lightning_gradguard.core.update_cap import ARM_HISTORY
+
+    cap = _cap()
+    g = 0.5
+    cap.observe_grad_norm(g, lr_scale=1.0)
+    for _ in range(ARM_HISTORY + 2):  # x1.15 a step: x5.35 after 12 steps, over the cap
+        g *= 1.15
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    assert g > 5 * 0.5
+    assert not cap.armed
+    assert (cap.rises, len(cap.recent)) == (ARM_HISTORY, ARM_HISTORY)
+
+
+def test_the_history_of_rises_survives_a_state_round_trip_and_an_older_state_loads() -> None:
+    cap = _cap()
+    for g in (0.8, 0.3, 1.2):
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    state = cap.state_dict()
+    assert (state["recent"], state["rises"]) == ([0.8, 0.3, 1.2], 1)
+    loaded = _cap()
+    loaded.load_state_dict(state)
+    assert (loaded.recent, loaded.rises) == ((0.8, 0.3, 1.2), 1)
+    loaded.observe_grad_norm(4.0, lr_scale=1.0)  # x5 the 0.8 before the rise, as if unbroken
+    assert loaded.armed
+    older = {k: v for k, v in state.items() if k not in ("recent", "rises")}
+    fresh = _cap()
+    fresh.load_state_dict(older)  # a state saved before the history existed
+    assert (fresh.recent, fresh.rises, fresh.last_grad_norm) == ((), 0, 1.2)
