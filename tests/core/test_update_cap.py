@@ -557,3 +557,57 @@ def test_the_history_of_rises_survives_a_state_round_trip_and_an_older_state_loa
     fresh = _cap()
     fresh.load_state_dict(older)  # a state saved before the history existed
     assert (fresh.recent, fresh.rises, fresh.last_grad_norm) == ((), 0, 1.2)
+
+
+def test_a_fall_or_a_flat_step_never_arms_by_the_run() -> None:
+    from lightning_gradguard.core.update_cap import SGDUpdateCap
+
+    w = torch.nn.Parameter(torch.ones(N))
+    for last in (4.6, 4.5):  # a flat step, then a fall
+        cap = SGDUpdateCap(torch.optim.SGD([w], lr=1.0), max_ratio=0.1)
+        cap.observe_weight_norm(100.0)  # a cap of 10 on the gradient norm
+        for g in (0.9, 0.4, 1.6, 2.4, 4.6):  # x5.1 the 0.9 before the run, but under the cap
+            cap.observe_grad_norm(g, lr_scale=1.0)
+        assert not cap.armed
+        cap.observe_weight_norm(10.0)  # now a cap of 1
+        cap.observe_grad_norm(last, lr_scale=1.0)  # over the cap, not a rise: not armed
+        assert (cap.armed, cap.rises) == (False, 0)
+
+
+def test_a_flat_step_ends_a_run_of_rises() -> None:
+    cap = _cap()
+    for g in (0.9, 0.4, 1.2, 1.2, 2.4):  # the run starts again at the second 1.2
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    assert cap.rises == 1
+    cap.observe_grad_norm(4.6, lr_scale=1.0)  # x5.1 the 0.9, but x3.8 the 1.2 before the run
+    assert not cap.armed
+
+
+def test_a_run_as_long_as_the_history_has_nothing_before_it() -> None:
+    from lightning_gradguard.core.update_cap import ARM_HISTORY
+
+    cap = _cap()
+    g = 0.5
+    cap.observe_grad_norm(g, lr_scale=1.0)
+    for _ in range(ARM_HISTORY):  # ten slow rises: the 0.5 leaves the history
+        g *= 1.01
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    assert (cap.rises, cap.recent[0]) == (ARM_HISTORY, 0.505)
+    cap.observe_grad_norm(g * 4.9, lr_scale=1.0)  # x5.2 the oldest of the run, x4.9 the last
+    assert not cap.armed
+
+
+def test_a_state_that_went_through_json_loads_and_arms() -> None:
+    import json
+
+    cap = _cap()
+    for g in (0.8, 0.3, 1.2):
+        cap.observe_grad_norm(g, lr_scale=1.0)
+    state = json.loads(json.dumps(cap.state_dict()))
+    state["rises"] = float(state["rises"])  # as a float, like any number read back as one
+    loaded = _cap()
+    loaded.load_state_dict(state)
+    assert type(loaded.rises) is int
+    assert loaded.rises == 1
+    loaded.observe_grad_norm(4.0, lr_scale=1.0)
+    assert loaded.armed
